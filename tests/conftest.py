@@ -1,0 +1,189 @@
+"""Shared test helpers: start real processes on free ports, talk HTTP to them, clean up.
+
+Every process a test starts goes through the `spawn` fixture, which starts it in its own
+process group and, whatever happens in the test, kills that whole group at teardown. So a
+failing test never leaves a web copy, a worker or a launcher behind.
+"""
+from __future__ import annotations
+
+from http.client import HTTPConnection
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """Ask the OS for a port nobody is using right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable, timeout: float = 10.0, what: str = "condition"):
+    """Poll `condition` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict  # lower-case names
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
+         timeout: float = 10.0) -> Response:
+    """One HTTP request with a fresh connection; redirects are returned, not followed."""
+    parts = urllib.parse.urlsplit(url)
+    conn = HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.request(method, path, body=body, headers=headers or {})
+        reply = conn.getresponse()
+        return Response(reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read())
+    finally:
+        conn.close()
+
+
+def post_form(url: str, fields: dict, cookie: str | None = None) -> Response:
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if cookie:
+        headers["Cookie"] = f"sid={cookie}"
+    return http("POST", url, urllib.parse.urlencode(fields).encode(), headers)
+
+
+def get(url: str, cookie: str | None = None) -> Response:
+    return http("GET", url, headers={"Cookie": f"sid={cookie}"} if cookie else {})
+
+
+def session_cookie(response: Response) -> str | None:
+    """The session id a response sets, or None."""
+    header = response.headers.get("set-cookie", "")
+    if header.startswith("sid="):
+        return header.split(";", 1)[0][len("sid="):]
+    return None
+
+
+def responds(url: str) -> bool:
+    try:
+        return http("GET", url, timeout=1).status == 200
+    except OSError:
+        return False
+
+
+class Proc:
+    """A child process started in its own process group, its output going to a file.
+
+    Output goes to a file, not a pipe: a pipe nobody reads fills up and blocks the child.
+    """
+
+    def __init__(self, args: list, env: dict, cwd: Path, log: Path, stdin=subprocess.DEVNULL):
+        self.log = log
+        self.args = args
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdin=stdin, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def send_signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send `signum` and wait for the process to exit; returns its exit code."""
+        self.send_signal(signum)
+        return self.popen.wait(timeout)
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def app_env(tmp_path: Path, **overrides) -> dict:
+    """The environment for an app process: a private database, unbuffered output."""
+    env = dict(os.environ)
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path}/app.db", PYTHONUNBUFFERED="1")
+    for name in ("PORT", "HOST", "SESSION_STORE", "DYNO", "SESSION_TTL", "COOKIE_SECURE"):
+        env.pop(name, None)
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """spawn(args, env) starts a process; every one is killed (whole group) at teardown."""
+    started: list[Proc] = []
+
+    def start(args: list, env: dict, cwd: Path = REPO, stdin=subprocess.DEVNULL) -> Proc:
+        proc = Proc(args, env, cwd, tmp_path / f"proc-{len(started)}.log", stdin)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill_group()
+
+
+@dataclass
+class Web:
+    proc: Proc
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def start_web(spawn, tmp_path):
+    """start_web(**env) runs `python webapp.py` on a free port and waits for /healthz."""
+
+    def start(**env) -> Web:
+        port = free_port()
+        proc = spawn([sys.executable, "webapp.py"], app_env(tmp_path, PORT=port, **env))
+        web = Web(proc, port)
+
+        def ready():
+            if proc.popen.poll() is not None:
+                pytest.fail(f"webapp.py exited early:\n{proc.output()}")
+            return responds(web.url + "/healthz")
+
+        wait_until(ready, what="webapp.py to answer /healthz")
+        return web
+
+    return start

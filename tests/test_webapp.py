@@ -1,0 +1,263 @@
+"""webapp.py as real processes on free ports: stateless with SQLite, forgetful with memory."""
+import signal
+import socket
+import sys
+import threading
+
+import pytest
+
+from conftest import (app_env, free_port, get, http, post_form, session_cookie,
+                      wait_until)
+
+
+def multipart(fields: dict, boundary: str = "b0undary") -> tuple[bytes, dict]:
+    """Encode {name: (filename, content_type, bytes)} as a browser's form would."""
+    body = b""
+    for name, (filename, content_type, data) in fields.items():
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                 f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n").encode()
+        body += data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def upload(url: str, data: bytes, content_type: str = "application/octet-stream",
+           cookie: str | None = None):
+    body, headers = multipart({"file": ("notes.bin", content_type, data)})
+    if cookie:
+        headers["Cookie"] = f"sid={cookie}"
+    return http("POST", url + "/uploads", body, headers)
+
+
+def login(url: str, name: str, cookie: str | None = None) -> str:
+    response = post_form(url + "/login", {"name": name}, cookie)
+    assert response.status == 303
+    return session_cookie(response)
+
+
+def test_two_copies_on_one_sqlite_file_serve_each_others_sessions_and_uploads(start_web):
+    one, two = start_web(DYNO="web.1"), start_web(DYNO="web.2")
+    sid = login(one.url, "ada")
+    assert post_form(two.url + "/cart", {"item": "tea"}, sid).status == 303
+    response = get(one.url + "/session", sid)
+    assert response.headers["x-served-by"] == "web.1"
+    assert response.json()["user"] == "ada" and response.json()["cart"] == ["tea"]
+
+    data = bytes(range(256)) * 10
+    made = upload(two.url, data, "image/png", sid)
+    assert made.status == 303
+    fetched = get(one.url + made.headers["location"])
+    assert fetched.status == 200 and fetched.body == data
+    assert fetched.headers["content-type"] == "image/png"
+    assert fetched.headers["x-content-type-options"] == "nosniff"
+    upload_id = made.headers["location"].rsplit("/", 1)[1]
+    assert get(one.url + "/session", sid).json()["uploads"] == [upload_id]
+
+
+def test_memory_store_forgets_you_on_another_copy(start_web):
+    one = start_web(SESSION_STORE="memory", DYNO="web.1")
+    two = start_web(SESSION_STORE="memory", DYNO="web.2")
+    sid = login(one.url, "ada")
+    assert get(one.url + "/session", sid).json()["user"] == "ada"
+    assert get(two.url + "/session", sid).json() | {"pid": 0} == {
+        "user": None, "cart": [], "uploads": [], "served_by": "web.2", "pid": 0,
+        "store": "memory"}
+    page = get(two.url + "/", sid).text
+    assert "has never heard of that session" in page and "SESSION_STORE=memory" in page
+    made = upload(one.url, b"hello")
+    assert get(two.url + made.headers["location"]).status == 404
+
+
+def test_two_hundred_concurrent_cart_additions_across_two_copies_all_land(start_web):
+    copies = [start_web(DYNO="web.1"), start_web(DYNO="web.2")]
+    sid = login(copies[0].url, "ada")
+    failures = []
+
+    def add_items(client: int):
+        for n in range(20):
+            url = copies[(client + n) % 2].url
+            if post_form(url + "/cart", {"item": f"{client}-{n}"}, sid).status != 303:
+                failures.append((client, n))
+
+    threads = [threading.Thread(target=add_items, args=(c,)) for c in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    cart = get(copies[1].url + "/session", sid).json()["cart"]
+    assert failures == []
+    assert sorted(cart) == sorted(f"{c}-{n}" for c in range(10) for n in range(20))
+
+
+def test_login_issues_a_new_session_id_with_safe_cookie_attributes(start_web):
+    web = start_web()
+    first = session_cookie(post_form(web.url + "/cart", {"item": "tea"}))
+    response = post_form(web.url + "/login", {"name": "ada"}, first)
+    second = session_cookie(response)
+    assert second and second != first and len(second) >= 22  # >= 128 bits, base64
+    cookie = response.headers["set-cookie"]
+    for attribute in ("HttpOnly", "SameSite=Lax", "Path=/"):
+        assert attribute in cookie
+    assert "Secure" not in cookie
+    assert get(web.url + "/session", first).json()["user"] is None
+    assert get(web.url + "/session", second).json() | {"pid": 0} == {
+        "user": "ada", "cart": ["tea"], "uploads": [], "served_by": "web.1", "pid": 0,
+        "store": "sqlite"}
+
+
+def test_cookie_is_secure_when_asked(start_web):
+    web = start_web(COOKIE_SECURE="1")
+    assert "; Secure" in post_form(web.url + "/login", {"name": "ada"}).headers["set-cookie"]
+
+
+def test_a_cookie_naming_an_unknown_session_is_replaced_not_adopted(start_web):
+    web = start_web()
+    response = post_form(web.url + "/cart", {"item": "tea"}, "made-up-by-the-client")
+    assert session_cookie(response) not in (None, "made-up-by-the-client")
+    assert get(web.url + "/session", "made-up-by-the-client").json()["cart"] == []
+
+
+def test_reading_a_page_never_issues_a_session(start_web):
+    web = start_web()
+    assert "set-cookie" not in get(web.url + "/").headers
+    assert "set-cookie" not in get(web.url + "/", "unknown-to-this-copy").headers
+
+
+def test_logout_ends_the_session(start_web):
+    web = start_web()
+    sid = login(web.url, "ada")
+    response = post_form(web.url + "/logout", {}, sid)
+    assert response.status == 303 and "Max-Age=0" in response.headers["set-cookie"]
+    assert get(web.url + "/session", sid).json()["user"] is None
+
+
+def test_expired_sessions_vanish(start_web):
+    web = start_web(SESSION_TTL="0.5")
+    sid = login(web.url, "ada")
+    assert get(web.url + "/session", sid).json()["user"] == "ada"
+    wait_until(lambda: get(web.url + "/session", sid).json()["user"] is None,
+               timeout=5, what="the session to expire")
+
+
+def test_user_text_is_html_escaped(start_web):
+    web = start_web()
+    sid = login(web.url, "<script>alert(1)</script>")
+    post_form(web.url + "/cart", {"item": "<b>&"}, sid)
+    page = get(web.url + "/", sid).text
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;b&gt;&amp;" in page
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + body)
+        return sock.recv(65536)
+
+
+@pytest.mark.parametrize("method, path, fields, status", [
+    ("GET", "/no/such/page", None, 404),
+    ("GET", "/uploads/", None, 404),
+    ("PUT", "/cart", None, 405),
+    ("GET", "/login", None, 405),
+    ("POST", "/cart", {}, 400),
+    ("POST", "/cart", {"item": "   "}, 400),
+    ("POST", "/cart", {"item": "x" * 201}, 400),
+    ("POST", "/login", {"name": "x" * 201}, 400),
+    ("POST", "/jobs", {"task": "sleep", "args": "{not json"}, 400),
+    ("POST", "/jobs", {"task": "sleep", "args": "[1, 2]"}, 400),
+    ("GET", "/jobs/999999", None, 404),
+    ("GET", "/jobs/abc", None, 404),
+    ("GET", "/uploads/no-such-upload", None, 404),
+])
+def test_bad_input_gets_a_4xx_and_the_copy_keeps_serving(start_web, method, path, fields,
+                                                         status):
+    web = start_web()
+    if fields is None:
+        response = http(method, web.url + path)
+    else:
+        response = post_form(web.url + path, fields)
+    assert response.status == status
+    assert response.headers["x-served-by"] == "web.1"
+    assert b"Traceback" not in response.body
+    assert get(web.url + "/healthz").status == 200
+
+
+def test_oversized_bodies_are_refused_before_being_read(start_web):
+    web = start_web()
+    form_head = (b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                 b"Content-Length: 2000000\r\n\r\n")
+    assert raw_request(web.port, form_head).startswith(b"HTTP/1.0 413")
+    upload_head = (b"POST /uploads HTTP/1.0\r\nContent-Type: multipart/form-data; boundary=b"
+                   b"\r\nContent-Length: 20000000\r\n\r\n")
+    assert raw_request(web.port, upload_head).startswith(b"HTTP/1.0 413")
+    assert get(web.url + "/healthz").status == 200
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"no boundaries here", "multipart/form-data; boundary=b0undary"),
+    (b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nunterminated",
+     "multipart/form-data; boundary=b0undary"),
+    (b"--b\r\n\r\n--b--\r\n", "multipart/form-data"),
+    (multipart({"other": ("a.txt", "text/plain", b"hi")})[0],
+     "multipart/form-data; boundary=b0undary"),
+    (b"file=hello", "application/x-www-form-urlencoded"),
+])
+def test_malformed_uploads_get_a_4xx(start_web, body, content_type):
+    web = start_web()
+    response = http("POST", web.url + "/uploads", body, {"Content-Type": content_type})
+    assert 400 <= response.status < 500
+    assert get(web.url + "/healthz").status == 200
+
+
+def test_sigterm_during_a_slow_request_lets_it_finish(start_web):
+    web = start_web()
+    body = b"item=slow-but-kept"
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+        sock.sendall(b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded"
+                     b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:4])
+        # The listen queue is first in, first out: once a later request is answered,
+        # the slow one has been accepted and is in flight.
+        assert get(web.url + "/healthz").status == 200
+        web.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "finishing the requests in flight" in web.proc.output(),
+                   what="the copy to start stopping")
+        sock.sendall(body[4:])
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.0 303")
+    assert web.proc.popen.wait(10) == 0
+    assert "stopped" in web.proc.output()
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"PORT": "abc"}, "PORT"),
+    ({"PORT": "70000"}, "PORT"),
+    ({"SESSION_STORE": "redis"}, "SESSION_STORE"),
+    ({"DATABASE_URL": "sqlite:////dev/null/app.db"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "postgres://localhost/app"}, "DATABASE_URL"),
+    ({"SESSION_TTL": "forever"}, "SESSION_TTL"),
+])
+def test_bad_configuration_exits_2_with_one_line_naming_the_variable(spawn, tmp_path, env,
+                                                                     variable):
+    proc = spawn([sys.executable, "webapp.py"], app_env(tmp_path, **env))
+    assert proc.popen.wait(10) == 2
+    lines = proc.output().strip().splitlines()
+    assert len(lines) == 1 and variable in lines[0], lines
+
+
+def test_a_port_in_use_exits_2(spawn, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = spawn([sys.executable, "webapp.py"], app_env(tmp_path, PORT=port))
+        assert proc.popen.wait(10) == 2
+    assert f"PORT={port}" in proc.output() and "Traceback" not in proc.output()
+
+
+def test_a_bare_webapp_binds_loopback_and_the_default_port_variable(spawn, tmp_path):
+    port = free_port()
+    env = app_env(tmp_path, PORT=port)
+    proc = spawn([sys.executable, "webapp.py"], env)
+    wait_until(lambda: f"listening on http://127.0.0.1:{port}" in proc.output(),
+               what="the listening line")
+    assert get(f"http://127.0.0.1:{port}/healthz").text == "ok\n"

@@ -1,0 +1,504 @@
+"""The web process: it binds its own port (Factor VII) and keeps no state (Factor VI).
+
+Factor VII says the app *is* the web server: `python webapp.py` binds `$PORT` and serves
+HTTP, with nothing injected by an Apache or a container runtime. Factor VI says it keeps
+nothing it cannot lose. The terrible day this file prevents: four copies run behind a
+router, a user logs in on one, and the next request, served by another, has forgotten
+them. Here every request reads and writes its state through `session_store`, so any
+copy can answer any request, and a copy that dies takes nothing with it.
+
+What it does: a small shop-like page (log in, fill a cart, upload files, enqueue jobs),
+a JSON view of the session, and `/healthz` for the router. Every response says which
+copy served it (`X-Served-By`). What it leaves to others: running several copies and
+spreading traffic over them (`launcher.py`, the platform), running jobs (`worker.py`),
+and where state lives (`session_store.py`).
+
+Configuration is the environment (Factor III), read once in `main()`: PORT, HOST,
+SESSION_STORE, DATABASE_URL, SESSION_TTL, DYNO, COOKIE_SECURE. SIGTERM stops accepting,
+lets the requests in flight finish, closes the store, and exits 0.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import traceback
+import urllib.parse
+from dataclasses import dataclass, field
+from email.message import Message
+from email.parser import BytesHeaderParser
+from http.cookies import CookieError, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import PurePosixPath, PureWindowsPath
+
+from session_store import (ConfigError, Session, SessionStore, database_from_env,
+                           empty_session, store_from_env)
+from worker import TASKS, JobQueue
+
+MAX_FORM_BYTES = 1 << 20      # a form is a few fields; refuse anything bigger unread
+MAX_UPLOAD_BYTES = 10 << 20
+MAX_FIELD_CHARS = 200
+COOKIE_NAME = "sid"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    dyno: str
+    cookie_secure: bool
+
+
+def config_from_env(environ: dict) -> Config:
+    text = environ.get("PORT", "5000")
+    if not (text.isdigit() and 0 < int(text) < 65536):
+        raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
+    return Config(host=environ.get("HOST", "127.0.0.1"), port=int(text),
+                  dyno=environ.get("DYNO", "web.1"),
+                  cookie_secure=environ.get("COOKIE_SECURE", "") == "1")
+
+
+def log(line: str) -> None:
+    """One line to stdout. A single write, so lines from many threads never interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class ClientError(Exception):
+    """Bad input: answered with `status` and a one-line message, never a traceback."""
+
+    def __init__(self, status: int, message: str, headers: tuple = ()):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: list = field(default_factory=list)
+
+
+def text(status: int, message: str) -> Response:
+    return Response(status, (message + "\n").encode())
+
+
+def as_json(value) -> Response:
+    return Response(200, json.dumps(value).encode(), "application/json")
+
+
+def redirect(location: str) -> Response:
+    return Response(303, headers=[("Location", location)])
+
+
+# --- Reading input ------------------------------------------------------------------
+
+def parse_form(body: bytes) -> dict[str, str]:
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        raise ClientError(400, "the form is not valid UTF-8") from None
+    return dict(pairs)
+
+
+def required_field(form: dict, name: str) -> str:
+    value = form.get(name, "").strip()
+    if not value:
+        raise ClientError(400, f"the field '{name}' is missing or empty")
+    if len(value) > MAX_FIELD_CHARS:
+        raise ClientError(400, f"the field '{name}' is over {MAX_FIELD_CHARS} characters")
+    return value
+
+
+def header_param(header: str, param: str) -> str | None:
+    """A parameter of a structured header, e.g. the boundary of a Content-Type."""
+    message = Message()
+    message["content-type"] = header
+    return message.get_param(param)
+
+
+@dataclass(frozen=True)
+class FilePart:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
+    """Split a multipart/form-data body (RFC 7578) into its named parts.
+
+    The body is `--B` part `--B` part `--B--`, each delimiter preceded by CRLF, each
+    part headers, a blank line, then its bytes. The bytes are kept exactly as sent.
+    """
+    boundary = header_param(content_type, "boundary")
+    if not boundary:
+        raise ClientError(400, "malformed multipart body: no boundary")
+    pieces = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
+    if len(pieces) < 3 or not pieces[-1].startswith(b"--"):
+        raise ClientError(400, "malformed multipart body: missing closing boundary")
+    parts = {}
+    for piece in pieces[1:-1]:  # pieces[0] is the preamble, pieces[-1] the epilogue
+        _, _, rest = piece.partition(b"\r\n")
+        head, blank_line, data = rest.partition(b"\r\n\r\n")
+        headers = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+        name = headers.get_param("name", header="content-disposition")
+        if not blank_line or not isinstance(name, str):
+            raise ClientError(400, "malformed multipart body: a part without a name")
+        parts[name] = FilePart(safe_filename(headers.get_filename() or ""),
+                               headers.get("content-type", "application/octet-stream"), data)
+    return parts
+
+
+def safe_filename(name: str) -> str:
+    """Only the last path component (old browsers send C:\\Users\\…), at most 200 chars."""
+    base = PureWindowsPath(PurePosixPath(name).name).name
+    return base[:MAX_FIELD_CHARS] or "upload"
+
+
+# --- The page -----------------------------------------------------------------------
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>twelve-factor-processes</title>
+<style>body{{font:16px/1.45 system-ui,sans-serif;max-width:46em;margin:2em auto;padding:0 1em}}
+.copy{{background:#eef;padding:.6em 1em}} .warn{{background:#fdd;padding:.6em 1em}}
+.why{{color:#555;font-size:.9em}} td,th{{padding:0 .6em;text-align:left}}</style></head>
+<body>
+<h1>twelve-factor-processes</h1>
+<p class="copy">Served by <b>{dyno}</b> (pid {pid}). Sessions live in the <b>{store}</b>
+store. Reload: behind the launcher, the next request may be served by another copy.</p>
+{stranger}
+<h2>Who you are</h2>
+<p>{who}</p>
+<form method="post" action="/login"><input name="name" maxlength="200" required
+ placeholder="your name"> <button>Log in</button></form>
+<form method="post" action="/logout"><button>Log out</button></form>
+<p class="why">Logging in starts a <em>new</em> session id and drops the old one in the
+same step, so an id planted in your browser by someone else is worthless.</p>
+<h2>Your cart</h2>
+<ul>{cart}</ul>
+<form method="post" action="/cart"><input name="item" maxlength="200" required
+ placeholder="an item"> <button>Add to cart</button></form>
+<p class="why">Each addition is one atomic read-modify-write in the store
+(<code>edit</code>): two tabs adding at once both land, whichever copies serve them.</p>
+<h2>Your uploads</h2>
+<ul>{uploads}</ul>
+<form method="post" action="/uploads" enctype="multipart/form-data">
+<input type="file" name="file" required> <button>Upload</button></form>
+<p class="why">The file goes to the backing store, not to this copy's disk: any copy can
+serve it, and none loses it when it dies.</p>
+<h2>Background jobs</h2>
+<form method="post" action="/jobs"><input type="hidden" name="task" value="sleep">
+<input name="args" value='{{"seconds": 5}}'> <button>Enqueue a sleep job</button></form>
+<table><tr><th>job</th><th>task</th><th>state</th><th>attempts</th><th>worker</th></tr>
+{jobs}</table>
+<p class="why">This copy only records the job in the shared queue and answers at once; a
+<code>worker</code> process takes it. Kill that worker mid-job and another finishes it
+when the lease runs out. Known tasks: {tasks}.</p>
+</body></html>
+"""
+
+
+def stranger_notice(store: SessionStore, dyno: str) -> str:
+    """The lesson, said plainly, when the browser's session is unknown to this copy."""
+    if store.kind == "memory":
+        why = (f"With <code>SESSION_STORE=memory</code> each process keeps its own sessions "
+               f"in its own memory: the copy that knows you is another one, and {dyno} "
+               f"cannot see into it. This is the failure Factor VI prevents.")
+    else:
+        why = "It has expired or was ended by a logout."
+    return (f'<p class="warn">Your browser sent a session cookie, but this process '
+            f'({dyno}) has never heard of that session. {why}</p>')
+
+
+def render_page(session: dict, stranger: bool, store: SessionStore, dyno: str,
+                jobs: list[dict]) -> str:
+    esc = html.escape
+    user = session["user"]
+    return PAGE.format(
+        dyno=esc(dyno), pid=os.getpid(), store=esc(store.kind),
+        stranger=stranger_notice(store, esc(dyno)) if stranger else "",
+        who=f"Logged in as <b>{esc(user)}</b>." if user else "Not logged in.",
+        cart="".join(f"<li>{esc(item)}</li>" for item in session["cart"]) or "<li>empty</li>",
+        uploads="".join(upload_item(esc(upload_id)) for upload_id in session["uploads"])
+        or "<li>none</li>",
+        jobs="".join(
+            f"<tr><td><a href='/jobs/{job['id']}'>{job['id']}</a></td><td>{esc(job['task'])}"
+            f"</td><td>{esc(job['state'])}</td><td>{job['attempts']}</td>"
+            f"<td>{esc(job['worker'] or '')}</td></tr>" for job in jobs),
+        tasks=esc(", ".join(sorted(TASKS))))
+
+
+def upload_item(upload_id: str) -> str:
+    return (f"<li><a href='/uploads/{upload_id}'>{upload_id}</a> "
+            f"<form method='post' action='/jobs' style='display:inline'>"
+            f"<input type='hidden' name='task' value='wordcount'>"
+            f"<input type='hidden' name='args' value='{{\"upload\": \"{upload_id}\"}}'>"
+            f"<button>count its words</button></form></li>")
+
+
+# --- The application: one method per route -----------------------------------------
+
+class App:
+    """The routes. Each takes the request and returns a Response; none keeps state."""
+
+    def __init__(self, store: SessionStore, queue: JobQueue, config: Config):
+        self.store, self.queue, self.config = store, queue, config
+        self.routes = {
+            "/": {"GET": self.page},
+            "/session": {"GET": self.session_json},
+            "/login": {"POST": self.login},
+            "/logout": {"POST": self.logout},
+            "/cart": {"POST": self.add_to_cart},
+            "/uploads": {"POST": self.upload},
+            "/jobs": {"GET": self.list_jobs, "POST": self.enqueue},
+            "/healthz": {"GET": self.healthz},
+        }
+        self.routes_with_id = {  # /uploads/<id>, /jobs/<id>
+            "/uploads": {"GET": self.download},
+            "/jobs": {"GET": self.job_status},
+        }
+
+    def find_route(self, method: str, path: str):
+        """(handler, the id in the path or None), or a ClientError 404/405."""
+        methods, arg = self.routes.get(path), None
+        if methods is None:
+            base, _, arg = path.rpartition("/")  # "/jobs/17" -> "/jobs", "17"
+            methods = self.routes_with_id.get(base) if arg else None
+        if methods is None:
+            raise ClientError(404, f"no such page: {path}")
+        if method not in methods:
+            allowed = ", ".join(methods)
+            raise ClientError(405, f"{method} is not allowed here; use {allowed}",
+                              (("Allow", allowed),))
+        return methods[method], arg
+
+    def set_cookie(self, response: Response, session: Session, sent_sid: str | None) -> Response:
+        """Tell the browser its session id when it changed (new, rotated, or ended)."""
+        attributes = "; Path=/; HttpOnly; SameSite=Lax"
+        if self.config.cookie_secure:
+            attributes += "; Secure"
+        if session.delete:
+            response.headers.append(("Set-Cookie", f"{COOKIE_NAME}=; Max-Age=0{attributes}"))
+        elif session.id != sent_sid:
+            max_age = int(self.store.ttl)
+            response.headers.append(
+                ("Set-Cookie", f"{COOKIE_NAME}={session.id}; Max-Age={max_age}{attributes}"))
+        return response
+
+    def page(self, request: Request) -> Response:
+        data = self.store.load(request.sid)
+        stranger = request.sid is not None and data is None
+        body = render_page(data or empty_session(), stranger, self.store, self.config.dyno,
+                           self.queue.recent(limit=10))
+        return Response(200, body.encode(), "text/html; charset=utf-8")
+
+    def session_json(self, request: Request) -> Response:
+        data = self.store.load(request.sid) or empty_session()
+        return as_json({"user": data["user"], "cart": data["cart"], "uploads": data["uploads"],
+                        "served_by": self.config.dyno, "pid": os.getpid(),
+                        "store": self.store.kind})
+
+    def login(self, request: Request) -> Response:
+        name = required_field(request.form(), "name")
+        with self.store.edit(request.sid, rotate=True) as session:  # fixation defence
+            session.data["user"] = name
+        return self.set_cookie(redirect("/"), session, request.sid)
+
+    def logout(self, request: Request) -> Response:
+        with self.store.edit(request.sid) as session:
+            session.delete = True
+        return self.set_cookie(redirect("/"), session, request.sid)
+
+    def add_to_cart(self, request: Request) -> Response:
+        item = required_field(request.form(), "item")
+        with self.store.edit(request.sid) as session:
+            session.data["cart"].append(item)
+        return self.set_cookie(redirect("/"), session, request.sid)
+
+    def upload(self, request: Request) -> Response:
+        content_type = request.headers.get("Content-Type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise ClientError(415, "send the file as multipart/form-data, field 'file'")
+        part = parse_multipart(request.body(MAX_UPLOAD_BYTES), content_type).get("file")
+        if part is None or not part.data:
+            raise ClientError(400, "the multipart field 'file' is missing or empty")
+        upload_id = self.store.save_upload(part.filename, part.content_type, part.data)
+        with self.store.edit(request.sid) as session:
+            session.data["uploads"].append(upload_id)
+        return self.set_cookie(redirect(f"/uploads/{upload_id}"), session, request.sid)
+
+    def download(self, request: Request) -> Response:
+        upload = self.store.load_upload(request.arg)
+        if upload is None:
+            raise ClientError(404, f"no upload {request.arg} in the {self.store.kind} store")
+        # Served from our own origin, an uploaded HTML file could run script as us:
+        # `sandbox` and `nosniff` stop that.
+        return Response(200, upload.data, upload.content_type,
+                        [("Content-Security-Policy", "sandbox"),
+                         ("X-Content-Type-Options", "nosniff")])
+
+    def enqueue(self, request: Request) -> Response:
+        form = request.form()
+        task = required_field(form, "task")
+        try:
+            args = json.loads(form.get("args") or "{}")
+        except json.JSONDecodeError as error:
+            raise ClientError(400, f"'args' is not valid JSON: {error}") from None
+        if not isinstance(args, dict):
+            raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
+        return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
+
+    def job_status(self, request: Request) -> Response:
+        job = self.queue.get(int(request.arg)) if request.arg.isdigit() else None
+        if job is None:
+            raise ClientError(404, f"no job {request.arg}")
+        return as_json(job)
+
+    def list_jobs(self, request: Request) -> Response:
+        task = request.query.get("task")
+        return as_json(self.queue.recent(task=task, limit=100))
+
+    def healthz(self, request: Request) -> Response:
+        return text(200, "ok")
+
+
+@dataclass
+class Request:
+    """What a route needs from the HTTP request; the body is read only when asked for."""
+    handler: BaseHTTPRequestHandler
+    sid: str | None
+    arg: str | None
+    query: dict
+
+    @property
+    def headers(self):
+        return self.handler.headers
+
+    def body(self, limit: int) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            raise ClientError(411, "send a Content-Length; chunked bodies are not accepted")
+        declared = self.headers.get("Content-Length", "0")
+        if not declared.isdigit():
+            raise ClientError(400, "Content-Length is not a number")
+        if int(declared) > limit:  # refused before reading a byte of it
+            raise ClientError(413, f"the body is over the limit of {limit >> 20} MiB")
+        try:
+            body = self.handler.rfile.read(int(declared))
+        except TimeoutError:
+            raise ClientError(408, "the body arrived too slowly") from None
+        if len(body) != int(declared):
+            raise ClientError(400, "the body is shorter than its Content-Length")
+        return body
+
+    def form(self) -> dict[str, str]:
+        content_type = self.headers.get("Content-Type", "application/x-www-form-urlencoded")
+        if not content_type.startswith("application/x-www-form-urlencoded"):
+            raise ClientError(415, "send the form as application/x-www-form-urlencoded")
+        return parse_form(self.body(MAX_FORM_BYTES))
+
+
+def session_id_from(cookie_header: str) -> str | None:
+    """The session id the browser sent, or None for no cookie or a malformed one."""
+    try:
+        morsel = SimpleCookie(cookie_header).get(COOKIE_NAME)
+    except CookieError:
+        return None
+    if morsel is None or not 0 < len(morsel.value) <= 100:
+        return None
+    return morsel.value
+
+
+# --- HTTP plumbing ------------------------------------------------------------------
+
+class Handler(BaseHTTPRequestHandler):
+    """Turns each HTTP request into a call to the App and writes its Response."""
+    protocol_version = "HTTP/1.0"  # one request per connection: simple for the router
+    timeout = 30                   # a client that stops sending is dropped, not waited on
+    app: App                       # set on the subclass made in `serve`
+
+    def dispatch(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        try:
+            route, arg = self.app.find_route(self.command, url.path)
+            request = Request(self, session_id_from(self.headers.get("Cookie", "")), arg,
+                              dict(urllib.parse.parse_qsl(url.query)))
+            response = route(request)
+        except ClientError as error:
+            response = text(error.status, error.message)
+            response.headers.extend(error.headers)
+        except sqlite3.OperationalError as error:  # e.g. a disk that is full
+            log(f"backing store error: {error}")
+            response = text(503, "the backing store is unavailable; try again shortly")
+        except Exception:  # a bug: say so loudly in the log, answer 500, keep serving
+            log(traceback.format_exc().rstrip())
+            response = text(500, "internal error; the traceback is in this copy's log")
+        self.send(response)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = dispatch
+
+    def send(self, response: Response) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def end_headers(self) -> None:
+        # Every response, errors included, says which copy answered.
+        self.send_header("X-Served-By", self.app.config.dyno)
+        super().end_headers()
+
+    def log_message(self, format: str, *args) -> None:  # stdout, not stderr
+        log(f"{self.address_string()} {format % args}")
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = False    # so server_close() waits for the requests in flight
+    request_queue_size = 128  # the listen backlog; 5 overflows under a burst of clients
+
+
+def serve(app: App) -> Server:
+    handler = type("AppHandler", (Handler,), {"app": app})
+    address = (app.config.host, app.config.port)
+    try:
+        return Server(address, handler)
+    except OSError as error:
+        raise ConfigError(f"PORT={app.config.port}: cannot listen on "
+                          f"{app.config.host}:{app.config.port}: {error.strerror}") from None
+
+
+def main() -> None:
+    try:
+        config = config_from_env(os.environ)
+        db = database_from_env(os.environ)
+        store = store_from_env(os.environ, db)
+        server = serve(App(store, JobQueue(db), config))
+    except ConfigError as error:
+        print(f"webapp: {error}", file=sys.stderr)
+        sys.exit(2)
+    # Block SIGTERM and SIGINT in every thread, then take them here with sigwait: the
+    # serving thread is never interrupted, and the shutdown runs as ordinary code.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    threading.Thread(target=server.serve_forever, name="serve").start()
+    log(f"{config.dyno} listening on http://{config.host}:{config.port} "
+        f"(pid {os.getpid()}, {store.kind} store)")
+    received = signal.sigwait(stop_signals)
+    log(f"{config.dyno} got {signal.Signals(received).name}: "
+        f"finishing the requests in flight")
+    server.shutdown()       # stop accepting
+    server.server_close()   # wait for the requests in flight
+    db.close()              # the connection of the store and of the job queue
+    log(f"{config.dyno} stopped")
+
+
+if __name__ == "__main__":
+    main()
