@@ -64,8 +64,11 @@ def config_from_env(environ: dict) -> Config:
 
 def log(line: str) -> None:
     """One line to stdout. A single write, so lines from many threads never interleave."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader (the launcher) is gone; keep serving, then stop
+        pass
 
 
 class ClientError(Exception):

@@ -1,0 +1,118 @@
+"""The clock process: periodic jobs, safe to run more than once (Factor VIII).
+
+Factor VIII runs each kind of work as its own process type; the clock is the one that puts
+periodic jobs in the queue. The terrible day this module prevents: the docs say "run
+exactly one scheduler", a deploy briefly runs two (or a restart lands mid-minute), and
+every periodic job runs twice; or nobody runs one at all, because everyone was afraid to.
+Celery beat has lived with these duplicates for years.
+
+The fix, from Rails' Solid Queue: every tick of every schedule is enqueued under a unique
+key, `task@tick-time`, and the jobs table has a unique index on that key. Whichever clock
+copy gets there first inserts the job; the others' inserts do nothing. Ticks are aligned
+to the wall clock (`floor(now / every) * every`), not to each clock's start time, so every
+copy computes the same key for the same tick, and a restart mid-interval finds its tick
+already enqueued. A tick missed while no clock was running is skipped, not caught up.
+
+The clock only enqueues; `worker.py` runs the jobs. Configuration, read once in `main()`:
+DATABASE_URL, PURGE_EVERY (seconds, default 60), HEARTBEAT_EVERY (default 10), DYNO
+(default `clock.1`). SIGTERM or SIGINT: exit 0 at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Mapping
+
+from session_store import ConfigError, database_from_env, positive_number
+from worker import JobQueue
+
+
+@dataclass(frozen=True)
+class Schedule:
+    task: str
+    every: int  # whole seconds, so that tick keys are plain ISO-8601 times
+
+
+@dataclass(frozen=True)
+class Config:
+    dyno: str
+    schedules: tuple[Schedule, ...]
+
+
+def seconds_from_env(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = positive_number(environ, name, default)
+    if not value.is_integer():
+        raise ConfigError(f"{name} must be a whole number of seconds, got {environ[name]!r}")
+    return int(value)
+
+
+def config_from_env(environ: Mapping[str, str]) -> Config:
+    return Config(dyno=environ.get("DYNO", "clock.1"), schedules=(
+        Schedule("purge_expired_sessions", seconds_from_env(environ, "PURGE_EVERY", 60)),
+        Schedule("heartbeat", seconds_from_env(environ, "HEARTBEAT_EVERY", 10))))
+
+
+def current_tick(schedule: Schedule, now: float) -> int:
+    """The start of the interval `now` falls in, the same for every clock copy."""
+    return int(now // schedule.every) * schedule.every
+
+
+def tick_key(schedule: Schedule, tick: int) -> str:
+    return f"{schedule.task}@{datetime.fromtimestamp(tick, timezone.utc).isoformat()}"
+
+
+def enqueue_tick(queue: JobQueue, schedule: Schedule, tick: int) -> None:
+    """Enqueue one tick; the unique key makes a second attempt, from anyone, do nothing."""
+    key = tick_key(schedule, tick)
+    job_id = queue.enqueue(schedule.task, {}, key=key)
+    if job_id is None:
+        print(f"{key} already enqueued by another clock", flush=True)
+    else:
+        print(f"enqueued {key} as job {job_id}", flush=True)
+
+
+def run_clock(queue: JobQueue, schedules: tuple[Schedule, ...]) -> None:
+    """Enqueue each schedule's current tick (at start too), then sleep until the next one."""
+    enqueued: dict[str, int] = {}  # schedule's task -> last tick this copy enqueued
+    while True:
+        now = time.time()
+        for schedule in schedules:
+            tick = current_tick(schedule, now)
+            if enqueued.get(schedule.task) != tick:
+                enqueue_tick(queue, schedule, tick)
+                enqueued[schedule.task] = tick
+        next_tick = min(current_tick(schedule, now) + schedule.every for schedule in schedules)
+        time.sleep(max(0.0, next_tick - time.time()))
+
+
+def exit_now(signum: int, frame: object) -> None:
+    # Unlike the worker, the clock has nothing to finish: its only work is one INSERT,
+    # and an exception raised in the middle of `db.write()` rolls the transaction back.
+    # A tick left out is enqueued by another copy, or by this one if it is restarted
+    # within the interval (the same key), so raising here loses nothing.
+    raise SystemExit(0)
+
+
+def main() -> None:
+    try:
+        config = config_from_env(os.environ)
+        queue = JobQueue(database_from_env(os.environ))
+    except ConfigError as error:
+        print(f"clock: {error}", file=sys.stderr)
+        sys.exit(2)
+    signal.signal(signal.SIGTERM, exit_now)
+    signal.signal(signal.SIGINT, exit_now)
+    every = ", ".join(f"{schedule.task} every {schedule.every}s" for schedule in config.schedules)
+    print(f"{config.dyno} ready (pid {os.getpid()}): {every}", flush=True)
+    try:
+        run_clock(queue, config.schedules)
+    finally:
+        print(f"{config.dyno} stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""clock.py: ticks aligned to the wall clock, each enqueued once however many clocks run."""
+import re
+import signal
+import sys
+import time
+from datetime import datetime
+
+import pytest
+
+from clock import Schedule, current_tick, tick_key
+from conftest import app_env, wait_until
+from test_worker import queue  # noqa: F401  (a fixture: the jobs table the clocks write)
+
+ENQUEUED = re.compile(r"^enqueued (\S+) as job \d+$", re.MULTILINE)
+
+
+@pytest.fixture
+def start_clock(spawn, tmp_path):
+    def start(**env):
+        return spawn([sys.executable, "clock.py"], app_env(tmp_path, **env))
+
+    return start
+
+
+def tick_time(key: str) -> float:
+    return datetime.fromisoformat(key.split("@", 1)[1]).timestamp()
+
+
+def test_ticks_are_aligned_to_the_wall_clock_not_to_the_start_time():
+    every_ten = Schedule("heartbeat", 10)
+    assert current_tick(every_ten, 1_700_000_003.2) == current_tick(every_ten, 1_700_000_009.9)
+    assert tick_key(every_ten, current_tick(every_ten, 1_700_000_003.2)) == \
+        "heartbeat@2023-11-14T22:13:20+00:00"
+
+
+def test_three_clocks_enqueue_each_tick_exactly_once(queue, start_clock):
+    clocks = [start_clock(DYNO=f"clock.{n}", HEARTBEAT_EVERY=1, PURGE_EVERY=3600)
+              for n in (1, 2, 3)]
+    wait_until(lambda: len(queue.recent("heartbeat")) >= 4, what="four heartbeat ticks")
+    assert [clock.stop(signal.SIGTERM) for clock in clocks] == [0, 0, 0]
+
+    jobs = queue.recent("heartbeat") + queue.recent("purge_expired_sessions")
+    logged = [key for clock in clocks for key in ENQUEUED.findall(clock.output())]
+    assert sorted(logged) == sorted(job["key"] for job in jobs)  # one insert per job
+    ticks = sorted(tick_time(job["key"]) for job in jobs if job["task"] == "heartbeat")
+    assert ticks == [ticks[0] + n for n in range(len(ticks))]  # consecutive, none missing
+    assert "already enqueued by another clock" in "".join(clock.output() for clock in clocks)
+
+
+def test_a_clock_restarted_mid_interval_does_not_double_the_tick(queue, start_clock):
+    day = Schedule("heartbeat", 86400)
+    key = tick_key(day, current_tick(day, time.time()))
+    first = start_clock(HEARTBEAT_EVERY=86400, PURGE_EVERY=86400)
+    wait_until(lambda: len(ENQUEUED.findall(first.output())) == 2, what="the first ticks")
+    assert first.stop(signal.SIGTERM) == 0
+    second = start_clock(HEARTBEAT_EVERY=86400, PURGE_EVERY=86400)
+    wait_until(lambda: second.output().count("already enqueued") == 2
+               or ENQUEUED.search(second.output()), what="the restarted clock's ticks")
+    assert second.stop(signal.SIGTERM) == 0
+    if key != tick_key(day, current_tick(day, time.time())):
+        pytest.skip("the test ran across midnight UTC, into a new tick")
+    assert f"{key} already enqueued by another clock" in second.output()
+    assert [job["key"] for job in queue.recent("heartbeat")] == [key]
+
+
+def test_a_bad_interval_exits_2_with_one_line_naming_it(start_clock):
+    clock = start_clock(HEARTBEAT_EVERY="soon")
+    assert clock.popen.wait(10) == 2
+    lines = clock.output().splitlines()
+    assert len(lines) == 1 and "HEARTBEAT_EVERY" in lines[0]

@@ -1,0 +1,273 @@
+"""The platform, tested with real processes: a launcher, its copies, and requests through
+its front port. Each test writes a Procfile of its own in a temp folder: the real
+webapp.py for `web`, tiny inline commands for everything else."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import REPO, Proc, app_env, free_port, get, http, wait_until
+
+WEBAPP = REPO / "webapp.py"
+WEB = f"web: python {WEBAPP}\n"
+SLEEPER = 'python -c "import time; time.sleep(60)"'
+STARTED = re.compile(r"(\S+) started \(pid=(\d+)(?:, port=(\d+))?\)")
+
+
+@dataclass
+class Launcher:
+    proc: Proc
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/healthz"
+
+    def output(self) -> str:
+        return self.proc.output()
+
+    def started(self) -> list[tuple[str, int, int | None]]:
+        """(name, pid, port) of every copy started so far, from the launcher's log."""
+        return [(name, int(pid), int(port) if port else None)
+                for name, pid, port in STARTED.findall(self.output())]
+
+    def pids(self, name: str) -> list[int]:
+        return [pid for started, pid, _ in self.started() if started == name]
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 10) -> None:
+        wait_until(lambda: self.output().count(text) >= count, timeout,
+                   what=f"{count} x {text!r} in the launcher's log:\n{self.output()}")
+
+    def send(self, command: str) -> None:
+        self.proc.popen.stdin.write(command.encode() + b"\n")
+        self.proc.popen.stdin.flush()
+
+    def ps(self) -> dict[str, list[str]]:
+        """Type `ps` and read the table it prints: name -> the row's columns."""
+        tables = self.output().count("| name")
+        self.send("ps")
+        self.wait_for("| name", tables + 1)
+        rows = self.output().rsplit("| name", 1)[1].splitlines()[1:]
+        cells = [row.split("| ", 1)[1].split() for row in rows if "system" in row]
+        return {cell[0]: cell for cell in cells if re.fullmatch(r"\w+\.\d+", cell[0])}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # an orphan that init has not reaped yet is a zombie: gone for our purpose
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def served_by(launcher: Launcher, requests: int) -> Counter:
+    return Counter(get(launcher.url).headers["x-served-by"] for _ in range(requests))
+
+
+@pytest.fixture
+def launch(spawn, tmp_path):
+    """launch(procfile_text, *args) runs the launcher on a free front port (None: no Procfile)."""
+    launched: list[Launcher] = []
+
+    def start(procfile: str | None, *args: str, env: dict | None = None,
+              stdin=subprocess.DEVNULL, port: int | None = None) -> Launcher:
+        if procfile is not None:
+            (tmp_path / "Procfile").write_text(procfile)
+        port = port or free_port()
+        command = [sys.executable, str(REPO / "launcher.py"), "--port", str(port),
+                   "--grace", "5", *args]
+        proc = spawn(command, env or app_env(tmp_path), cwd=tmp_path, stdin=stdin)
+        launched.append(Launcher(proc, port))
+        return launched[-1]
+
+    yield start
+    for launcher in launched:  # the copies too, even if a test failed half-way
+        launcher.proc.kill_group()
+        for _, pid, _ in launcher.started():
+            if alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def test_formation_starts_the_asked_copies_with_names_and_ports(launch):
+    worker = ('worker: python -c "import os, time; '
+              "print('I am', os.environ['DYNO'], 'port', os.environ.get('PORT')); "
+              'time.sleep(60)"\n')
+    launcher = launch(WEB + worker + f"clock: {SLEEPER}\n", "web=2,worker=3",
+                      stdin=subprocess.PIPE)
+    launcher.wait_for(" is up on port", 2)
+    launcher.wait_for("port None", 3)
+    table = launcher.ps()
+    assert sorted(table) == ["clock.1", "web.1", "web.2", "worker.1", "worker.2", "worker.3"]
+    web_ports = {int(table[name][2]) for name in ("web.1", "web.2")}
+    assert len(web_ports) == 2 and min(web_ports) > launcher.port
+    assert {table[name][2] for name in table if not name.startswith("web")} == {"-"}
+    assert all(table[name][5] == "up" for name in table)
+    for number in (1, 2, 3):
+        assert f"I am worker.{number} port None" in launcher.output()
+    assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
+
+
+def test_front_port_spreads_requests_round_robin(launch):
+    launcher = launch(WEB, "web=3")
+    launcher.wait_for(" is up on port", 3)
+    served = served_by(launcher, 30)
+    assert set(served) == {"web.1", "web.2", "web.3"}
+    assert all(9 <= count <= 11 for count in served.values()), served
+
+
+def test_a_killed_web_copy_is_restarted_and_the_front_keeps_answering(launch):
+    launcher = launch(WEB, "web=2")
+    launcher.wait_for(" is up on port", 2)
+    [(old_pid, port)] = [(pid, port) for name, pid, port in launcher.started() if name == "web.1"]
+    os.kill(old_pid, signal.SIGKILL)
+    launcher.wait_for("web.1 killed by SIGKILL")
+    assert all(get(launcher.url).status == 200 for _ in range(6))
+    launcher.wait_for("web.1 is up on port", 2)
+    [restarted] = [(pid, p) for name, pid, p in launcher.started()[2:] if name == "web.1"]
+    assert restarted[0] != old_pid and restarted[1] == port
+    assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
+
+
+def test_rolling_restart_under_load_drops_no_request(launch):
+    launcher = launch(WEB, "web=2", stdin=subprocess.PIPE)
+    launcher.wait_for(" is up on port", 2)
+    old_pids = {pid for _, pid, _ in launcher.started()}
+    results = Counter()
+    stop = threading.Event()
+
+    def keep_asking():
+        while not stop.is_set():
+            try:
+                results[get(launcher.url).status] += 1
+            except OSError as error:
+                results[repr(error)] += 1
+
+    client = threading.Thread(target=keep_asking)
+    client.start()
+    try:
+        wait_until(lambda: results[200] >= 20, what="requests before the restart")
+        launcher.send("restart")
+        launcher.wait_for(" exited with code 0", 2)
+        served_before_end = results[200]
+        wait_until(lambda: results[200] >= served_before_end + 20, what="requests after")
+    finally:
+        stop.set()
+        client.join()
+    assert set(results) == {200}, results
+    table = launcher.ps()
+    assert sorted(table) == ["web.1", "web.2"] and {row[5] for row in table.values()} == {"up"}
+    assert not {int(row[1]) for row in table.values()} & old_pids
+    assert not any(alive(pid) for pid in old_pids)
+
+
+def test_scaling_from_stdin_changes_the_counts(launch):
+    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=1", "worker=0",
+                      stdin=subprocess.PIPE)
+    launcher.wait_for("web.1 is up on port")
+    launcher.send("web=3,worker=2")
+    launcher.wait_for(" is up on port", 3)
+    assert sorted(launcher.ps()) == ["web.1", "web.2", "web.3", "worker.1", "worker.2"]
+    assert set(served_by(launcher, 6)) == {"web.1", "web.2", "web.3"}
+    launcher.send("web=1 worker=1")
+    for name in ("web.2", "web.3"):
+        launcher.wait_for(f"{name} exited with code 0")
+    launcher.wait_for("worker.2 killed by SIGTERM")
+    assert sorted(launcher.ps()) == ["web.1", "worker.1"]
+    assert served_by(launcher, 4) == {"web.1": 4}
+
+
+def test_sigterm_stops_every_copy_and_exits_0(launch):
+    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=2")
+    launcher.wait_for(" is up on port", 2)
+    pids = [pid for _, pid, _ in launcher.started()]
+    assert len(pids) == 3
+    assert launcher.proc.stop(signal.SIGTERM) == 0
+    assert not any(alive(pid) for pid in pids)
+    assert launcher.output().count(" exited with code 0") == 2  # web copies stop cleanly
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_copies_do_not_outlive_a_sigkilled_launcher(launch):
+    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=1")
+    launcher.wait_for("web.1 is up on port")
+    pids = [pid for _, pid, _ in launcher.started()]
+    launcher.proc.popen.kill()  # the launcher alone, not its copies
+    wait_until(lambda: not any(alive(pid) for pid in pids),
+               what="the orphaned copies to exit (each gets SIGTERM with its stdout already "
+                    "broken: its shutdown must survive a failed log line)")
+
+
+def test_no_web_copy_means_503_not_a_hang(launch):
+    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=0")
+
+    def answer():
+        try:
+            return http("GET", launcher.url, timeout=2)
+        except OSError:
+            return None
+
+    response = wait_until(answer, what="the front port to answer")
+    assert response.status == 503
+    assert b"no web copy" in response.body
+
+
+def assert_refused(launcher: Launcher, problem: str) -> None:
+    assert launcher.proc.popen.wait(10) == 2
+    message = launcher.output().strip()
+    assert problem in message and "\n" not in message, message
+    assert "started" not in message
+
+
+@pytest.mark.parametrize("procfile, args, problem", [
+    (None, [], "cannot read the Procfile"),
+    ("web python webapp.py\n", [], "expected 'type: command'"),
+    (WEB + WEB, [], "declared twice"),
+    ("# nothing\n\n", [], "declares no process type"),
+    (WEB, ["web=x"], "whole number"),
+    (WEB, ["web=-1"], "whole number"),
+    (WEB, ["db=1"], "'db' is not in the Procfile"),
+    (WEB, ["web"], "expected TYPE=N"),
+])
+def test_bad_input_exits_2_with_one_line_before_any_copy_starts(launch, procfile, args,
+                                                                 problem):
+    assert_refused(launch(procfile, *args), problem)
+
+
+def test_front_port_in_use_exits_2_before_any_copy_starts(launch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        launcher = launch(WEB, port=busy.getsockname()[1])
+        assert_refused(launcher, "cannot listen on the front port")
+
+
+def test_dotenv_reaches_the_copies_and_the_launchers_env_wins(launch, tmp_path):
+    (tmp_path / ".env").write_text("# settings\nFROM_DOTENV=dotenv\nBOTH='dotenv'\n")
+    command = ('python -c "import os, time; '
+               "print('seen:', os.environ['FROM_DOTENV'], os.environ['BOTH']); "
+               'time.sleep(60)"')
+    launcher = launch(f"show: {command}\n", env=app_env(tmp_path, BOTH="launcher"))
+    launcher.wait_for("seen: dotenv launcher")
+
+
+def test_a_crash_loop_backs_off_instead_of_spinning(launch):
+    launcher = launch('crash: python -c "import sys; sys.exit(1)"\n')
+    launcher.wait_for("restarting crash.1 in 2s", timeout=8)
+    # At once, then after 1 s, then 2 s: three starts so far, not hundreds.
+    assert len(launcher.pids("crash.1")) == 3
+    assert launcher.output().count("crash.1 exited with code 1") == 3
+    assert "restarting crash.1 now" in launcher.output()
+    assert "restarting crash.1 in 1s" in launcher.output()

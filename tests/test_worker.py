@@ -1,0 +1,226 @@
+"""worker.py: the queue in-process with a fake clock, and real worker processes on it."""
+import re
+import signal
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import app_env, get, post_form, wait_until
+from session_store import database_from_env
+from test_webapp import upload
+from worker import JobQueue
+
+FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
+STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)
+
+
+class FakeClock:
+    """The time, moved by the test: a lease expires without waiting for it."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def queue(tmp_path):
+    """The queue the worker processes of this test use (the same DATABASE_URL)."""
+    db = database_from_env(app_env(tmp_path))
+    yield JobQueue(db)
+    db.close()
+
+
+@pytest.fixture
+def queue_on_fake_clock(tmp_path):
+    """A queue whose time the test moves (`queue.clock.now += 31`), in-process only."""
+    db = database_from_env(app_env(tmp_path))
+    yield JobQueue(db, clock=FakeClock())
+    db.close()
+
+
+@pytest.fixture
+def start_worker(spawn, tmp_path):
+    """start_worker(DYNO=..., **env) runs `python worker.py` with short leases and waits."""
+
+    def start(wait_ready: bool = True, **env):
+        proc = spawn([sys.executable, "worker.py"], app_env(tmp_path, **{**FAST, **env}))
+        if wait_ready:
+            wait_until(lambda: " ready (pid " in proc.output(), what="the worker to start")
+        return proc
+
+    return start
+
+
+def wait_for_state(queue: JobQueue, job_id: int, *states: str, timeout: float = 10) -> dict:
+    def reached():
+        job = queue.get(job_id)
+        return job if job["state"] in states else None
+
+    return wait_until(reached, timeout, what=f"job {job_id} to be {' or '.join(states)}")
+
+
+# --- The queue itself, in-process -----------------------------------------------------
+
+def test_a_unique_key_is_enqueued_once(queue):
+    first = queue.enqueue("heartbeat", {}, key="heartbeat@12:00")
+    assert first is not None
+    assert queue.enqueue("heartbeat", {}, key="heartbeat@12:00") is None
+    assert [job["id"] for job in queue.recent("heartbeat")] == [first]
+
+
+def test_a_stale_worker_cannot_extend_or_finish_a_job_it_lost(queue_on_fake_clock):
+    queue = queue_on_fake_clock
+    job_id = queue.enqueue("sleep", {"seconds": 1})
+    stale = queue.claim_next_job("worker.1", lease=30)
+    queue.clock.now += 31  # worker.1 froze: no heartbeat for longer than its lease
+    fresh = queue.claim_next_job("worker.2", lease=30)
+    assert (stale.id, fresh.id) == (job_id, job_id)
+    assert (stale.attempt, fresh.attempt) == (1, 2)
+
+    assert not queue.extend_lease(stale, lease=30)
+    assert not queue.finish(stale, '"from worker.1"')
+    assert not queue.mark_dead(stale, "worker.1 gave up")
+    assert queue.finish(fresh, '"from worker.2"')
+    job = queue.get(job_id)
+    assert (job["state"], job["worker"], job["result"]) == ("done", "worker.2", "from worker.2")
+
+
+def test_a_lease_that_runs_out_on_the_last_attempt_makes_the_job_dead(queue_on_fake_clock):
+    queue = queue_on_fake_clock
+    job_id = queue.enqueue("sleep", {"seconds": 1}, max_attempts=1)
+    assert queue.claim_next_job("worker.1", lease=30).id == job_id
+    queue.clock.now += 31
+    assert queue.claim_next_job("worker.2", lease=30) is None
+    job = queue.get(job_id)
+    assert job["state"] == "dead"
+    assert job["error"] == "lease expired: worker worker.1 stopped heartbeating"
+
+
+def test_a_failed_job_waits_for_its_retry_time(queue_on_fake_clock):
+    queue = queue_on_fake_clock
+    job_id = queue.enqueue("fail", {})
+    assert queue.retry_later(queue.claim_next_job("worker.1", lease=30), "boom", delay=5)
+    assert queue.claim_next_job("worker.1", lease=30) is None
+    queue.clock.now += 5
+    assert queue.claim_next_job("worker.1", lease=30).attempt == 2
+    assert queue.get(job_id)["error"] == "boom"
+
+
+# --- Real worker processes ------------------------------------------------------------
+
+def test_thirty_jobs_over_three_workers_each_run_exactly_once(queue, start_worker):
+    workers = [start_worker(DYNO=f"worker.{n}") for n in (1, 2, 3)]
+    ids = [queue.enqueue("sleep", {"seconds": 0.05 + 0.05 * (n % 4)}) for n in range(30)]
+    for job_id in ids:
+        wait_for_state(queue, job_id, "done")
+    assert [worker.stop() for worker in workers] == [0, 0, 0]
+
+    jobs = [queue.get(job_id) for job_id in ids]
+    assert {job["attempts"] for job in jobs} == {1}
+    ran_by = Counter(job["worker"] for job in jobs)
+    assert set(ran_by) == {"worker.1", "worker.2", "worker.3"}, ran_by
+    started = [int(job_id) for worker in workers for job_id in STARTED.findall(worker.output())]
+    assert sorted(started) == sorted(ids)
+
+
+def test_a_job_longer_than_its_lease_stays_with_its_live_worker(queue, start_worker):
+    workers = [start_worker(DYNO=f"worker.{n}") for n in (1, 2)]
+    job_id = queue.enqueue("sleep", {"seconds": 1.7})  # JOB_LEASE=1: renewed, not lost
+    job = wait_for_state(queue, job_id, "done", "failed", "dead")
+    assert (job["state"], job["attempts"]) == ("done", 1)
+    assert sum(len(STARTED.findall(worker.output())) for worker in workers) == 1
+
+
+def test_a_killed_workers_job_is_finished_by_another_after_the_lease(queue, start_worker):
+    first = start_worker(DYNO="worker.1")
+    job_id = queue.enqueue("sleep", {"seconds": 1})
+    wait_for_state(queue, job_id, "running")
+    first.popen.kill()  # SIGKILL: no goodbye, no more heartbeats
+    second = start_worker(DYNO="worker.2")
+    job = wait_for_state(queue, job_id, "done", "dead")
+    assert (job["state"], job["attempts"], job["worker"]) == ("done", 2, "worker.2")
+    assert f"job {job_id} sleep started (attempt 2/3)" in second.output()
+
+
+def test_a_task_that_fails_twice_then_succeeds_is_done_after_three_attempts(queue, start_worker):
+    start_worker()
+    job_id = queue.enqueue("fail", {"times": 2})
+    job = wait_for_state(queue, job_id, "done", "dead")
+    assert (job["state"], job["attempts"]) == ("done", 3)
+    assert job["result"] == {"succeeded_on_attempt": 3}
+
+
+def test_a_task_that_always_fails_ends_dead_with_its_error(queue, start_worker):
+    worker = start_worker()
+    job_id = queue.enqueue("fail", {})
+    job = wait_for_state(queue, job_id, "dead", "done")
+    assert (job["state"], job["attempts"]) == ("dead", 3)
+    assert job["error"] == "RuntimeError: failing on purpose on attempt 3"
+    assert f"job {job_id} fail failed (attempt 2/3): RuntimeError" in worker.output()
+    assert f"job {job_id} fail dead after 3 attempts: RuntimeError" in worker.output()
+
+
+def test_an_unknown_task_is_dead_at_once_and_the_worker_carries_on(queue, start_worker):
+    worker = start_worker()
+    unknown = queue.enqueue("send_invoices", {})
+    after = queue.enqueue("sleep", {"seconds": 0})
+    job = wait_for_state(queue, unknown, "dead", "done")
+    assert job["attempts"] == 1
+    assert job["error"].startswith("unknown task 'send_invoices' (known: fail, heartbeat, ")
+    assert wait_for_state(queue, after, "done")["worker"] == "worker.1"
+    assert worker.popen.poll() is None
+
+
+def test_sigterm_lets_the_job_in_hand_finish_then_exits_0(queue, start_worker):
+    worker = start_worker()
+    job_id = queue.enqueue("sleep", {"seconds": 0.5})
+    wait_for_state(queue, job_id, "running")
+    assert worker.stop(signal.SIGTERM) == 0
+    assert queue.get(job_id)["state"] == "done"
+    assert worker.output().rstrip().endswith("worker.1 stopped")
+
+
+def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
+    job_id = queue.enqueue("sleep", {"seconds": 0})
+    worker = start_worker(wait_ready=False, WORKER_BURST=1)
+    assert worker.popen.wait(10) == 0
+    assert queue.get(job_id)["state"] == "done"
+
+
+def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker):
+    worker = start_worker(wait_ready=False, JOB_LEASE="abc")
+    assert worker.popen.wait(10) == 2
+    lines = worker.output().splitlines()
+    assert len(lines) == 1 and "JOB_LEASE" in lines[0] and "'abc'" in lines[0]
+
+
+def test_an_upload_made_on_one_web_copy_is_counted_by_a_worker_and_seen_on_another(
+        queue, start_web, start_worker):
+    one, two = start_web(DYNO="web.1"), start_web(DYNO="web.2")
+    made = upload(one.url, b"one two three\nfour five\n", "text/plain")
+    assert made.status == 303
+    upload_id = made.headers["location"].rsplit("/", 1)[1]
+    enqueued = post_form(two.url + "/jobs",
+                         {"task": "wordcount", "args": f'{{"upload": "{upload_id}"}}'})
+    assert enqueued.status == 303
+    location = enqueued.headers["location"]
+    assert re.fullmatch(r"/jobs/\d+", location)
+
+    worker = start_worker(wait_ready=False, WORKER_BURST=1)
+    assert worker.popen.wait(10) == 0
+    job = get(one.url + location).json()
+    assert (job["state"], job["task"], job["worker"]) == ("done", "wordcount", "worker.1")
+    assert job["result"] == {"words": 5, "lines": 2, "bytes": 24}
+
+
+def test_with_the_memory_store_the_worker_cannot_see_the_upload(queue, start_web, start_worker):
+    web = start_web(SESSION_STORE="memory")
+    upload_id = upload(web.url, b"lost words\n").headers["location"].rsplit("/", 1)[1]
+    job_id = queue.enqueue("wordcount", {"upload": upload_id}, max_attempts=1)
+    start_worker(SESSION_STORE="memory")
+    job = wait_for_state(queue, job_id, "dead", "done")
+    assert job["state"] == "dead"
+    assert f"no upload {upload_id} in the memory store" in job["error"]
