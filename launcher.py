@@ -284,6 +284,7 @@ class Router:
         self.rotation: tuple[int, ...] = ()
         self.turn = 0
         self.selector = selectors.DefaultSelector()
+        self.watching: dict[socket.socket, int] = {}  # socket -> the events it waits for
 
     def start(self) -> None:
         threading.Thread(target=self.serve, name="router", daemon=True).start()
@@ -327,7 +328,7 @@ class Router:
     def finish_connect(self, conn: Connection) -> None:
         upstream = conn.upstream
         if upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            self.selector.unregister(upstream)
+            self.watch(upstream, 0, conn)
             upstream.close()
             conn.upstream = None
             self.connect_next(conn)
@@ -386,17 +387,22 @@ class Router:
             self.watch(sock, events, conn)
 
     def watch(self, sock: socket.socket, events: int, conn: Connection) -> None:
-        registered = sock in self.selector.get_map()
+        # Our own record of each socket's events: asking the selector (`get_map()`) about
+        # an unregistered socket costs two system calls, on every relay step.
+        registered = self.watching.get(sock, 0)
+        if events == registered:
+            return
         if events and registered:
             self.selector.modify(sock, events, conn)
         elif events:
             self.selector.register(sock, events, conn)
-        elif registered:
+        else:
             self.selector.unregister(sock)
+        self.watching[sock] = events
 
     def close(self, conn: Connection) -> None:
         for sock in conn.sockets():
-            if sock in self.selector.get_map():
+            if self.watching.pop(sock, 0):
                 self.selector.unregister(sock)
             sock.close()
 
