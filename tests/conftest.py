@@ -9,6 +9,7 @@ from __future__ import annotations
 from http.client import HTTPConnection
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,11 +25,23 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Below the ranges the OS hands out for outgoing connections (Linux 32768-60999, macOS
+# 49152-65535). A port the OS picks with bind(0) lies inside them, and so do the ports after
+# it that the launcher gives its web copies: any client connection could take one between
+# the launcher's check and the copy's bind, and the copy would die on start.
+PORT_RANGE = range(20000, 32000)
+
+
 def free_port() -> int:
-    """Ask the OS for a port nobody is using right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nobody listens on now, in a range outgoing connections never take."""
+    while True:
+        port = random.choice(PORT_RANGE)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def wait_until(condition: Callable, timeout: float = 10.0, what: str = "condition"):

@@ -131,13 +131,15 @@ def test_front_port_spreads_requests_round_robin(launch):
 def test_a_killed_web_copy_is_restarted_and_the_front_keeps_answering(launch):
     launcher = launch(WEB, "web=2")
     launcher.wait_for(" is up on port", 2)
-    [(old_pid, port)] = [(pid, port) for name, pid, port in launcher.started() if name == "web.1"]
+    before, ups = launcher.started(), launcher.output().count("web.1 is up on port")
+    old_pid, port = [(pid, port) for name, pid, port in before if name == "web.1"][-1]
     os.kill(old_pid, signal.SIGKILL)
     launcher.wait_for("web.1 killed by SIGKILL")
     assert all(get(launcher.url).status == 200 for _ in range(6))
-    launcher.wait_for("web.1 is up on port", 2)
-    [restarted] = [(pid, p) for name, pid, p in launcher.started()[2:] if name == "web.1"]
-    assert restarted[0] != old_pid and restarted[1] == port
+    wait_until(lambda: len(launcher.started()) > len(before), what="web.1 started again")
+    [restarted] = launcher.started()[len(before):]
+    assert restarted[0] == "web.1" and restarted[1] != old_pid and restarted[2] == port
+    launcher.wait_for("web.1 is up on port", ups + 1)
     assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
 
 
