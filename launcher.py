@@ -732,6 +732,8 @@ class Supervisor:
                     return
                 self.handover = None
                 self.stop_copy(old)
+                if not self.restart_queue:
+                    self.printer.system("rolling restart done: the old copies are stopping")
             if not self.restart_queue:
                 return
             name = self.restart_queue.pop(0)

@@ -10,6 +10,7 @@ from http.client import HTTPConnection
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from session_store import database_from_env
+from worker import JobQueue
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,6 +107,25 @@ def session_cookie(response: Response) -> str | None:
     return None
 
 
+def multipart(fields: dict, boundary: str = "b0undary") -> tuple[bytes, dict]:
+    """Encode {name: (filename, content_type, bytes)} as a browser's form would."""
+    body = b""
+    for name, (filename, content_type, data) in fields.items():
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                 f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n").encode()
+        body += data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def upload(url: str, data: bytes, content_type: str = "application/octet-stream",
+           cookie: str | None = None):
+    body, headers = multipart({"file": ("notes.bin", content_type, data)})
+    if cookie:
+        headers["Cookie"] = f"sid={cookie}"
+    return http("POST", url + "/uploads", body, headers)
+
+
 def responds(url: str) -> bool:
     try:
         return http("GET", url, timeout=1).status == 200
@@ -172,6 +195,14 @@ def spawn(tmp_path):
         proc.kill_group()
 
 
+@pytest.fixture
+def queue(tmp_path):
+    """The queue the worker processes of this test use (the same DATABASE_URL)."""
+    db = database_from_env(app_env(tmp_path))
+    yield JobQueue(db)
+    db.close()
+
+
 @dataclass
 class Web:
     proc: Proc
@@ -200,3 +231,64 @@ def start_web(spawn, tmp_path):
         return web
 
     return start
+
+
+STARTED = re.compile(r"(\S+) started \(pid=(\d+)(?:, port=(\d+))?\)")
+
+
+@dataclass
+class Launcher:
+    proc: Proc
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/healthz"
+
+    def output(self) -> str:
+        return self.proc.output()
+
+    def started(self) -> list[tuple[str, int, int | None]]:
+        """(name, pid, port) of every copy started so far, from the launcher's log."""
+        return [(name, int(pid), int(port) if port else None)
+                for name, pid, port in STARTED.findall(self.output())]
+
+    def pids(self, name: str) -> list[int]:
+        return [pid for started, pid, _ in self.started() if started == name]
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 10) -> None:
+        wait_until(lambda: self.output().count(text) >= count, timeout,
+                   what=f"{count} x {text!r} in the launcher's log:\n{self.output()}")
+
+    def send(self, command: str) -> None:
+        self.proc.popen.stdin.write(command.encode() + b"\n")
+        self.proc.popen.stdin.flush()
+
+    def end(self) -> None:
+        """The launcher's group, then every copy it started (each leads a group of its own),
+        even if the test failed half-way."""
+        self.proc.kill_group()
+        for _, pid, _ in self.started():
+            if alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+    def ps(self) -> dict[str, list[str]]:
+        """Type `ps` and read the table it prints: name -> the row's columns."""
+        tables = self.output().count("| name")
+        self.send("ps")
+        self.wait_for("| name", tables + 1)
+        rows = self.output().rsplit("| name", 1)[1].splitlines()[1:]
+        cells = [row.split("| ", 1)[1].split() for row in rows if "system" in row]
+        return {cell[0]: cell for cell in cells if re.fullmatch(r"\w+\.\d+", cell[0])}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # an orphan that init has not reaped yet is a zombie: gone for our purpose
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

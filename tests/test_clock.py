@@ -9,7 +9,6 @@ import pytest
 
 from clock import Schedule, current_tick, tick_key
 from conftest import app_env, wait_until
-from test_worker import queue  # noqa: F401  (a fixture: the jobs table the clocks write)
 
 ENQUEUED = re.compile(r"^enqueued (\S+) as job \d+$", re.MULTILINE)
 

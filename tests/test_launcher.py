@@ -4,75 +4,20 @@ webapp.py for `web`, tiny inline commands for everything else."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 from collections import Counter
-from dataclasses import dataclass
 
 import pytest
 
-from conftest import REPO, Proc, app_env, free_port, get, http, wait_until
+from conftest import REPO, Launcher, alive, app_env, free_port, get, http, wait_until
 
 WEBAPP = REPO / "webapp.py"
 WEB = f"web: python {WEBAPP}\n"
 SLEEPER = 'python -c "import time; time.sleep(60)"'
-STARTED = re.compile(r"(\S+) started \(pid=(\d+)(?:, port=(\d+))?\)")
-
-
-@dataclass
-class Launcher:
-    proc: Proc
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/healthz"
-
-    def output(self) -> str:
-        return self.proc.output()
-
-    def started(self) -> list[tuple[str, int, int | None]]:
-        """(name, pid, port) of every copy started so far, from the launcher's log."""
-        return [(name, int(pid), int(port) if port else None)
-                for name, pid, port in STARTED.findall(self.output())]
-
-    def pids(self, name: str) -> list[int]:
-        return [pid for started, pid, _ in self.started() if started == name]
-
-    def wait_for(self, text: str, count: int = 1, timeout: float = 10) -> None:
-        wait_until(lambda: self.output().count(text) >= count, timeout,
-                   what=f"{count} x {text!r} in the launcher's log:\n{self.output()}")
-
-    def send(self, command: str) -> None:
-        self.proc.popen.stdin.write(command.encode() + b"\n")
-        self.proc.popen.stdin.flush()
-
-    def ps(self) -> dict[str, list[str]]:
-        """Type `ps` and read the table it prints: name -> the row's columns."""
-        tables = self.output().count("| name")
-        self.send("ps")
-        self.wait_for("| name", tables + 1)
-        rows = self.output().rsplit("| name", 1)[1].splitlines()[1:]
-        cells = [row.split("| ", 1)[1].split() for row in rows if "system" in row]
-        return {cell[0]: cell for cell in cells if re.fullmatch(r"\w+\.\d+", cell[0])}
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # an orphan that init has not reaped yet is a zombie: gone for our purpose
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def served_by(launcher: Launcher, requests: int) -> Counter:
     return Counter(get(launcher.url).headers["x-served-by"] for _ in range(requests))
 
@@ -94,11 +39,8 @@ def launch(spawn, tmp_path):
         return launched[-1]
 
     yield start
-    for launcher in launched:  # the copies too, even if a test failed half-way
-        launcher.proc.kill_group()
-        for _, pid, _ in launcher.started():
-            if alive(pid):
-                os.killpg(pid, signal.SIGKILL)
+    for launcher in launched:
+        launcher.end()
 
 
 def test_formation_starts_the_asked_copies_with_names_and_ports(launch):
@@ -162,6 +104,7 @@ def test_rolling_restart_under_load_drops_no_request(launch):
     try:
         wait_until(lambda: results[200] >= 20, what="requests before the restart")
         launcher.send("restart")
+        launcher.wait_for("rolling restart done")
         launcher.wait_for(" exited with code 0", 2)
         served_before_end = results[200]
         wait_until(lambda: results[200] >= served_before_end + 20, what="requests after")

@@ -6,27 +6,8 @@ import threading
 
 import pytest
 
-from conftest import (app_env, free_port, get, http, post_form, session_cookie,
-                      wait_until)
-
-
-def multipart(fields: dict, boundary: str = "b0undary") -> tuple[bytes, dict]:
-    """Encode {name: (filename, content_type, bytes)} as a browser's form would."""
-    body = b""
-    for name, (filename, content_type, data) in fields.items():
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-                 f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n").encode()
-        body += data + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-def upload(url: str, data: bytes, content_type: str = "application/octet-stream",
-           cookie: str | None = None):
-    body, headers = multipart({"file": ("notes.bin", content_type, data)})
-    if cookie:
-        headers["Cookie"] = f"sid={cookie}"
-    return http("POST", url + "/uploads", body, headers)
+from conftest import (app_env, free_port, get, http, multipart, post_form, session_cookie,
+                      upload, wait_until)
 
 
 def login(url: str, name: str, cookie: str | None = None) -> str:

@@ -6,9 +6,8 @@ from collections import Counter
 
 import pytest
 
-from conftest import app_env, get, post_form, wait_until
+from conftest import app_env, get, post_form, upload, wait_until
 from session_store import database_from_env
-from test_webapp import upload
 from worker import JobQueue
 
 FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
@@ -23,14 +22,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def queue(tmp_path):
-    """The queue the worker processes of this test use (the same DATABASE_URL)."""
-    db = database_from_env(app_env(tmp_path))
-    yield JobQueue(db)
-    db.close()
 
 
 @pytest.fixture
