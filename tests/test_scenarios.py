@@ -1,0 +1,230 @@
+"""The README's "Try it" scenarios, run the way a newcomer runs them.
+
+Each test reads its scenario's blocks from README.md: the `sh` block that starts the
+launcher (terminal 1), the `text` blocks typed at its prompt, and the other `sh` blocks
+(terminal 2). It runs them as written, in a copy of the project, with one change: the
+front port is a free one instead of 5000. Between blocks the test does what a person
+would do (wait for the copies to be up, pick a pid from the log) and then asserts what
+the README says you will see.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, Launcher, free_port, get, responds, wait_until
+
+README = (REPO / "README.md").read_text()
+BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+APP_FILES = ["webapp.py", "session_store.py", "worker.py", "clock.py", "launcher.py",
+             "Procfile"]
+
+
+@dataclass
+class Scenario:
+    launcher: str | None = None                      # terminal 1
+    prompt: list[str] = field(default_factory=list)  # typed at the launcher's prompt
+    shell: list[str] = field(default_factory=list)   # terminal 2
+
+
+def scenario(number: int) -> Scenario:
+    """The blocks under the README heading `### <number>. ...`."""
+    section = README.split(f"\n### {number}. ", 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
+    found = Scenario()
+    for language, text in BLOCK.findall(section):
+        if language == "text":
+            found.prompt += text.splitlines()
+        elif "launcher.py" in text:
+            found.launcher = text.strip()
+        else:
+            found.shell.append(text)
+    return found
+
+
+@dataclass
+class Terminals:
+    """A copy of the project, and the two terminals the README talks about."""
+    project: Path
+    spawn: object
+    launchers: list[Launcher] = field(default_factory=list)
+
+    def env(self, port: int) -> dict[str, str]:
+        env = {name: value for name, value in os.environ.items()
+               if name not in ("PORT", "HOST", "DYNO", "SESSION_STORE", "DATABASE_URL",
+                               "JOB_LEASE", "HEARTBEAT_EVERY")}
+        return {**env, "PORT": str(port), "PYTHONUNBUFFERED": "1"}
+
+    def start_launcher(self, command: str, web: int) -> Launcher:
+        """Terminal 1: the command as written, on a free front port instead of 5000."""
+        port = free_port()
+        proc = self.spawn(["bash", "-c", command], self.env(port), cwd=self.project,
+                          stdin=subprocess.PIPE)
+        launcher = Launcher(proc, port)
+        self.launchers.append(launcher)
+        launcher.wait_for(" is up on port", web, timeout=15)
+        return launcher
+
+    def run(self, launcher: Launcher, block: str) -> str:
+        """Terminal 2: a block as written, pointed at this launcher's front port."""
+        script = block.replace("127.0.0.1:5000", f"127.0.0.1:{launcher.port}")
+        done = subprocess.run(["bash", "-c", script], cwd=self.project, capture_output=True,
+                              text=True, timeout=60, env=self.env(launcher.port))
+        assert done.returncode == 0, f"{block}\nexit {done.returncode}: {done.stderr}"
+        return done.stdout
+
+
+@pytest.fixture
+def terminals(tmp_path, spawn):
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in APP_FILES:
+        shutil.copy(REPO / name, project)
+    found = Terminals(project, spawn)
+    yield found
+    for launcher in found.launchers:
+        launcher.end()
+
+
+def users_and_copies(output: str) -> tuple[list, set[str]]:
+    sessions = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    return [session["user"] for session in sessions], {s["served_by"] for s in sessions}
+
+
+def web_pids(launcher: Launcher) -> set[int]:
+    return {pid for name, pid, _ in launcher.started() if name.startswith("web.")}
+
+
+def test_try_it_1_memory_store_forgets_you_on_three_copies_of_four(terminals):
+    launcher = terminals.start_launcher(scenario(1).launcher, web=4)
+    output = terminals.run(launcher, scenario(1).shell[0])
+    users, copies = users_and_copies(output)
+    assert Counter(users) == {"ada": 1, None: 3}
+    assert len(copies) == 4 and output.count("X-Served-By: web.") == 4
+
+
+def test_try_it_2_sqlite_store_knows_you_on_every_copy(terminals):
+    launcher = terminals.start_launcher(scenario(2).launcher, web=4)
+    users, copies = users_and_copies(terminals.run(launcher, scenario(1).shell[0]))
+    assert users == ["ada"] * 4 and len(copies) == 4
+
+
+def test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones(terminals):
+    steps = scenario(3)
+    for command, user_after in ((scenario(2).launcher, "ada"), (scenario(1).launcher, None)):
+        launcher = terminals.start_launcher(command, web=4)
+        terminals.run(launcher, scenario(1).shell[0])  # log in as ada
+        old_pids = web_pids(launcher)
+        launcher.send(steps.prompt[0])
+        statuses = terminals.run(launcher, steps.shell[0]).split()
+        assert statuses == ["200"] * 20, (command, statuses)
+        launcher.wait_for("rolling restart done")
+        sessions = [json.loads(line) for line in terminals.run(launcher, steps.shell[1]).splitlines()]
+        assert [session["user"] for session in sessions] == [user_after] * 4, command
+        pids = {session["pid"] for session in sessions}
+        assert len(pids) == 4 and not pids & old_pids
+        launcher.end()
+
+
+def test_try_it_4_a_killed_copy_is_replaced_while_every_request_is_answered(terminals):
+    launcher = terminals.start_launcher(scenario(2).launcher, web=4)
+    statuses = terminals.run(launcher, scenario(4).shell[0]).split()
+    assert statuses == ["200"] * 12
+    launcher.wait_for("killed by SIGKILL")
+    launcher.wait_for(" is up on port", 5)
+
+
+def test_try_it_5_scaling_is_a_number_typed_at_the_prompt(terminals):
+    steps = scenario(5)
+    launcher = terminals.start_launcher(scenario(2).launcher, web=4)
+    launcher.send(steps.prompt[0])
+    launcher.wait_for("web.8 is up on port")
+    counts = re.findall(r"(\d+) X-Served-By: (web\.\d+)", terminals.run(launcher, steps.shell[0]))
+    assert sorted(name for _, name in counts) == [f"web.{n}" for n in range(1, 9)]
+    assert {count for count, _ in counts} == {"2"}
+    launcher.send("web=2")  # "Now `web=2` at the prompt and the same command"
+    counts = re.findall(r"(\d+) X-Served-By: (web\.\d+)", terminals.run(launcher, steps.shell[0]))
+    assert counts == [("8", "web.1"), ("8", "web.2")]
+
+
+def test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_once(terminals):
+    jobs, clocks = scenario(6), scenario(7)
+    launcher = terminals.start_launcher(jobs.launcher, web=2)
+    launcher.wait_for(" ready (pid", 4)  # three workers and the clock
+    terminals.run(launcher, jobs.shell[0])
+    # "Within the 5 seconds, kill -9 the pid of worker.2": the test reads it from the log.
+    [job_id] = wait_until(lambda: re.findall(r"worker\.2 +\| job (\d+) sleep started",
+                                             launcher.output()), what="worker.2's job")
+    os.kill(launcher.pids("worker.2")[-1], signal.SIGKILL)
+
+    def sleep_jobs_done():
+        found = get(f"http://127.0.0.1:{launcher.port}/jobs?task=sleep").json()
+        return len(found) == 3 and all(job["state"] == "done" for job in found)
+
+    wait_until(sleep_jobs_done, timeout=20, what="the three sleep jobs done")
+    found = {job["id"]: job for job in json.loads(terminals.run(launcher, jobs.shell[1]))}
+    assert found[int(job_id)]["attempts"] == 2
+    assert sorted(job["attempts"] for job in found.values()) == [1, 1, 2]
+
+    launcher.send(clocks.prompt[0])
+    launcher.wait_for("already enqueued by another clock")
+    assert re.search(r"clock\.2 +\| heartbeat@\S+ already enqueued", launcher.output())
+    keys = Counter(job["key"] for job in json.loads(terminals.run(launcher, clocks.shell[0])))
+    assert keys and set(keys.values()) == {1}
+
+
+def dockerfile_instructions() -> dict[str, list[str]]:
+    """Instruction -> its arguments, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instruction, _, rest = line.strip().partition(" ")
+            found.setdefault(instruction, []).append(rest.strip())
+    return found
+
+
+def test_the_dockerfile_image_runs_the_web_process_on_its_exposed_port(tmp_path, spawn):
+    dockerfile = dockerfile_instructions()
+    env = dict(pair.split("=", 1) for pair in shlex.split(" ".join(dockerfile["ENV"])))
+    assert env["HOST"] == "0.0.0.0" and dockerfile["EXPOSE"] == [env["PORT"]]
+    assert json.loads(dockerfile["CMD"][0]) == ["python", "webapp.py"]
+    # The image holds only what COPY puts in it: run the CMD in a folder with just that.
+    image = tmp_path / "app"
+    image.mkdir()
+    for line in dockerfile["COPY"]:
+        *sources, _ = line.split()
+        for name in sources:
+            shutil.copy(REPO / name, image)
+    port = free_port()
+    env.update(PORT=str(port), DATABASE_URL=f"sqlite:///{tmp_path}/data/app.db",
+               PATH=os.environ["PATH"])
+    spawn(json.loads(dockerfile["CMD"][0]), env, cwd=image)
+    wait_until(lambda: responds(f"http://127.0.0.1:{port}/healthz"), what="the image's CMD")
+
+
+def test_the_readme_map_names_code_that_exists():
+    """Each name in the map's last column is a def or class in the file named before it."""
+    table = README.split("## The map", 1)[1].split("\n## ", 1)[0]
+    checked = 0
+    for row in [line for line in table.splitlines() if line.startswith("|")][2:]:
+        where = None
+        for token in re.findall(r"`([^`]+)`", row.rsplit("|", 2)[1]):
+            if (REPO / token).is_file():
+                where = token if token.endswith(".py") else None
+            elif where and re.fullmatch(r"[A-Za-z_][\w.]*(\(\))?", token):
+                name = token.removesuffix("()").split(".")[-1]
+                assert re.search(rf"^\s*(def|class) {name}\b", (REPO / where).read_text(),
+                                 re.MULTILINE), f"README's map: no {token} in {where}"
+                checked += 1
+    assert checked >= 8
