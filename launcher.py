@@ -300,16 +300,18 @@ class Router:
                     self.handle(key.data, key.fileobj, events)
 
     def accept(self) -> None:
-        try:
-            client, _ = self.listener.accept()
-        except OSError:  # the client gave up already, or we are out of file descriptors
-            return
-        client.setblocking(False)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        rotation = self.rotation
-        first = self.turn % len(rotation) if rotation else 0
-        self.turn += 1
-        self.connect_next(Connection(client, list(rotation[first:] + rotation[:first])))
+        """Take every client waiting in the backlog: under load, one wake-up brings many."""
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # none left (EAGAIN), one gave up already, or no descriptors
+                return
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rotation = self.rotation
+            first = self.turn % len(rotation) if rotation else 0
+            self.turn += 1
+            self.connect_next(Connection(client, list(rotation[first:] + rotation[:first])))
 
     def connect_next(self, conn: Connection) -> None:
         """Start connecting to the next candidate copy; with none left, answer 503."""

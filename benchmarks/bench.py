@@ -33,6 +33,7 @@ import itertools
 import multiprocessing
 import os
 import platform
+import random
 import re
 import shlex
 import shutil
@@ -56,6 +57,8 @@ TIMEOUT = 10.0          # a request slower than this counts as an error, not as 
 MAX_REQUESTS = 200_000  # per round, whatever --seconds says
 START_TIMEOUT = 20.0
 ROUNDS = 3
+STARTED = re.compile(r"(\S+) started \(pid=(\d+)")  # the launcher's line for a new copy
+FORM = "application/x-www-form-urlencoded"
 
 
 # --- The load generator ------------------------------------------------------------------
@@ -80,22 +83,34 @@ class Tally:
 def send(port: int, path: str, form: str | None = None,
          cookie: str | None = None) -> http.client.HTTPResponse:
     """One request on a fresh connection (POST if there is a form); the body is read."""
+    return exchange(port, path, None if form is None else form.encode(), FORM, cookie)[0]
+
+
+def exchange(port: int, path: str, body: bytes | None = None, content_type: str = FORM,
+             cookie: str | None = None) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request on a fresh connection (POST if there is a body): the response, its body."""
     # "Connection: close" makes nginx and gunicorn close first, as webapp.py does: the side
     # that closes first keeps the TIME_WAIT, so the client's ports never run out.
     headers = {"Connection": "close"}
-    if form is not None:
-        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    if body is not None:
+        headers["Content-Type"] = content_type
     if cookie:
         headers["Cookie"] = f"sid={cookie}"
     conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT)
     try:
-        conn.request("GET" if form is None else "POST", path,
-                     None if form is None else form.encode(), headers)
+        conn.request("GET" if body is None else "POST", path, body, headers)
         response = conn.getresponse()
-        response.read()
-        return response
+        return response, response.read()
     finally:
         conn.close()
+
+
+def session_cookie(response: http.client.HTTPResponse, cookie: str | None) -> str | None:
+    """The session id a response hands out, kept as a browser keeps it; else `cookie`."""
+    set_cookie = response.getheader("Set-Cookie") or ""
+    if set_cookie.startswith("sid="):
+        return set_cookie.split(";", 1)[0][len("sid="):] or None
+    return cookie
 
 
 def request_once(tally: Tally, port: int, path: str, form: str | None = None,
@@ -111,10 +126,7 @@ def request_once(tally: Tally, port: int, path: str, form: str | None = None,
         tally.latencies.append(time.perf_counter() - began)
     else:
         tally.errors[f"HTTP {response.status}"] += 1
-    set_cookie = response.getheader("Set-Cookie") or ""
-    if set_cookie.startswith("sid="):  # keep the id the server hands out, as a browser does
-        return set_cookie.split(";", 1)[0][len("sid="):] or None
-    return cookie
+    return session_cookie(response, cookie)
 
 
 def hammer(port: int, workload: str, clients: int, seconds: float, max_requests: int) -> Tally:
@@ -184,9 +196,15 @@ class Target:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    # Below the outgoing-connection range (Linux 32768+): no client can take a copy's P+1...
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        return port
 
 
 def app_env(workdir: Path, store: str, **extra) -> dict[str, str]:
@@ -199,10 +217,11 @@ def app_env(workdir: Path, store: str, **extra) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running(args: list[str], env: dict, log: Path) -> Iterator[subprocess.Popen]:
+def running(args: list[str], env: dict, log: Path,
+            stdin: int = subprocess.DEVNULL) -> Iterator[subprocess.Popen]:
     """A child in a process group of its own, output to a file; the group ends on exit."""
     with open(log, "wb") as out:  # a file, not a pipe: a pipe nobody reads blocks the child
-        proc = subprocess.Popen(args, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+        proc = subprocess.Popen(args, env=env, cwd=REPO, stdin=stdin, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
@@ -265,13 +284,27 @@ def end_leftover_copies(log: Path, workdir: Path) -> None:
     """Kill any copy our launcher started that outlived it (a launcher that hung).
 
     The launcher stops its copies on SIGTERM, and the kernel signals them if it is killed
-    (PR_SET_PDEATHSIG): this is the belt to those braces. A pid counts as ours only if its
-    environment names this configuration's folder, so a reused pid is never touched.
+    (PR_SET_PDEATHSIG): this is the belt to those braces.
     """
-    for pid in re.findall(r"started \(pid=(\d+)", log.read_text(errors="replace")):
-        with contextlib.suppress(OSError):
-            if str(workdir).encode() in Path(f"/proc/{pid}/environ").read_bytes():
-                os.killpg(int(pid), signal.SIGKILL)  # a copy leads its own process group
+    for _, pid in started_copies(log):
+        if is_ours(pid, workdir):
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)  # a copy leads its own process group
+
+
+def started_copies(log: Path) -> list[tuple[str, int]]:
+    """(name, pid) of every copy the launcher started, in order, from its log."""
+    return [(name, int(pid))
+            for name, pid in STARTED.findall(log.read_text(errors="replace"))]
+
+
+def is_ours(pid: int, workdir: Path) -> bool:
+    """A running process whose environment names this configuration's folder: so a pid
+    that was reused by someone else's process is never touched (a zombie has none)."""
+    try:
+        return str(workdir).encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
 
 
 NGINX_CONF = """worker_processes 1;
