@@ -20,9 +20,11 @@ Last-write-wins, the default in Django and Flask-Session, silently loses one of 
         session.data["cart"].append(item)
     # ... to here, where the change is written (only if something changed)
 
-Adding a Redis or Postgres store means one more class with the same methods: `edit`
-would become `SELECT … FOR UPDATE` inside a transaction (Postgres) or a WATCH/MULTI
-retry loop (Redis); uploads would go to object storage. Nothing else in the app changes.
+Adding a Redis or Postgres store means one more subclass that fills in the same hooks
+(`locked`, `read`, `write`, `remove` for sessions; `save_upload`, `load_upload`,
+`purge_expired`) and a name in `store_from_env`: `locked` would be a transaction with
+`SELECT … FOR UPDATE` (Postgres) or a WATCH/MULTI retry loop (Redis); uploads would go to
+object storage. Nothing else in the app changes.
 
 `Database` is the plumbing for the shared SQLite file, used by `SQLiteStore` here and by
 the job queue in `worker.py`. SQLite suits processes on one machine with a local disk;
