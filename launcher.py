@@ -511,6 +511,7 @@ class Supervisor:
         self.retiring: list[Copy] = []  # out of the formation, running until they stop
         self.handover: tuple[Copy, Copy] | None = None  # rolling restart: (old, new)
         self.restart_queue: list[str] = []
+        self.rolling = False            # a rolling restart is under way
         self.shutting_down = False
         self.unfinished_command = b""
         self.selector = selectors.DefaultSelector()
@@ -722,6 +723,7 @@ class Supervisor:
                  if not types or copy.type == types[0]]
         self.printer.system(f"rolling restart, one copy at a time: {', '.join(names) or 'none'}")
         self.restart_queue += names
+        self.rolling = True
         self.continue_rolling_restart()
 
     def continue_rolling_restart(self) -> None:
@@ -734,13 +736,14 @@ class Supervisor:
                     return
                 self.handover = None
                 self.stop_copy(old)
-                if not self.restart_queue:
-                    self.printer.system("rolling restart done: the old copies are stopping")
             if not self.restart_queue:
+                if self.rolling:
+                    self.rolling = False
+                    self.printer.system("rolling restart done: the old copies are stopping")
                 return
             name = self.restart_queue.pop(0)
             old = next((c for c in self.copies if c.name == name and c.state == "up"), None)
-            if old is not None:
+            if old is not None:  # one that is not up (crashed, restarting) gets new code anyway
                 new = Copy(old.type, old.number, self.free_port() if old.port else None)
                 self.copies[self.copies.index(old)] = new
                 self.retiring.append(old)  # still up, and in the rotation, until new is
@@ -755,6 +758,7 @@ class Supervisor:
                             f"{self.config.grace:g}s")
         self.restart_queue.clear()
         self.handover = None
+        self.rolling = False
         kill_at = time.monotonic() + self.config.grace  # the deadline runs from the signal
         for copy in self.everyone():
             self.stop_copy(copy, kill_at)

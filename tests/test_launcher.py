@@ -118,6 +118,21 @@ def test_rolling_restart_under_load_drops_no_request(launch):
     assert not any(alive(pid) for pid in old_pids)
 
 
+def test_a_rolling_restart_skips_a_copy_waiting_to_restart_and_still_finishes(launch):
+    launcher = launch(WEB, "web=2", stdin=subprocess.PIPE)
+    launcher.wait_for(" is up on port", 2)
+    for crashes in (1, 2):  # a second crash soon after the first: the restart waits 1 s
+        launcher.wait_for("web.2 started", crashes)
+        os.kill(launcher.pids("web.2")[-1], signal.SIGKILL)
+        launcher.wait_for("web.2 killed by SIGKILL", crashes)
+    launcher.wait_for("restarting web.2 in 1s")
+    old_web_1 = launcher.pids("web.1")[-1]
+    launcher.send("restart web")
+    launcher.wait_for("rolling restart done")
+    assert launcher.pids("web.1")[-1] != old_web_1
+    launcher.wait_for("web.1 exited with code 0")
+
+
 def test_scaling_from_stdin_changes_the_counts(launch):
     launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=1", "worker=0",
                       stdin=subprocess.PIPE)
