@@ -444,7 +444,10 @@ def start_child(command: str, env: dict[str, str], cwd: Path) -> subprocess.Pope
     return subprocess.Popen(
         # `exec`: the app replaces the shell, so the pid we watch and signal is the app's,
         # not that of a shell that would die alone or wait deaf to SIGTERM (container PID 1).
-        ["/bin/sh", "-c", "exec " + command], cwd=cwd, env=env,
+        # `env` after it lets a line start with assignments (`FOO=1 python x.py`), which
+        # `exec` alone would take for the program's name. So a line is one command, as in
+        # a container's CMD: for `cd app && ...`, use a script.
+        ["/bin/sh", "-c", "exec env " + command], cwd=cwd, env=env,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         # A group of its own: Ctrl-C on the terminal reaches only the launcher, which then
         # stops each copy in order, and os.killpg reaches whatever the copy forked too.

@@ -62,6 +62,14 @@ def test_formation_starts_the_asked_copies_with_names_and_ports(launch):
     assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
 
 
+def test_a_procfile_line_may_start_with_assignments_as_in_honcho(launch):
+    greeter = ('greeter: GREETING="good morning" python -c "import os; '
+               "print(os.environ['GREETING'], os.environ['DYNO'])\"\n")
+    launcher = launch(greeter, "greeter=1")
+    launcher.wait_for("greeter.1 exited with code 0")
+    assert "| good morning greeter.1" in launcher.output()
+
+
 def test_front_port_spreads_requests_round_robin(launch):
     launcher = launch(WEB, "web=3")
     launcher.wait_for(" is up on port", 3)
