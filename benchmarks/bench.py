@@ -300,7 +300,13 @@ def started_copies(log: Path) -> list[tuple[str, int]]:
 
 def is_ours(pid: int, workdir: Path) -> bool:
     """A running process whose environment names this configuration's folder: so a pid
-    that was reused by someone else's process is never touched (a zombie has none)."""
+    that was reused by someone else's process is never touched (a zombie has none).
+    Without /proc (macOS) a live pid from our launcher's log is taken at its word."""
+    if not Path("/proc/self/environ").exists():
+        with contextlib.suppress(OSError):
+            os.kill(pid, 0)
+            return True
+        return False
     try:
         return str(workdir).encode() in Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
