@@ -148,11 +148,12 @@ def test_try_it_5_scaling_is_a_number_typed_at_the_prompt(terminals):
     steps = scenario(5)
     launcher = terminals.start_launcher(scenario(2).launcher, web=4)
     launcher.send(steps.prompt[0])
-    launcher.wait_for("web.8 is up on port")
+    launcher.wait_for(" is up on port", 8)  # web.5 to web.8 join the first four
     counts = re.findall(r"(\d+) X-Served-By: (web\.\d+)", terminals.run(launcher, steps.shell[0]))
     assert sorted(name for _, name in counts) == [f"web.{n}" for n in range(1, 9)]
     assert {count for count, _ in counts} == {"2"}
     launcher.send("web=2")  # "Now `web=2` at the prompt and the same command"
+    launcher.wait_for(" exited with code 0", 6)  # out of the rotation before they stop
     counts = re.findall(r"(\d+) X-Served-By: (web\.\d+)", terminals.run(launcher, steps.shell[0]))
     assert counts == [("8", "web.1"), ("8", "web.2")]
 
@@ -178,7 +179,6 @@ def test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_onc
 
     launcher.send(clocks.prompt[0])
     launcher.wait_for("already enqueued by another clock")
-    assert re.search(r"clock\.2 +\| heartbeat@\S+ already enqueued", launcher.output())
     keys = Counter(job["key"] for job in json.loads(terminals.run(launcher, clocks.shell[0])))
     assert keys and set(keys.values()) == {1}
 
