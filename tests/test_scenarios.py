@@ -119,21 +119,30 @@ def test_try_it_2_sqlite_store_knows_you_on_every_copy(terminals):
     assert users == ["ada"] * 4 and len(copies) == 4
 
 
+def restart_and_ask(terminals: Terminals, command: str, during=None) -> list[dict]:
+    """Log in as ada, type `restart web` (running `during` meanwhile), ask the new copies."""
+    launcher = terminals.start_launcher(command, web=4)
+    terminals.run(launcher, scenario(1).shell[0])
+    old_pids = web_pids(launcher)
+    launcher.send(scenario(3).prompt[0])
+    if during:
+        statuses = terminals.run(launcher, during).split()
+        assert statuses == ["200"] * 20, statuses
+    launcher.wait_for("rolling restart done")
+    output = terminals.run(launcher, scenario(3).shell[1])
+    sessions = [json.loads(line) for line in output.splitlines()]
+    assert len({s["pid"] for s in sessions} - old_pids) == 4  # four new processes answered
+    launcher.end()
+    return sessions
+
+
 def test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones(terminals):
-    steps = scenario(3)
-    for command, user_after in ((scenario(2).launcher, "ada"), (scenario(1).launcher, None)):
-        launcher = terminals.start_launcher(command, web=4)
-        terminals.run(launcher, scenario(1).shell[0])  # log in as ada
-        old_pids = web_pids(launcher)
-        launcher.send(steps.prompt[0])
-        statuses = terminals.run(launcher, steps.shell[0]).split()
-        assert statuses == ["200"] * 20, (command, statuses)
-        launcher.wait_for("rolling restart done")
-        sessions = [json.loads(line) for line in terminals.run(launcher, steps.shell[1]).splitlines()]
-        assert [session["user"] for session in sessions] == [user_after] * 4, command
-        pids = {session["pid"] for session in sessions}
-        assert len(pids) == 4 and not pids & old_pids
-        launcher.end()
+    # The requests sent during the restart are scenario 3's point; for the memory store
+    # the README asks only to "log in, `restart web`, ask again".
+    sqlite = restart_and_ask(terminals, scenario(2).launcher, during=scenario(3).shell[0])
+    assert [session["user"] for session in sqlite] == ["ada"] * 4
+    memory = restart_and_ask(terminals, scenario(1).launcher)
+    assert [session["user"] for session in memory] == [None] * 4
 
 
 def test_try_it_4_a_killed_copy_is_replaced_while_every_request_is_answered(terminals):
