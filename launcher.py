@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import math
 import os
 import re
 import selectors
@@ -54,6 +55,10 @@ STABLE_AFTER = 10.0      # a copy up this long that crashes starts its backoff a
 PROBE_EVERY = 0.05
 PROBE_TIMEOUT = 0.05
 DRAIN_PAUSE = 0.1        # out of the rotation this long before SIGTERM: see stop_copy
+IDLE_TIMEOUT = 60.0      # a connection with no byte either way this long is closed (nginx: 60)
+SWEEP_EVERY = 1.0        # how often the router looks for idle connections
+MAX_COPIES = 100         # of one type: this is one machine
+LAST_FRONT_PORT = 65000  # the copies take the ports after the front port
 HELP = "commands: TYPE=N (scale, e.g. web=3), ps, restart [TYPE], quit"
 NO_COPY_BODY = b"503: no web copy is running; try again in a moment\n"
 NO_COPY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
@@ -76,6 +81,7 @@ class Config:
     host: str
     port: int
     grace: float
+    idle_timeout: float
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -94,28 +100,38 @@ def read_config(argv: list[str]) -> Config:
     parser.add_argument("--port", help="the front port (default: $PORT, else 5000)")
     parser.add_argument("--grace", type=float, default=10.0,
                         help="seconds a stopping copy gets before SIGKILL (default: 10)")
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
+                        help="seconds the router keeps a silent connection (default: 60)")
     args = parser.parse_args(argv)
-    if args.grace < 0:
+    if not 0 <= args.grace < math.inf:  # NaN fails every comparison, so it lands here too
         raise UsageError(f"--grace must be 0 or more seconds, got {args.grace:g}")
+    if not 0 < args.idle_timeout < math.inf:
+        raise UsageError(f"--idle-timeout must be more than 0 seconds, got {args.idle_timeout:g}")
     commands = read_procfile(args.procfile)
     formation = dict.fromkeys(commands, 1)
     formation.update(parse_scale(args.scale, commands))
     port = args.port or os.environ.get("PORT", "5000")
-    if not (port.isdigit() and 0 < int(port) < 65536):
-        raise UsageError(f"the front port must be a number from 1 to 65535, got {port!r}")
+    if not (re.fullmatch(r"[0-9]+", port) and 0 < int(port) <= LAST_FRONT_PORT):
+        raise UsageError(f"the front port must be a number from 1 to {LAST_FRONT_PORT}, "
+                         f"got {port!r}")
     return Config(commands, formation, read_dotenv(args.procfile.parent / ".env"),
                   args.procfile.resolve().parent, os.environ.get("HOST", "127.0.0.1"),
-                  int(port), args.grace)
+                  int(port), args.grace, args.idle_timeout)
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise UsageError(f"cannot read {what} {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot read {what} {path}: it is not UTF-8 text") from None
 
 
 def read_procfile(path: Path) -> dict[str, str]:
     """The Procfile's `type: command` lines, in order (honcho and foreman read the same)."""
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise UsageError(f"cannot read the Procfile {path}: {error.strerror}") from None
     commands: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(read_text(path, "the Procfile").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         match = PROCFILE_LINE.match(line)
@@ -143,8 +159,9 @@ def parse_scale(words: list[str], commands: dict[str, str]) -> dict[str, int]:
         if name not in commands:
             raise UsageError(f"process type {name!r} is not in the Procfile "
                              f"(it declares {', '.join(commands)})")
-        if not re.fullmatch(r"[0-9]+", count):
-            raise UsageError(f"{item!r}: the number of copies must be a whole number, 0 or more")
+        if not (re.fullmatch(r"[0-9]+", count) and int(count) <= MAX_COPIES):
+            raise UsageError(f"{item!r}: the number of copies must be a whole number "
+                             f"from 0 to {MAX_COPIES}")
         counts[name] = int(count)
     return counts
 
@@ -154,7 +171,7 @@ def read_dotenv(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     values = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, "the .env file").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -261,6 +278,7 @@ class Connection:
         self.candidates = candidates
         self.upstream: socket.socket | None = None
         self.flows: tuple[Flow, ...] = ()  # empty while connecting to a copy
+        self.last_active = time.monotonic()
 
     def sockets(self) -> list[socket.socket]:
         return [sock for sock in (self.client, self.upstream) if sock is not None]
@@ -274,17 +292,24 @@ class Router:
     not a hang. Then bytes are relayed both ways. A side is not read while the other side's
     buffer is full (backpressure: a slow client slows its copy, it does not fill our memory),
     and an end of file is passed on as a half-close, as HTTP/1.0 reads until the close.
+    A connection idle for `idle_timeout` is closed: a client that never hangs up must not
+    hold two sockets forever, and a router out of descriptors must not stop for good.
 
     The supervisor replaces `rotation` whole (storing a tuple is atomic), so no lock.
     """
 
-    def __init__(self, listener: socket.socket, printer: LogPrinter):
+    def __init__(self, listener: socket.socket, printer: LogPrinter,
+                 idle_timeout: float = IDLE_TIMEOUT):
         self.listener = listener
         self.printer = printer
+        self.idle_timeout = idle_timeout
         self.rotation: tuple[int, ...] = ()
         self.turn = 0
         self.selector = selectors.DefaultSelector()
         self.watching: dict[socket.socket, int] = {}  # socket -> the events it waits for
+        self.connections: set[Connection] = set()
+        self.listening = True
+        self.next_sweep = 0.0
 
     def start(self) -> None:
         threading.Thread(target=self.serve, name="router", daemon=True).start()
@@ -293,25 +318,39 @@ class Router:
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ)
         while True:
-            for key, events in self.selector.select():
+            for key, events in self.selector.select(SWEEP_EVERY):
                 if key.fileobj is self.listener:
                     self.accept()
                 else:
                     self.handle(key.data, key.fileobj, events)
+            self.sweep()
 
     def accept(self) -> None:
         """Take every client waiting in the backlog: under load, one wake-up brings many."""
         while True:
             try:
                 client, _ = self.listener.accept()
-            except OSError:  # none left (EAGAIN), one gave up already, or no descriptors
+            except OSError as error:  # none left (EAGAIN), or one gave up already
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    # Out of descriptors: the listener stays readable, so stop watching it
+                    # until the next sweep rather than spin. Clients wait in the backlog.
+                    self.selector.unregister(self.listener)
+                    self.listening = False
                 return
-            client.setblocking(False)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            rotation = self.rotation
-            first = self.turn % len(rotation) if rotation else 0
-            self.turn += 1
-            self.connect_next(Connection(client, list(rotation[first:] + rotation[:first])))
+            try:
+                self.forward(client)
+            except OSError:  # no descriptor left for its copy's side: this client only
+                client.close()
+
+    def forward(self, client: socket.socket) -> None:
+        client.setblocking(False)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rotation = self.rotation
+        first = self.turn % len(rotation) if rotation else 0
+        self.turn += 1
+        conn = Connection(client, list(rotation[first:] + rotation[:first]))
+        self.connect_next(conn)
+        self.connections.add(conn)
 
     def connect_next(self, conn: Connection) -> None:
         """Start connecting to the next candidate copy; with none left, answer 503."""
@@ -341,6 +380,7 @@ class Router:
 
     def handle(self, conn: Connection, sock: socket.socket, events: int) -> None:
         # An error on one connection must never stop the router: close that one and go on.
+        conn.last_active = time.monotonic()
         try:
             if not conn.flows:
                 self.finish_connect(conn)
@@ -357,7 +397,10 @@ class Router:
             self.close(conn)
 
     def receive(self, flow: Flow) -> None:
-        data = flow.source.recv(CHUNK)
+        try:
+            data = flow.source.recv(CHUNK)
+        except ConnectionResetError:  # an end too, abrupt: what came before it is passed on
+            data = b""
         if not data:
             flow.ended = True
         elif flow.target is not None:
@@ -369,6 +412,12 @@ class Router:
                 del flow.pending[:flow.target.send(flow.pending)]
             except BlockingIOError:
                 pass
+            except (BrokenPipeError, ConnectionResetError):
+                # The target hung up before reading it all: a copy that answered early
+                # (413, body too large) and closed. Drop what it will never read, and go on
+                # passing its answer the other way.
+                flow.target = None
+                flow.pending.clear()
         if flow.ended and not flow.pending and not flow.done:
             if flow.target is not None:
                 flow.target.shutdown(socket.SHUT_WR)
@@ -400,6 +449,8 @@ class Router:
             self.selector.register(sock, events, conn)
         else:
             self.selector.unregister(sock)
+            del self.watching[sock]
+            return
         self.watching[sock] = events
 
     def close(self, conn: Connection) -> None:
@@ -407,6 +458,20 @@ class Router:
             if self.watching.pop(sock, 0):
                 self.selector.unregister(sock)
             sock.close()
+        self.connections.discard(conn)
+
+    def sweep(self) -> None:
+        """Once a second: close the connections idle too long, and listen again if running
+        out of descriptors made us stop."""
+        now = time.monotonic()
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + SWEEP_EVERY
+        for conn in [c for c in self.connections if now - c.last_active > self.idle_timeout]:
+            self.close(conn)
+        if not self.listening:
+            self.selector.register(self.listener, selectors.EVENT_READ)
+            self.listening = True
 
 
 # --- Starting a copy ---------------------------------------------------------------------
@@ -473,6 +538,14 @@ def port_accepts(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def signal_name(signum: int) -> str:
+    """SIGKILL, or `signal 40` for one Python has no name for (a real-time signal)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 # --- The supervisor ------------------------------------------------------------------------
@@ -671,7 +744,7 @@ class Supervisor:
             pass  # its last lines come before the news of its end
         self.close_output(copy.name, copy.popen.stdout)
         code = copy.popen.returncode
-        self.printer.system(f"{copy.name} killed by {signal.Signals(-code).name}" if code < 0
+        self.printer.system(f"{copy.name} killed by {signal_name(-code)}" if code < 0
                             else f"{copy.name} exited with code {code}")
         copy.popen = None
         if copy in self.retiring:
@@ -828,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher.py: error: {error}", file=sys.stderr)
         return 2
     printer = LogPrinter()
-    router = Router(listener, printer)
+    router = Router(listener, printer, config.idle_timeout)
     router.start()
     return Supervisor(config, router, printer).run()
 

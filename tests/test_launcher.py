@@ -9,11 +9,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 import pytest
 
-from conftest import REPO, Launcher, alive, app_env, free_port, get, http, wait_until
+from conftest import (REPO, Launcher, alive, app_env, free_port, get, http, responds,
+                      wait_until)
+from launcher import signal_name
 
 WEBAPP = REPO / "webapp.py"
 WEB = f"web: python {WEBAPP}\n"
@@ -208,6 +211,12 @@ def assert_refused(launcher: Launcher, problem: str) -> None:
     (WEB, ["web=-1"], "whole number"),
     (WEB, ["db=1"], "'db' is not in the Procfile"),
     (WEB, ["web"], "expected TYPE=N"),
+    (WEB, ["web=101"], "from 0 to 100"),
+    (WEB, ["--port", "\u00b2"], "the front port must be a number"),  # '²'.isdigit() is True
+    (WEB, ["--port", "65535"], "the front port must be a number from 1 to 65000"),
+    (WEB, ["--grace", "inf"], "--grace must be"),
+    (WEB, ["--grace", "nan"], "--grace must be"),
+    (WEB, ["--idle-timeout", "0"], "--idle-timeout must be"),
 ])
 def test_bad_input_exits_2_with_one_line_before_any_copy_starts(launch, procfile, args,
                                                                  problem):
@@ -220,6 +229,16 @@ def test_front_port_in_use_exits_2_before_any_copy_starts(launch):
         busy.listen()
         launcher = launch(WEB, port=busy.getsockname()[1])
         assert_refused(launcher, "cannot listen on the front port")
+
+
+def test_an_unreadable_dotenv_exits_2_with_one_line(launch, tmp_path):
+    (tmp_path / ".env").mkdir()
+    assert_refused(launch(WEB), "cannot read the .env file")
+
+
+def test_a_copy_killed_by_a_signal_without_a_name_is_reported_not_fatal():
+    assert signal_name(signal.SIGKILL) == "SIGKILL"
+    assert signal_name(40) == "signal 40"  # real-time signals have no name in Python
 
 
 def test_dotenv_reaches_the_copies_and_the_launchers_env_wins(launch, tmp_path):
@@ -239,3 +258,56 @@ def test_a_crash_loop_backs_off_instead_of_spinning(launch):
     assert launcher.output().count("crash.1 exited with code 1") == 3
     assert "restarting crash.1 now" in launcher.output()
     assert "restarting crash.1 in 1s" in launcher.output()
+
+
+def post_too_big(port: int, size: int = 8 << 20) -> bytes:
+    """POST a body over webapp.py's limit, sending and reading at once as a browser does;
+    the status line of the answer."""
+    head = (b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n" % size)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        def send_all():
+            try:
+                sock.sendall(head + bytes(size))
+            except OSError:
+                pass  # the other side may hang up before it has taken everything
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        try:
+            return sock.makefile("rb").readline().strip()
+        finally:
+            sender.join()
+
+
+def test_an_answer_sent_before_the_body_is_read_reaches_the_client(launch):
+    # webapp.py answers 413 from the headers alone and closes with the body unread, which
+    # resets the router's side: the router must still pass the 413 on, not a reset.
+    launcher = launch(WEB, "web=1")
+    launcher.wait_for("web.1 is up on port")
+    statuses = [post_too_big(launcher.port) for _ in range(3)]
+    assert statuses == [b"HTTP/1.0 413 Request Entity Too Large"] * 3
+
+
+def test_running_out_of_descriptors_pauses_the_router_but_does_not_stop_it(spawn, tmp_path):
+    (tmp_path / "Procfile").write_text(WEB)
+    port = free_port()
+    command = f"ulimit -n 48; exec {sys.executable} {REPO / 'launcher.py'} --port {port}"
+    launcher = Launcher(spawn(["bash", "-c", command], app_env(tmp_path), cwd=tmp_path), port)
+    try:
+        launcher.wait_for("web.1 is up on port")
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=2) for _ in range(40)]
+        for client in idle:  # 40 clients and their copies' sides: more than 48 descriptors
+            client.close()
+        wait_until(lambda: responds(launcher.url), what="the router answering again")
+    finally:
+        launcher.end()
+
+
+def test_a_silent_connection_is_closed_after_the_idle_timeout(launch):
+    launcher = launch(WEB, "web=1", "--idle-timeout", "0.5")
+    launcher.wait_for("web.1 is up on port")
+    with socket.create_connection(("127.0.0.1", launcher.port), timeout=10) as silent:
+        began = time.monotonic()
+        assert silent.recv(1) == b""  # the router hung up: a silent client holds nothing
+        assert time.monotonic() - began < 5
