@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -342,7 +343,7 @@ def positive_number(environ: Mapping[str, str], name: str, default: float) -> fl
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not 0 < value < math.inf:  # `inf` and `nan` parse as floats too
         raise ConfigError(f"{name} must be a positive number of seconds, got {text!r}")
     return value
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -53,11 +54,21 @@ class Config:
     cookie_secure: bool
 
 
+def whole_number(text: str) -> int | None:
+    """The value of `text` if it is 1 to 18 ASCII digits, else None.
+
+    Not `str.isdigit()`: it also accepts '²', which `int()` then rejects. And at most 18
+    digits: they fit SQLite's 64-bit INTEGER, and `int()` refuses more than 4300.
+    """
+    return int(text) if re.fullmatch(r"[0-9]{1,18}", text) else None
+
+
 def config_from_env(environ: dict) -> Config:
     text = environ.get("PORT", "5000")
-    if not (text.isdigit() and 0 < int(text) < 65536):
+    port = whole_number(text)
+    if port is None or not 0 < port < 65536:
         raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
-    return Config(host=environ.get("HOST", "127.0.0.1"), port=int(text),
+    return Config(host=environ.get("HOST", "127.0.0.1"), port=port,
                   dyno=environ.get("DYNO", "web.1"),
                   cookie_secure=environ.get("COOKIE_SECURE", "") == "1")
 
@@ -119,10 +130,15 @@ def required_field(form: dict, name: str) -> str:
 
 
 def header_param(header: str, param: str) -> str | None:
-    """A parameter of a structured header, e.g. the boundary of a Content-Type."""
+    """A parameter of a structured header, e.g. the boundary of a Content-Type.
+
+    None when it is absent, and also for the RFC 2231 form (`boundary*=utf-8''b`): for
+    that `get_param` returns a tuple, and browsers never send it for these parameters.
+    """
     message = Message()
     message["content-type"] = header
-    return message.get_param(param)
+    value = message.get_param(param)
+    return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)
@@ -350,14 +366,15 @@ class App:
         task = required_field(form, "task")
         try:
             args = json.loads(form.get("args") or "{}")
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[… too deep
             raise ClientError(400, f"'args' is not valid JSON: {error}") from None
         if not isinstance(args, dict):
             raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
         return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
 
     def job_status(self, request: Request) -> Response:
-        job = self.queue.get(int(request.arg)) if request.arg.isdigit() else None
+        job_id = whole_number(request.arg)
+        job = self.queue.get(job_id) if job_id is not None else None
         if job is None:
             raise ClientError(404, f"no job {request.arg}")
         return as_json(job)
@@ -385,16 +402,16 @@ class Request:
     def body(self, limit: int) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", ""):
             raise ClientError(411, "send a Content-Length; chunked bodies are not accepted")
-        declared = self.headers.get("Content-Length", "0")
-        if not declared.isdigit():
+        declared = whole_number(self.headers.get("Content-Length", "0"))
+        if declared is None:
             raise ClientError(400, "Content-Length is not a number")
-        if int(declared) > limit:  # refused before reading a byte of it
+        if declared > limit:  # refused before reading a byte of it
             raise ClientError(413, f"the body is over the limit of {limit >> 20} MiB")
         try:
-            body = self.handler.rfile.read(int(declared))
+            body = self.handler.rfile.read(declared)
         except TimeoutError:
             raise ClientError(408, "the body arrived too slowly") from None
-        if len(body) != int(declared):
+        if len(body) != declared:
             raise ClientError(400, "the body is shorter than its Content-Length")
         return body
 

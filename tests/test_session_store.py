@@ -152,6 +152,8 @@ def test_database_url_forms():
     ({"SESSION_STORE": "redis"}, "SESSION_STORE"),
     ({"SESSION_TTL": "soon"}, "SESSION_TTL"),
     ({"SESSION_TTL": "-5"}, "SESSION_TTL"),
+    ({"SESSION_TTL": "inf"}, "SESSION_TTL"),  # would overflow the cookie's Max-Age
+    ({"SESSION_TTL": "nan"}, "SESSION_TTL"),
 ])
 def test_bad_store_settings_name_the_variable(tmp_path, environ, variable):
     with pytest.raises(ConfigError, match=variable):

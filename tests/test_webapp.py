@@ -146,7 +146,9 @@ def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
     ("POST", "/login", {"name": "x" * 201}, 400),
     ("POST", "/jobs", {"task": "sleep", "args": "{not json"}, 400),
     ("POST", "/jobs", {"task": "sleep", "args": "[1, 2]"}, 400),
+    ("POST", "/jobs", {"task": "sleep", "args": "[" * 200000}, 400),  # too deep to parse
     ("GET", "/jobs/999999", None, 404),
+    ("GET", "/jobs/" + "9" * 30, None, 404),  # too big for an SQLite INTEGER
     ("GET", "/jobs/abc", None, 404),
     ("GET", "/uploads/no-such-upload", None, 404),
 ])
@@ -174,11 +176,23 @@ def test_oversized_bodies_are_refused_before_being_read(start_web):
     assert get(web.url + "/healthz").status == 200
 
 
+@pytest.mark.parametrize("head, status", [
+    (b"GET /jobs/\xb2 HTTP/1.0\r\n\r\n", 404),  # '\xb2' is '²': a digit to str.isdigit()
+    (b"POST /cart HTTP/1.0\r\nContent-Length: \xb2\r\n\r\n", 400),
+    (b"POST /cart HTTP/1.0\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
+], ids=["job id ²", "Content-Length ²", "Content-Length of 5000 digits"])
+def test_only_a_few_ascii_digits_make_a_number(start_web, head, status):
+    web = start_web()
+    assert raw_request(web.port, head).startswith(b"HTTP/1.0 %d" % status)
+    assert get(web.url + "/healthz").status == 200
+
+
 @pytest.mark.parametrize("body, content_type", [
     (b"no boundaries here", "multipart/form-data; boundary=b0undary"),
     (b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nunterminated",
      "multipart/form-data; boundary=b0undary"),
     (b"--b\r\n\r\n--b--\r\n", "multipart/form-data"),
+    (b"--b\r\n\r\n--b--\r\n", "multipart/form-data; boundary*=utf-8''b"),  # RFC 2231
     (multipart({"other": ("a.txt", "text/plain", b"hi")})[0],
      "multipart/form-data; boundary=b0undary"),
     (b"file=hello", "application/x-www-form-urlencoded"),
@@ -212,6 +226,7 @@ def test_sigterm_during_a_slow_request_lets_it_finish(start_web):
 @pytest.mark.parametrize("env, variable", [
     ({"PORT": "abc"}, "PORT"),
     ({"PORT": "70000"}, "PORT"),
+    ({"PORT": "²"}, "PORT"),
     ({"SESSION_STORE": "redis"}, "SESSION_STORE"),
     ({"DATABASE_URL": "sqlite:////dev/null/app.db"}, "DATABASE_URL"),
     ({"DATABASE_URL": "postgres://localhost/app"}, "DATABASE_URL"),
