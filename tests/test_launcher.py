@@ -285,8 +285,8 @@ def test_an_answer_sent_before_the_body_is_read_reaches_the_client(launch):
     # resets the router's side: the router must still pass the 413 on, not a reset.
     launcher = launch(WEB, "web=1")
     launcher.wait_for("web.1 is up on port")
-    statuses = [post_too_big(launcher.port) for _ in range(3)]
-    assert statuses == [b"HTTP/1.0 413 Request Entity Too Large"] * 3
+    statuses = [post_too_big(launcher.port).split()[:2] for _ in range(3)]
+    assert statuses == [[b"HTTP/1.0", b"413"]] * 3  # the reason phrase varies by Python
 
 
 def test_running_out_of_descriptors_pauses_the_router_but_does_not_stop_it(spawn, tmp_path):
