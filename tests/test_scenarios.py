@@ -19,10 +19,11 @@ import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-from conftest import REPO, Launcher, free_port, get, responds, wait_until
+from conftest import REPO, Launcher, Proc, free_port, get, responds, wait_until
 
 README = (REPO / "README.md").read_text()
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -56,7 +57,7 @@ def scenario(number: int) -> Scenario:
 class Terminals:
     """A copy of the project, and the two terminals the README talks about."""
     project: Path
-    spawn: object
+    spawn: Callable[..., Proc]  # the conftest fixture: each process ends with the test
     launchers: list[Launcher] = field(default_factory=list)
 
     def env(self, port: int) -> dict[str, str]:
