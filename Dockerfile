@@ -4,7 +4,8 @@
 FROM python:3.12-slim
 
 WORKDIR /app
-COPY webapp.py session_store.py worker.py clock.py Procfile ./
+# The app's three process types and the backing services they meet in; not the platform.
+COPY webapp.py worker.py clock.py session_store.py job_queue.py tasks.py database.py Procfile ./
 
 # Inside a container, loopback is unreachable from outside: bind every interface.
 # State goes to a volume, never to the container's own disk (Factor VI). A SQLite file

@@ -13,9 +13,9 @@ to the wall clock (`floor(now / every) * every`), not to each clock's start time
 copy computes the same key for the same tick, and a restart mid-interval finds its tick
 already enqueued. A tick missed while no clock was running is skipped, not caught up.
 
-The clock only enqueues; `worker.py` runs the jobs. Configuration, read once in `main()`:
-DATABASE_URL, PURGE_EVERY (seconds, default 60), HEARTBEAT_EVERY (default 10), DYNO
-(default `clock.1`). SIGTERM or SIGINT: exit 0 at once.
+The clock only enqueues (through `job_queue.py`); `worker.py` runs the jobs.
+Configuration, read once in `main()`: DATABASE_URL, PURGE_EVERY (seconds, default 60),
+HEARTBEAT_EVERY (default 10), DYNO (default `clock.1`). SIGTERM or SIGINT: exit 0 at once.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
-from session_store import ConfigError, database_from_env, positive_number
-from worker import JobQueue
+from database import ConfigError, database_from_env, positive_number
+from job_queue import JobQueue
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,10 @@ def run_clock(queue: JobQueue, schedules: tuple[Schedule, ...]) -> None:
 
 
 def exit_now(signum: int, frame: object) -> None:
-    # Unlike the worker, the clock has nothing to finish: its only work is one INSERT,
-    # and an exception raised in the middle of `db.write()` rolls the transaction back.
-    # A tick left out is enqueued by another copy, or by this one if it is restarted
-    # within the interval (the same key), so raising here loses nothing.
+    # Unlike the worker, the clock has nothing to finish. Its only write is one INSERT,
+    # which SQLite commits whole or not at all, and Python runs this handler between
+    # statements, never inside one. A tick left out is enqueued by another copy, or by
+    # this one if it is restarted within the interval (the same key): raising loses nothing.
     raise SystemExit(0)
 
 

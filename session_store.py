@@ -21,33 +21,26 @@ Last-write-wins, the default in Django and Flask-Session, silently loses one of 
     # ... to here, where the change is written (only if something changed)
 
 Adding a Redis or Postgres store means one more subclass that fills in the same hooks
-(`locked`, `read`, `write`, `remove` for sessions; `save_upload`, `load_upload`,
+(`locked`, `load`, `write`, `remove` for sessions; `save_upload`, `load_upload`,
 `purge_expired`) and a name in `store_from_env`: `locked` would be a transaction with
 `SELECT … FOR UPDATE` (Postgres) or a WATCH/MULTI retry loop (Redis); uploads would go to
 object storage. Nothing else in the app changes.
 
-`Database` is the plumbing for the shared SQLite file, used by `SQLiteStore` here and by
-the job queue in `worker.py`. SQLite suits processes on one machine with a local disk;
-several machines need a networked database, which is where this toy ends.
+`SQLiteStore` builds on `database.py`, the plumbing for the shared SQLite file that the
+job queue (`job_queue.py`) uses too; each keeps to its own tables.
 """
 from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 import secrets
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ContextManager, Iterator, Mapping
 
-
-class ConfigError(Exception):
-    """A bad configuration value; the message names the environment variable."""
+from database import ConfigError, Database, positive_number
 
 
 def new_session_id() -> str:
@@ -80,14 +73,10 @@ class SessionStore:
     """The interface every store fills in. A new backend is one more subclass.
 
     `edit` is written once, here; a backend supplies the lock (`locked`) and the three
-    primitive operations on one session (`read`, `write`, `remove`).
+    primitive operations on one session (`load`, `write`, `remove`).
     """
     kind = "abstract"
     ttl: float  # seconds a session lives after its last write
-
-    def load(self, sid: str | None) -> dict | None:
-        """The session's data, or None when it does not exist or has expired."""
-        return self.read(sid)
 
     @contextmanager
     def edit(self, sid: str | None, rotate: bool = False) -> Iterator[Session]:
@@ -98,7 +87,7 @@ class SessionStore:
         to a new id and drops the old one in the same step (do it on login).
         """
         with self.locked():
-            before = self.read(sid)
+            before = self.load(sid)
             if before is None:
                 session = Session(new_session_id(), empty_session(), is_new=True)
             elif rotate:
@@ -116,7 +105,8 @@ class SessionStore:
         """Held from the read to the write of `edit`, across threads and processes."""
         raise NotImplementedError
 
-    def read(self, sid: str | None) -> dict | None:
+    def load(self, sid: str | None) -> dict | None:
+        """The session's data, or None when it does not exist or has expired."""
         raise NotImplementedError
 
     def write(self, sid: str, data: dict) -> None:
@@ -155,7 +145,7 @@ class MemoryStore(SessionStore):
     def locked(self) -> ContextManager:
         return self.lock
 
-    def read(self, sid: str | None) -> dict | None:
+    def load(self, sid: str | None) -> dict | None:
         expires_at, text = self.sessions.get(sid, (0.0, ""))
         return json.loads(text) if expires_at > time.time() else None
 
@@ -180,74 +170,6 @@ class MemoryStore(SessionStore):
             for sid in expired:
                 del self.sessions[sid]
         return len(expired)
-
-
-class Database:
-    """The shared SQLite file, opened correctly for many processes and many threads.
-
-    * WAL lets readers and the one writer work at the same time; `synchronous=NORMAL`
-      is safe in WAL (a power cut may lose the last commits, never corrupt the file).
-    * `busy_timeout`: a writer that finds the file locked by another process waits for
-      it instead of failing with "database is locked".
-    * `write()` starts with `BEGIN IMMEDIATE`, which takes the write lock *before* the
-      first read. Python's default starts the transaction at the first write, so a
-      read-modify-write would read outside it and silently lose updates.
-    * One connection per process, used by one thread at a time behind `self.lock`.
-      `ThreadingHTTPServer` starts a thread per request, so "a connection per thread"
-      would mean a connection per request. Threads of one process would only queue for
-      SQLite's single write lock anyway, and queueing on a Python lock is cheaper than
-      SQLite's sleep-and-retry (measured: higher throughput, far lower p99).
-    * The connection is keyed by process id and opened lazily, so a forked child never
-      uses its parent's connection (sqlite.org, "How to corrupt a database", 2.6).
-    """
-
-    def __init__(self, path: Path, timeout: float = 10.0):
-        self.path = path
-        self.timeout = timeout
-        self.lock = threading.RLock()
-        self._connection: sqlite3.Connection | None = None
-        self._pid = 0
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._connection is None or self._pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
-                                   check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._connection, self._pid = conn, os.getpid()
-        return self._connection
-
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A transaction holding SQLite's write lock from its first statement."""
-        with self.lock:
-            conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-
-    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        """Run one statement: alone it is its own transaction; inside `write()`, part of it."""
-        with self.lock:
-            return self._connect().execute(sql, params).fetchall()
-
-    def create_tables(self, script: str) -> None:
-        with self.write() as conn:
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-
-    def close(self) -> None:
-        with self.lock:
-            if self._connection is not None and self._pid == os.getpid():
-                self._connection.close()
-            self._connection = None
 
 
 SESSION_TABLES = """
@@ -279,7 +201,7 @@ class SQLiteStore(SessionStore):
     def locked(self) -> ContextManager:
         return self.db.write()
 
-    def read(self, sid: str | None) -> dict | None:
+    def load(self, sid: str | None) -> dict | None:
         rows = self.db.query("SELECT data FROM sessions WHERE id = ? AND expires_at > ?",
                              (sid, time.time()))
         return json.loads(rows[0]["data"]) if rows else None
@@ -313,39 +235,6 @@ class SQLiteStore(SessionStore):
             total += deleted
             if deleted < batch:
                 return total
-
-
-def database_path(url: str) -> Path:
-    """`sqlite:///relative/path.db` or `sqlite:////absolute/path.db` to a path."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or len(url) == len(prefix):
-        raise ConfigError(f"DATABASE_URL must look like sqlite:///path/to/file.db, got {url!r}")
-    return Path(url[len(prefix):])
-
-
-def database_from_env(environ: Mapping[str, str]) -> Database:
-    """Open the shared SQLite file named by DATABASE_URL, creating its folder."""
-    url = environ.get("DATABASE_URL", "sqlite:///var/app.db")
-    path = database_path(url)
-    db = Database(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db.query("SELECT 1")
-    except (OSError, sqlite3.Error) as error:
-        raise ConfigError(f"DATABASE_URL={url}: cannot open the database: {error}") from None
-    return db
-
-
-def positive_number(environ: Mapping[str, str], name: str, default: float) -> float:
-    """Read a positive number from the environment, or say which variable is wrong."""
-    text = environ.get(name, str(default))
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < math.inf:  # `inf` and `nan` parse as floats too
-        raise ConfigError(f"{name} must be a positive number of seconds, got {text!r}")
-    return value
 
 
 def store_from_env(environ: Mapping[str, str], db: Database) -> SessionStore:

@@ -10,8 +10,10 @@ copy can answer any request, and a copy that dies takes nothing with it.
 What it does: a small shop-like page (log in, fill a cart, upload files, enqueue jobs),
 a JSON view of the session, and `/healthz` for the router. Every response says which
 copy served it (`X-Served-By`). What it leaves to others: running several copies and
-spreading traffic over them (`launcher.py`, the platform), running jobs (`worker.py`),
-and where state lives (`session_store.py`).
+spreading traffic over them (`launcher.py`, the platform), running jobs (`worker.py`: this
+process only puts them in `job_queue.py`), and where state lives (`session_store.py`).
+It reads top-down: the routes (`App`) and what they use, the HTTP plumbing and `main()`,
+then the page.
 
 Configuration is the environment (Factor III), read once in `main()`: PORT, HOST,
 SESSION_STORE, DATABASE_URL, SESSION_TTL, DYNO, COOKIE_SECURE. SIGTERM stops accepting,
@@ -36,9 +38,10 @@ from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import PurePosixPath, PureWindowsPath
 
-from session_store import (ConfigError, Session, SessionStore, database_from_env,
-                           empty_session, store_from_env)
-from worker import TASKS, JobQueue
+from database import ConfigError, database_from_env
+from job_queue import JobQueue
+from session_store import Session, SessionStore, empty_session, store_from_env
+from tasks import TASKS
 
 MAX_FORM_BYTES = 1 << 20      # a form is a few fields; refuse anything bigger unread
 MAX_UPLOAD_BYTES = 10 << 20
@@ -46,40 +49,166 @@ MAX_FIELD_CHARS = 200
 COOKIE_NAME = "sid"
 
 
-@dataclass(frozen=True)
-class Config:
-    host: str
-    port: int
-    dyno: str
-    cookie_secure: bool
+# --- The application: one method per route -----------------------------------------
+
+class App:
+    """The routes. Each takes the request and returns a Response; none keeps state."""
+
+    def __init__(self, store: SessionStore, queue: JobQueue, config: Config):
+        self.store, self.queue, self.config = store, queue, config
+        self.routes = {
+            "/": {"GET": self.page},
+            "/session": {"GET": self.session_json},
+            "/login": {"POST": self.login},
+            "/logout": {"POST": self.logout},
+            "/cart": {"POST": self.add_to_cart},
+            "/uploads": {"POST": self.upload},
+            "/jobs": {"GET": self.list_jobs, "POST": self.enqueue},
+            "/healthz": {"GET": self.healthz},
+        }
+        self.routes_with_id = {  # /uploads/<id>, /jobs/<id>
+            "/uploads": {"GET": self.download},
+            "/jobs": {"GET": self.job_status},
+        }
+
+    def find_route(self, method: str, path: str):
+        """(handler, the id in the path or None), or a ClientError 404/405."""
+        methods, path_id = self.routes.get(path), None
+        if methods is None:
+            base, _, path_id = path.rpartition("/")  # "/jobs/17" -> "/jobs", "17"
+            methods = self.routes_with_id.get(base) if path_id else None
+        if methods is None:
+            raise ClientError(404, f"no such page: {path}")
+        if method not in methods:
+            allowed = ", ".join(methods)
+            raise ClientError(405, f"{method} is not allowed here; use {allowed}",
+                              (("Allow", allowed),))
+        return methods[method], path_id
+
+    def set_cookie(self, response: Response, session: Session, sent_sid: str | None) -> Response:
+        """Tell the browser its session id when it changed (new, rotated, or ended)."""
+        attributes = "; Path=/; HttpOnly; SameSite=Lax"
+        if self.config.cookie_secure:
+            attributes += "; Secure"
+        if session.delete:
+            response.headers.append(("Set-Cookie", f"{COOKIE_NAME}=; Max-Age=0{attributes}"))
+        elif session.id != sent_sid:
+            max_age = int(self.store.ttl)
+            response.headers.append(
+                ("Set-Cookie", f"{COOKIE_NAME}={session.id}; Max-Age={max_age}{attributes}"))
+        return response
+
+    def page(self, request: Request) -> Response:
+        data = self.store.load(request.sid)
+        stranger = request.sid is not None and data is None
+        body = render_page(data or empty_session(), stranger, self.store, self.config.dyno,
+                           self.queue.recent(limit=10))
+        return Response(200, body.encode(), "text/html; charset=utf-8")
+
+    def session_json(self, request: Request) -> Response:
+        data = self.store.load(request.sid) or empty_session()
+        return as_json({"user": data["user"], "cart": data["cart"], "uploads": data["uploads"],
+                        "served_by": self.config.dyno, "pid": os.getpid(),
+                        "store": self.store.kind})
+
+    def login(self, request: Request) -> Response:
+        name = required_field(request.form(), "name")
+        with self.store.edit(request.sid, rotate=True) as session:  # fixation defence
+            session.data["user"] = name
+        return self.set_cookie(redirect("/"), session, request.sid)
+
+    def logout(self, request: Request) -> Response:
+        with self.store.edit(request.sid) as session:
+            session.delete = True
+        return self.set_cookie(redirect("/"), session, request.sid)
+
+    def add_to_cart(self, request: Request) -> Response:
+        item = required_field(request.form(), "item")
+        with self.store.edit(request.sid) as session:
+            session.data["cart"].append(item)
+        return self.set_cookie(redirect("/"), session, request.sid)
+
+    def upload(self, request: Request) -> Response:
+        content_type = request.headers.get("Content-Type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise ClientError(415, "send the file as multipart/form-data, field 'file'")
+        part = parse_multipart(request.body(MAX_UPLOAD_BYTES), content_type).get("file")
+        if part is None or not part.data:
+            raise ClientError(400, "the multipart field 'file' is missing or empty")
+        upload_id = self.store.save_upload(part.filename, part.content_type, part.data)
+        with self.store.edit(request.sid) as session:
+            session.data["uploads"].append(upload_id)
+        return self.set_cookie(redirect(f"/uploads/{upload_id}"), session, request.sid)
+
+    def download(self, request: Request) -> Response:
+        upload = self.store.load_upload(request.path_id)
+        if upload is None:
+            raise ClientError(404, f"no upload {request.path_id} in the {self.store.kind} store")
+        # Served from our own origin, an uploaded HTML file could run script as us:
+        # `sandbox` and `nosniff` stop that.
+        return Response(200, upload.data, upload.content_type,
+                        [("Content-Security-Policy", "sandbox"),
+                         ("X-Content-Type-Options", "nosniff")])
+
+    def enqueue(self, request: Request) -> Response:
+        form = request.form()
+        task = required_field(form, "task")
+        try:
+            args = json.loads(form.get("args") or "{}")
+        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[… too deep
+            raise ClientError(400, f"'args' is not valid JSON: {error}") from None
+        if not isinstance(args, dict):
+            raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
+        return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
+
+    def job_status(self, request: Request) -> Response:
+        job_id = whole_number(request.path_id)
+        job = self.queue.get(job_id) if job_id is not None else None
+        if job is None:
+            raise ClientError(404, f"no job {request.path_id}")
+        return as_json(job)
+
+    def list_jobs(self, request: Request) -> Response:
+        task = request.query.get("task")
+        return as_json(self.queue.recent(task=task, limit=100))
+
+    def healthz(self, request: Request) -> Response:
+        return text(200, "ok")
 
 
-def whole_number(text: str) -> int | None:
-    """The value of `text` if it is 1 to 18 ASCII digits, else None.
+@dataclass
+class Request:
+    """What a route needs from the HTTP request; the body is read only when asked for."""
+    handler: BaseHTTPRequestHandler
+    sid: str | None
+    path_id: str | None  # the <id> of /uploads/<id> and /jobs/<id>
+    query: dict
 
-    Not `str.isdigit()`: it also accepts '²', which `int()` then rejects. And at most 18
-    digits: they fit SQLite's 64-bit INTEGER, and `int()` refuses more than 4300.
-    """
-    return int(text) if re.fullmatch(r"[0-9]{1,18}", text) else None
+    @property
+    def headers(self):
+        return self.handler.headers
 
+    def body(self, limit: int) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            raise ClientError(411, "send a Content-Length; chunked bodies are not accepted")
+        declared = whole_number(self.headers.get("Content-Length", "0"))
+        if declared is None:
+            raise ClientError(400, "Content-Length is not a number")
+        if declared > limit:  # refused before reading a byte of it
+            raise ClientError(413, f"the body is over the limit of {limit >> 20} MiB")
+        try:
+            body = self.handler.rfile.read(declared)
+        except TimeoutError:
+            raise ClientError(408, "the body arrived too slowly") from None
+        if len(body) != declared:
+            raise ClientError(400, "the body is shorter than its Content-Length")
+        return body
 
-def config_from_env(environ: dict) -> Config:
-    text = environ.get("PORT", "5000")
-    port = whole_number(text)
-    if port is None or not 0 < port < 65536:
-        raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
-    return Config(host=environ.get("HOST", "127.0.0.1"), port=port,
-                  dyno=environ.get("DYNO", "web.1"),
-                  cookie_secure=environ.get("COOKIE_SECURE", "") == "1")
-
-
-def log(line: str) -> None:
-    """One line to stdout. A single write, so lines from many threads never interleave."""
-    try:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader (the launcher) is gone; keep serving, then stop
-        pass
+    def form(self) -> dict[str, str]:
+        content_type = self.headers.get("Content-Type", "application/x-www-form-urlencoded")
+        if not content_type.startswith("application/x-www-form-urlencoded"):
+            raise ClientError(415, "send the form as application/x-www-form-urlencoded")
+        return parse_form(self.body(MAX_FORM_BYTES))
 
 
 class ClientError(Exception):
@@ -179,6 +308,140 @@ def safe_filename(name: str) -> str:
     return base[:MAX_FIELD_CHARS] or "upload"
 
 
+def session_id_from(cookie_header: str) -> str | None:
+    """The session id the browser sent, or None for no cookie or a malformed one."""
+    try:
+        morsel = SimpleCookie(cookie_header).get(COOKIE_NAME)
+    except CookieError:
+        return None
+    if morsel is None or not 0 < len(morsel.value) <= 100:
+        return None
+    return morsel.value
+
+
+def whole_number(text: str) -> int | None:
+    """The value of `text` if it is 1 to 18 ASCII digits, else None.
+
+    Not `str.isdigit()`: it also accepts '²', which `int()` then rejects. And at most 18
+    digits: they fit SQLite's 64-bit INTEGER, and `int()` refuses more than 4300.
+    """
+    return int(text) if re.fullmatch(r"[0-9]{1,18}", text) else None
+
+
+# --- HTTP plumbing ------------------------------------------------------------------
+
+class Handler(BaseHTTPRequestHandler):
+    """Turns each HTTP request into a call to the App and writes its Response."""
+    protocol_version = "HTTP/1.0"  # one request per connection: simple for the router
+    timeout = 30                   # a client that stops sending is dropped, not waited on
+    app: App                       # set on the subclass made in `serve`
+
+    def dispatch(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        try:
+            route, path_id = self.app.find_route(self.command, url.path)
+            request = Request(self, session_id_from(self.headers.get("Cookie", "")), path_id,
+                              dict(urllib.parse.parse_qsl(url.query)))
+            response = route(request)
+        except ClientError as error:
+            response = text(error.status, error.message)
+            response.headers.extend(error.headers)
+        except sqlite3.OperationalError as error:  # e.g. a disk that is full
+            log(f"backing store error: {error}")
+            response = text(503, "the backing store is unavailable; try again shortly")
+        except Exception:  # a bug: say so loudly in the log, answer 500, keep serving
+            log(traceback.format_exc().rstrip())
+            response = text(500, "internal error; the traceback is in this copy's log")
+        self.send(response)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = dispatch
+
+    def send(self, response: Response) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def end_headers(self) -> None:
+        # Every response, errors included, says which copy answered.
+        self.send_header("X-Served-By", self.app.config.dyno)
+        super().end_headers()
+
+    def log_message(self, format: str, *args) -> None:  # stdout, not stderr
+        log(f"{self.address_string()} {format % args}")
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = False    # so server_close() waits for the requests in flight
+    request_queue_size = 128  # the listen backlog; 5 overflows under a burst of clients
+
+
+def serve(app: App) -> Server:
+    handler = type("AppHandler", (Handler,), {"app": app})
+    address = (app.config.host, app.config.port)
+    try:
+        return Server(address, handler)
+    except OSError as error:
+        raise ConfigError(f"PORT={app.config.port}: cannot listen on "
+                          f"{app.config.host}:{app.config.port}: {error.strerror}") from None
+
+
+def log(line: str) -> None:
+    """One line to stdout. A single write, so lines from many threads never interleave."""
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader (the launcher) is gone; keep serving, then stop
+        pass
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    dyno: str
+    cookie_secure: bool
+
+
+def config_from_env(environ: dict) -> Config:
+    text = environ.get("PORT", "5000")
+    port = whole_number(text)
+    if port is None or not 0 < port < 65536:
+        raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
+    return Config(host=environ.get("HOST", "127.0.0.1"), port=port,
+                  dyno=environ.get("DYNO", "web.1"),
+                  cookie_secure=environ.get("COOKIE_SECURE", "") == "1")
+
+
+def main() -> None:
+    try:
+        config = config_from_env(os.environ)
+        db = database_from_env(os.environ)
+        store = store_from_env(os.environ, db)
+        server = serve(App(store, JobQueue(db), config))
+    except ConfigError as error:
+        print(f"webapp: {error}", file=sys.stderr)
+        sys.exit(2)
+    # Block SIGTERM and SIGINT in every thread, then take them here with sigwait: the
+    # serving thread is never interrupted, and the shutdown runs as ordinary code.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    threading.Thread(target=server.serve_forever, name="serve").start()
+    log(f"{config.dyno} listening on http://{config.host}:{config.port} "
+        f"(pid {os.getpid()}, {store.kind} store)")
+    received = signal.sigwait(stop_signals)
+    log(f"{config.dyno} got {signal.Signals(received).name}: "
+        f"finishing the requests in flight")
+    server.shutdown()       # stop accepting
+    server.server_close()   # wait for the requests in flight
+    db.close()              # the connection of the store and of the job queue
+    log(f"{config.dyno} stopped")
+
+
 # --- The page -----------------------------------------------------------------------
 
 PAGE = """<!doctype html>
@@ -258,266 +521,6 @@ def upload_item(upload_id: str) -> str:
             f"<input type='hidden' name='task' value='wordcount'>"
             f"<input type='hidden' name='args' value='{{\"upload\": \"{upload_id}\"}}'>"
             f"<button>count its words</button></form></li>")
-
-
-# --- The application: one method per route -----------------------------------------
-
-class App:
-    """The routes. Each takes the request and returns a Response; none keeps state."""
-
-    def __init__(self, store: SessionStore, queue: JobQueue, config: Config):
-        self.store, self.queue, self.config = store, queue, config
-        self.routes = {
-            "/": {"GET": self.page},
-            "/session": {"GET": self.session_json},
-            "/login": {"POST": self.login},
-            "/logout": {"POST": self.logout},
-            "/cart": {"POST": self.add_to_cart},
-            "/uploads": {"POST": self.upload},
-            "/jobs": {"GET": self.list_jobs, "POST": self.enqueue},
-            "/healthz": {"GET": self.healthz},
-        }
-        self.routes_with_id = {  # /uploads/<id>, /jobs/<id>
-            "/uploads": {"GET": self.download},
-            "/jobs": {"GET": self.job_status},
-        }
-
-    def find_route(self, method: str, path: str):
-        """(handler, the id in the path or None), or a ClientError 404/405."""
-        methods, arg = self.routes.get(path), None
-        if methods is None:
-            base, _, arg = path.rpartition("/")  # "/jobs/17" -> "/jobs", "17"
-            methods = self.routes_with_id.get(base) if arg else None
-        if methods is None:
-            raise ClientError(404, f"no such page: {path}")
-        if method not in methods:
-            allowed = ", ".join(methods)
-            raise ClientError(405, f"{method} is not allowed here; use {allowed}",
-                              (("Allow", allowed),))
-        return methods[method], arg
-
-    def set_cookie(self, response: Response, session: Session, sent_sid: str | None) -> Response:
-        """Tell the browser its session id when it changed (new, rotated, or ended)."""
-        attributes = "; Path=/; HttpOnly; SameSite=Lax"
-        if self.config.cookie_secure:
-            attributes += "; Secure"
-        if session.delete:
-            response.headers.append(("Set-Cookie", f"{COOKIE_NAME}=; Max-Age=0{attributes}"))
-        elif session.id != sent_sid:
-            max_age = int(self.store.ttl)
-            response.headers.append(
-                ("Set-Cookie", f"{COOKIE_NAME}={session.id}; Max-Age={max_age}{attributes}"))
-        return response
-
-    def page(self, request: Request) -> Response:
-        data = self.store.load(request.sid)
-        stranger = request.sid is not None and data is None
-        body = render_page(data or empty_session(), stranger, self.store, self.config.dyno,
-                           self.queue.recent(limit=10))
-        return Response(200, body.encode(), "text/html; charset=utf-8")
-
-    def session_json(self, request: Request) -> Response:
-        data = self.store.load(request.sid) or empty_session()
-        return as_json({"user": data["user"], "cart": data["cart"], "uploads": data["uploads"],
-                        "served_by": self.config.dyno, "pid": os.getpid(),
-                        "store": self.store.kind})
-
-    def login(self, request: Request) -> Response:
-        name = required_field(request.form(), "name")
-        with self.store.edit(request.sid, rotate=True) as session:  # fixation defence
-            session.data["user"] = name
-        return self.set_cookie(redirect("/"), session, request.sid)
-
-    def logout(self, request: Request) -> Response:
-        with self.store.edit(request.sid) as session:
-            session.delete = True
-        return self.set_cookie(redirect("/"), session, request.sid)
-
-    def add_to_cart(self, request: Request) -> Response:
-        item = required_field(request.form(), "item")
-        with self.store.edit(request.sid) as session:
-            session.data["cart"].append(item)
-        return self.set_cookie(redirect("/"), session, request.sid)
-
-    def upload(self, request: Request) -> Response:
-        content_type = request.headers.get("Content-Type", "")
-        if not content_type.startswith("multipart/form-data"):
-            raise ClientError(415, "send the file as multipart/form-data, field 'file'")
-        part = parse_multipart(request.body(MAX_UPLOAD_BYTES), content_type).get("file")
-        if part is None or not part.data:
-            raise ClientError(400, "the multipart field 'file' is missing or empty")
-        upload_id = self.store.save_upload(part.filename, part.content_type, part.data)
-        with self.store.edit(request.sid) as session:
-            session.data["uploads"].append(upload_id)
-        return self.set_cookie(redirect(f"/uploads/{upload_id}"), session, request.sid)
-
-    def download(self, request: Request) -> Response:
-        upload = self.store.load_upload(request.arg)
-        if upload is None:
-            raise ClientError(404, f"no upload {request.arg} in the {self.store.kind} store")
-        # Served from our own origin, an uploaded HTML file could run script as us:
-        # `sandbox` and `nosniff` stop that.
-        return Response(200, upload.data, upload.content_type,
-                        [("Content-Security-Policy", "sandbox"),
-                         ("X-Content-Type-Options", "nosniff")])
-
-    def enqueue(self, request: Request) -> Response:
-        form = request.form()
-        task = required_field(form, "task")
-        try:
-            args = json.loads(form.get("args") or "{}")
-        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[… too deep
-            raise ClientError(400, f"'args' is not valid JSON: {error}") from None
-        if not isinstance(args, dict):
-            raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
-        return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
-
-    def job_status(self, request: Request) -> Response:
-        job_id = whole_number(request.arg)
-        job = self.queue.get(job_id) if job_id is not None else None
-        if job is None:
-            raise ClientError(404, f"no job {request.arg}")
-        return as_json(job)
-
-    def list_jobs(self, request: Request) -> Response:
-        task = request.query.get("task")
-        return as_json(self.queue.recent(task=task, limit=100))
-
-    def healthz(self, request: Request) -> Response:
-        return text(200, "ok")
-
-
-@dataclass
-class Request:
-    """What a route needs from the HTTP request; the body is read only when asked for."""
-    handler: BaseHTTPRequestHandler
-    sid: str | None
-    arg: str | None
-    query: dict
-
-    @property
-    def headers(self):
-        return self.handler.headers
-
-    def body(self, limit: int) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", ""):
-            raise ClientError(411, "send a Content-Length; chunked bodies are not accepted")
-        declared = whole_number(self.headers.get("Content-Length", "0"))
-        if declared is None:
-            raise ClientError(400, "Content-Length is not a number")
-        if declared > limit:  # refused before reading a byte of it
-            raise ClientError(413, f"the body is over the limit of {limit >> 20} MiB")
-        try:
-            body = self.handler.rfile.read(declared)
-        except TimeoutError:
-            raise ClientError(408, "the body arrived too slowly") from None
-        if len(body) != declared:
-            raise ClientError(400, "the body is shorter than its Content-Length")
-        return body
-
-    def form(self) -> dict[str, str]:
-        content_type = self.headers.get("Content-Type", "application/x-www-form-urlencoded")
-        if not content_type.startswith("application/x-www-form-urlencoded"):
-            raise ClientError(415, "send the form as application/x-www-form-urlencoded")
-        return parse_form(self.body(MAX_FORM_BYTES))
-
-
-def session_id_from(cookie_header: str) -> str | None:
-    """The session id the browser sent, or None for no cookie or a malformed one."""
-    try:
-        morsel = SimpleCookie(cookie_header).get(COOKIE_NAME)
-    except CookieError:
-        return None
-    if morsel is None or not 0 < len(morsel.value) <= 100:
-        return None
-    return morsel.value
-
-
-# --- HTTP plumbing ------------------------------------------------------------------
-
-class Handler(BaseHTTPRequestHandler):
-    """Turns each HTTP request into a call to the App and writes its Response."""
-    protocol_version = "HTTP/1.0"  # one request per connection: simple for the router
-    timeout = 30                   # a client that stops sending is dropped, not waited on
-    app: App                       # set on the subclass made in `serve`
-
-    def dispatch(self) -> None:
-        url = urllib.parse.urlsplit(self.path)
-        try:
-            route, arg = self.app.find_route(self.command, url.path)
-            request = Request(self, session_id_from(self.headers.get("Cookie", "")), arg,
-                              dict(urllib.parse.parse_qsl(url.query)))
-            response = route(request)
-        except ClientError as error:
-            response = text(error.status, error.message)
-            response.headers.extend(error.headers)
-        except sqlite3.OperationalError as error:  # e.g. a disk that is full
-            log(f"backing store error: {error}")
-            response = text(503, "the backing store is unavailable; try again shortly")
-        except Exception:  # a bug: say so loudly in the log, answer 500, keep serving
-            log(traceback.format_exc().rstrip())
-            response = text(500, "internal error; the traceback is in this copy's log")
-        self.send(response)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = dispatch
-
-    def send(self, response: Response) -> None:
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        for name, value in response.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
-
-    def end_headers(self) -> None:
-        # Every response, errors included, says which copy answered.
-        self.send_header("X-Served-By", self.app.config.dyno)
-        super().end_headers()
-
-    def log_message(self, format: str, *args) -> None:  # stdout, not stderr
-        log(f"{self.address_string()} {format % args}")
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = False    # so server_close() waits for the requests in flight
-    request_queue_size = 128  # the listen backlog; 5 overflows under a burst of clients
-
-
-def serve(app: App) -> Server:
-    handler = type("AppHandler", (Handler,), {"app": app})
-    address = (app.config.host, app.config.port)
-    try:
-        return Server(address, handler)
-    except OSError as error:
-        raise ConfigError(f"PORT={app.config.port}: cannot listen on "
-                          f"{app.config.host}:{app.config.port}: {error.strerror}") from None
-
-
-def main() -> None:
-    try:
-        config = config_from_env(os.environ)
-        db = database_from_env(os.environ)
-        store = store_from_env(os.environ, db)
-        server = serve(App(store, JobQueue(db), config))
-    except ConfigError as error:
-        print(f"webapp: {error}", file=sys.stderr)
-        sys.exit(2)
-    # Block SIGTERM and SIGINT in every thread, then take them here with sigwait: the
-    # serving thread is never interrupted, and the shutdown runs as ordinary code.
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    threading.Thread(target=server.serve_forever, name="serve").start()
-    log(f"{config.dyno} listening on http://{config.host}:{config.port} "
-        f"(pid {os.getpid()}, {store.kind} store)")
-    received = signal.sigwait(stop_signals)
-    log(f"{config.dyno} got {signal.Signals(received).name}: "
-        f"finishing the requests in flight")
-    server.shutdown()       # stop accepting
-    server.server_close()   # wait for the requests in flight
-    db.close()              # the connection of the store and of the job queue
-    log(f"{config.dyno} stopped")
 
 
 if __name__ == "__main__":

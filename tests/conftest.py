@@ -23,8 +23,8 @@ from typing import Callable
 
 import pytest
 
-from session_store import database_from_env
-from worker import JobQueue
+from database import database_from_env
+from job_queue import JobQueue
 
 REPO = Path(__file__).resolve().parent.parent
 

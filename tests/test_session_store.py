@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, wait_until
-from session_store import (ConfigError, Database, MemoryStore, SQLiteStore, database_path,
-                           store_from_env)
+from database import ConfigError, Database, database_path
+from session_store import MemoryStore, SQLiteStore, store_from_env
 
 
 @pytest.fixture(params=["sqlite", "memory"])
@@ -114,7 +114,8 @@ def test_an_unchanged_session_is_not_written_again(tmp_path):
 EDITOR = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from session_store import Database, SQLiteStore
+    from database import Database
+    from session_store import SQLiteStore
     store = SQLiteStore(Database(Path(sys.argv[1])), 60)
     for n in range(int(sys.argv[3])):
         with store.edit(sys.argv[2]) as session:

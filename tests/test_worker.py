@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from conftest import app_env, get, post_form, upload, wait_until
-from session_store import database_from_env
-from worker import JobQueue
+from database import database_from_env
+from job_queue import JobQueue
 
 FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
 STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)

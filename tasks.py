@@ -1,0 +1,85 @@
+"""The tasks: what a background job can do, by name (Factor VIII).
+
+Factor VIII gives slow work a process type of its own, the worker, so that a web request
+never runs it. The terrible day this module prevents: the web process imports the worker
+to learn the task names, and nobody can tell any more which process runs jobs. The tasks
+live here instead: `worker.py` runs them, `webapp.py` only names them, and neither process
+imports the other.
+
+A task is a plain function `(args, context) -> result`: `args` is the job's JSON object,
+the result must be JSON-able, and an exception is the job's failure (retried, then kept
+as its error). Delivery is at-least-once (`job_queue.py`), so every task is idempotent.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from session_store import SessionStore
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    store: SessionStore
+    attempt: int  # 1 on the first run; a task can see that it is being retried
+    worker: str
+
+
+def number_arg(args: dict, name: str, default: float | None = None) -> float:
+    """`args[name]` as a number >= 0, or a clear error (the job fails with it)."""
+    value = args.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"argument {name!r} must be a number >= 0, got {value!r}")
+    return value
+
+
+def sleep(args: dict, ctx: TaskContext) -> dict:
+    """Sleep `seconds`: a stand-in for slow work, to watch jobs spread and to kill workers."""
+    seconds = number_arg(args, "seconds")
+    time.sleep(seconds)
+    return {"slept": seconds}
+
+
+def wordcount(args: dict, ctx: TaskContext) -> dict:
+    """Count the words, lines and bytes of an upload, read from the backing store."""
+    upload_id = args.get("upload")
+    if not isinstance(upload_id, str):
+        raise ValueError(f"argument 'upload' must be an upload id (a string), got {upload_id!r}")
+    upload = ctx.store.load_upload(upload_id)
+    if upload is None and ctx.store.kind == "memory":
+        raise LookupError(f"no upload {upload_id} in the memory store: it lives in the "
+                          f"memory of the web copy that took it, which no worker can see")
+    if upload is None:
+        raise LookupError(f"no upload {upload_id} in the {ctx.store.kind} store")
+    return {"words": len(upload.data.split()), "lines": upload.data.count(b"\n"),
+            "bytes": len(upload.data)}
+
+
+def purge_expired_sessions(args: dict, ctx: TaskContext) -> dict:
+    return {"purged": ctx.store.purge_expired()}
+
+
+def heartbeat(args: dict, ctx: TaskContext) -> str:
+    """A visible sign that the clock and the workers are alive."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    print(f"heartbeat at {now}: the clock enqueued it, {ctx.worker} ran it", flush=True)
+    return now
+
+
+def fail(args: dict, ctx: TaskContext) -> dict:
+    """Raise on the first `times` attempts, then succeed; without `times`, always raise."""
+    times = number_arg(args, "times", float("inf"))
+    if ctx.attempt <= times:
+        raise RuntimeError(f"failing on purpose on attempt {ctx.attempt}")
+    return {"succeeded_on_attempt": ctx.attempt}
+
+
+TASKS: dict[str, Callable[[dict, TaskContext], object]] = {
+    "sleep": sleep,
+    "wordcount": wordcount,
+    "purge_expired_sessions": purge_expired_sessions,
+    "heartbeat": heartbeat,
+    "fail": fail,
+}
