@@ -2,15 +2,24 @@
 import importlib.util
 import shutil
 import sys
+import threading
 
 import pytest
 
 from conftest import REPO, free_port, responds, wait_until
 
-# benchmarks/ is not a package on the path: load bench.py by its file name.
-spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
-bench = sys.modules["bench"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+
+
+def load_script(name: str):
+    """benchmarks/ is not a package on the path: load a script there by its file name."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_script("bench")
+profile_copy = load_script("profile_copy")  # after bench, which it imports
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 
@@ -60,3 +69,18 @@ def test_two_copies_on_one_port_forget_memory_sessions(tmp_path, how):
     with bench.sharing_port(tmp_path, "memory", 2, how) as target:
         result = bench.wrk_round(target.port, "session", clients=2, seconds=1)
     assert set(result.errors) == {"lost"} and result.errors["lost"] > 10
+
+
+def test_the_profiler_covers_threads_other_than_the_main_one():
+    def work_in_a_thread():
+        sum(range(10_000))
+
+    unwrapped = threading.Thread.run
+    try:
+        total = profile_copy.profile_every_thread()
+        thread = threading.Thread(target=work_in_a_thread)
+        thread.start()
+        thread.join()
+    finally:
+        threading.Thread.run = unwrapped
+    assert "work_in_a_thread" in {function for _, _, function in total.stats}
