@@ -173,11 +173,13 @@ def test_a_form_from_the_page_returns_to_it_and_the_page_says_what_happened_once
     response = post_form(web.url + "/login", {"name": "ada", "next": "/"})
     assert response.status == 303 and response.headers["location"] == "/"
     sid = session_cookie(response)
-    assert notice(get(web.url + "/", sid).text) == "web.3 logged you in as 'ada', in the sqlite store"
+    assert notice(get(web.url + "/", sid).text) == (
+        "web.3 logged you in as 'ada', in the sqlite store")
     assert notice(get(web.url + "/", sid).text) is None  # shown once
     response = post_form(web.url + "/cart", {"item": "tea", "next": "/"}, sid)
     assert response.headers["location"] == "/"
-    assert notice(get(web.url + "/", sid).text) == "web.3 added 'tea' to your cart, in the sqlite store"
+    assert notice(get(web.url + "/", sid).text) == (
+        "web.3 added 'tea' to your cart, in the sqlite store")
     body, headers = multipart({"next": ("", "text/plain", b"/"),
                                "file": ("naive.txt", "text/plain", b"one two")})
     response = http("POST", web.url + "/uploads", body, {**headers, "Cookie": f"sid={sid}"})
