@@ -36,7 +36,7 @@ import traceback
 import urllib.parse
 from dataclasses import dataclass, field
 from email.message import Message
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -393,7 +393,8 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
     """Split a multipart/form-data body (RFC 7578) into its named parts.
 
     The body is `--B` part `--B` part `--B--`, each delimiter preceded by CRLF, each
-    part headers, a blank line, then its bytes. The bytes are kept exactly as sent.
+    part headers, a blank line, then its bytes. The bytes are kept exactly as sent. The
+    headers are UTF-8: browsers send a file's name as it is (`filename="café.txt"`).
     """
     boundary = header_param(content_type, "boundary")
     if not boundary:
@@ -405,7 +406,7 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
     for piece in pieces[1:-1]:  # pieces[0] is the preamble, pieces[-1] the epilogue
         _, _, rest = piece.partition(b"\r\n")
         head, blank_line, data = rest.partition(b"\r\n\r\n")
-        headers = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+        headers = HeaderParser().parsestr(head.decode("utf-8", "replace") + "\r\n\r\n")
         name = headers.get_param("name", header="content-disposition")
         if not blank_line or not isinstance(name, str):
             raise ClientError(400, "malformed multipart body: a part without a name")
