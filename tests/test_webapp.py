@@ -194,16 +194,17 @@ def test_a_form_from_the_page_returns_to_it_and_the_page_says_what_happened_once
         "web.3 logged you out: your session is gone.")
 
 
-@pytest.mark.parametrize("next_path", [
-    "//evil.example/", "/\\evil.example", "https://evil.example/", "evil.example",
-    "javascript:alert(1)", "/\tevil", "/ok\r\nSet-Cookie: x=1", "/caf\u00e9", "",
-])
-def test_a_return_path_that_is_not_a_plain_path_on_this_site_is_ignored(start_web, next_path):
+def test_a_return_path_that_is_not_a_plain_path_on_this_site_is_ignored(start_web):
     web = start_web()
-    response = post_form(web.url + "/cart", {"item": "tea", "next": next_path})
-    assert response.status == 303 and response.headers["location"] == "/"
-    response = post_form(web.url + "/jobs", {"task": "sleep", "next": next_path})
-    assert re.fullmatch(r"/jobs/\d+", response.headers["location"])
+    for next_path in ("//evil.example/", "/\\evil.example", "https://evil.example/",
+                      "evil.example", "javascript:alert(1)", "/\tevil",
+                      "/ok\r\nSet-Cookie: x=1", "/caf\u00e9", ""):
+        response = post_form(web.url + "/cart", {"item": "tea", "next": next_path})
+        assert response.headers["location"] == "/", next_path
+        response = post_form(web.url + "/jobs", {"task": "sleep", "next": next_path})
+        assert re.fullmatch(r"/jobs/\d+", response.headers["location"]), next_path
+    response = post_form(web.url + "/cart", {"item": "tea", "next": "/?from=page#spread"})
+    assert response.headers["location"] == "/?from=page#spread"  # a plain path is kept
 
 
 def test_after_a_memory_store_login_another_copy_says_where_you_logged_in(start_web):
