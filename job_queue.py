@@ -59,12 +59,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     error TEXT,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    private INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, run_at);
 CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task, id)
 """
-JOB_COLUMNS = "id, task, args, state, attempts, worker, result, error, key"
+JOB_COLUMNS = "id, task, args, state, attempts, worker, result, error, key, private"
 
 
 @dataclass(frozen=True)
@@ -92,15 +93,19 @@ class JobQueue:
                               f"built with a newer SQLite")
         self.db, self.clock = db, clock
         db.create_tables(JOB_TABLES)
+        add_private_column(db)
 
     def enqueue(self, task: str, args: dict, key: str | None = None,
-                max_attempts: int = MAX_ATTEMPTS) -> int | None:
-        """New job id; None when a job with this unique key already exists."""
+                max_attempts: int = MAX_ATTEMPTS, private: bool = False) -> int | None:
+        """New job id; None when a job with this unique key already exists.
+
+        `private`: the job was enqueued for a user's session, and who may read its args
+        and result is the web process's business; the queue only keeps the mark."""
         now = self.clock()
         rows = self.db.query(
-            "INSERT INTO jobs (task, args, key, max_attempts, run_at, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING id",
-            (task, json.dumps(args), key, max_attempts, now, now, now))
+            "INSERT INTO jobs (task, args, key, max_attempts, run_at, created_at, updated_at, "
+            "private) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING id",
+            (task, json.dumps(args), key, max_attempts, now, now, now, private))
         return rows[0]["id"] if rows else None
 
     def get(self, job_id: int) -> dict | None:
@@ -192,8 +197,18 @@ class JobQueue:
         return bool(rows)
 
 
+def add_private_column(db: Database) -> None:
+    """A jobs table made before jobs could be private gets the column, once: the check and
+    the change are one transaction, so two processes starting at once cannot both add it."""
+    with db.write() as conn:
+        columns = [row["name"] for row in conn.execute("PRAGMA table_info(jobs)")]
+        if "private" not in columns:
+            conn.execute("ALTER TABLE jobs ADD COLUMN private INTEGER NOT NULL DEFAULT 0")
+
+
 def job_as_dict(row: sqlite3.Row) -> dict:
     job = dict(row)
+    job["private"] = bool(job["private"])
     job["args"] = json.loads(job["args"])
     job["result"] = json.loads(job["result"]) if job["result"] is not None else None
     return job

@@ -22,9 +22,9 @@ Last-write-wins, the default in Django and Flask-Session, silently loses one of 
 
 Adding a Redis or Postgres store means one more subclass that fills in the same hooks
 (`locked`, `load`, `write`, `remove` for sessions; `save_upload`, `load_upload`,
-`purge_expired`) and a name in `store_from_env`: `locked` would be a transaction with
-`SELECT … FOR UPDATE` (Postgres) or a WATCH/MULTI retry loop (Redis); uploads would go to
-object storage. Nothing else in the app changes.
+`upload_info`, `purge_expired`) and a name in `store_from_env`: `locked` would be a
+transaction with `SELECT … FOR UPDATE` (Postgres) or a WATCH/MULTI retry loop (Redis);
+uploads would go to object storage. Nothing else in the app changes.
 
 `SQLiteStore` builds on `database.py`, the plumbing for the shared SQLite file that the
 job queue (`job_queue.py`) uses too; each keeps to its own tables.
@@ -67,6 +67,15 @@ class Upload:
     filename: str
     content_type: str
     data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    """What a page lists about an upload, without its bytes."""
+    id: str
+    filename: str
+    content_type: str
+    size: int
 
 
 class SessionStore:
@@ -123,6 +132,10 @@ class SessionStore:
     def load_upload(self, upload_id: str) -> Upload | None:
         raise NotImplementedError
 
+    def upload_info(self, upload_id: str) -> UploadInfo | None:
+        """The upload's name, type and size, without reading its bytes."""
+        raise NotImplementedError
+
     def purge_expired(self) -> int:
         """Remove expired sessions; returns how many went."""
         raise NotImplementedError
@@ -162,6 +175,12 @@ class MemoryStore(SessionStore):
 
     def load_upload(self, upload_id: str) -> Upload | None:
         return self.uploads.get(upload_id)
+
+    def upload_info(self, upload_id: str) -> UploadInfo | None:
+        upload = self.uploads.get(upload_id)
+        if upload is None:
+            return None
+        return UploadInfo(upload.id, upload.filename, upload.content_type, len(upload.data))
 
     def purge_expired(self) -> int:
         now = time.time()
@@ -223,6 +242,12 @@ class SQLiteStore(SessionStore):
         rows = self.db.query("SELECT id, filename, content_type, data FROM uploads "
                              "WHERE id = ?", (upload_id,))
         return Upload(*rows[0]) if rows else None
+
+    def upload_info(self, upload_id: str) -> UploadInfo | None:
+        # length() of a BLOB needs only the row's header: the bytes are not read.
+        rows = self.db.query("SELECT id, filename, content_type, length(data) FROM uploads "
+                             "WHERE id = ?", (upload_id,))
+        return UploadInfo(*rows[0]) if rows else None
 
     def purge_expired(self, batch: int = 500) -> int:
         """Delete in small batches so the write lock is never held for long."""

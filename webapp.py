@@ -9,11 +9,14 @@ copy can answer any request, and a copy that dies takes nothing with it.
 
 What it does: a small shop-like page (log in, fill a cart, upload files, enqueue jobs),
 a JSON view of the session, and `/healthz` for the router. Every response says which
-copy served it (`X-Served-By`). What it leaves to others: running several copies and
-spreading traffic over them (`launcher.py`, the platform), running jobs (`worker.py`: this
-process only puts them in `job_queue.py`), and where state lives (`session_store.py`).
-It reads top-down: the routes (`App`) and what they use, the HTTP plumbing and `main()`,
-then the page.
+copy served it (`X-Served-By`). A form posted from the page comes back to it (303 to its
+`next`), where one line says which copy did what; other clients (curl) get the resource
+they made. Your uploads are served only to your session, and a job enqueued with a
+session shows its args and result only to that session. What it leaves to others: running
+several copies and spreading traffic over them (`launcher.py`, the platform), running jobs
+(`worker.py`: this process only puts them in `job_queue.py`), and where state lives
+(`session_store.py`). It reads top-down: the routes (`App`) and what they use, the HTTP
+plumbing and `main()`, then the page (its template is `page.html`).
 
 Configuration is the environment (Factor III), read once in `main()`: PORT, HOST,
 SESSION_STORE, DATABASE_URL, SESSION_TTL, DYNO, COOKIE_SECURE. SIGTERM stops accepting,
@@ -33,14 +36,16 @@ import traceback
 import urllib.parse
 from dataclasses import dataclass, field
 from email.message import Message
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from string import Template
 
 from database import ConfigError, database_from_env
 from job_queue import JobQueue
-from session_store import Session, SessionStore, empty_session, store_from_env
+from session_store import (Session, SessionStore, UploadInfo, empty_session,
+                           store_from_env)
 from tasks import TASKS
 
 MAX_FORM_BYTES = 1 << 20      # a form is a few fields; refuse anything bigger unread
@@ -98,12 +103,34 @@ class App:
                 ("Set-Cookie", f"{COOKIE_NAME}={session.id}; Max-Age={max_age}{attributes}"))
         return response
 
+    def did(self, what: str) -> str:
+        """A notice: which copy did what, and where the session lives."""
+        return f"{self.config.dyno} {what}, in the {self.store.kind} store"
+
     def page(self, request: Request) -> Response:
         data = self.store.load(request.sid)
         stranger = request.sid is not None and data is None
-        body = render_page(data or empty_session(), stranger, self.store, self.config.dyno,
-                           self.queue.recent(limit=10))
+        data = data or empty_session()
+        notice = self.take_notice(request.sid) if data.get("notice") else None
+        # The newest first, and only the last few: a page never reads more than it shows.
+        uploads = [self.store.upload_info(upload_id) for upload_id in data["uploads"][-20:]]
+        own_jobs = [self.queue.get(job_id) for job_id in data.get("jobs", [])[-10:]]
+        body = render_page(
+            data, self.config.dyno, self.store.kind,
+            notice_line(notice, request.query, stranger, self.config.dyno),
+            stranger_notice(self.store, html.escape(self.config.dyno)) if stranger else "",
+            [upload for upload in reversed(uploads) if upload],
+            [job for job in reversed(own_jobs) if job],
+            [public_face(job) for job in self.queue.recent(limit=10)])
         return Response(200, body.encode(), "text/html; charset=utf-8")
+
+    def take_notice(self, sid: str) -> str | None:
+        """The session's "what happened" line, removed as it is read: it is shown once."""
+        with self.store.edit(sid) as session:
+            notice = session.data.pop("notice", None)
+            # Ended a moment ago (a logout in another tab): a GET must not start a session.
+            session.delete = session.is_new
+        return notice
 
     def session_json(self, request: Request) -> Response:
         data = self.store.load(request.sid) or empty_session()
@@ -112,36 +139,56 @@ class App:
                         "store": self.store.kind})
 
     def login(self, request: Request) -> Response:
-        name = required_field(request.form(), "name")
+        form = request.form()
+        name = required_field(form, "name")
         with self.store.edit(request.sid, rotate=True) as session:  # fixation defence
             session.data["user"] = name
-        return self.set_cookie(redirect("/"), session, request.sid)
+            session.data["notice"] = self.did(f"logged you in as '{name}'")
+        back = return_path(form.get("next"))
+        if back and self.store.kind == "memory":
+            # This session lives in this copy's memory only, so the notice in it is lost
+            # if another copy serves the page. The address carries the news instead.
+            back = with_query(back, login_on=self.config.dyno)
+        return self.set_cookie(redirect(back or "/"), session, request.sid)
 
     def logout(self, request: Request) -> Response:
+        back = return_path(request.form().get("next"))
         with self.store.edit(request.sid) as session:
             session.delete = True
-        return self.set_cookie(redirect("/"), session, request.sid)
+        # The session is gone, and its notice with it: the address says what happened.
+        location = with_query(back, logout_on=self.config.dyno) if back else "/"
+        return self.set_cookie(redirect(location), session, request.sid)
 
     def add_to_cart(self, request: Request) -> Response:
-        item = required_field(request.form(), "item")
+        form = request.form()
+        item = required_field(form, "item")
         with self.store.edit(request.sid) as session:
             session.data["cart"].append(item)
-        return self.set_cookie(redirect("/"), session, request.sid)
+            session.data["notice"] = self.did(f"added '{item}' to your cart")
+        return self.set_cookie(redirect(return_path(form.get("next")) or "/"), session,
+                               request.sid)
 
     def upload(self, request: Request) -> Response:
         content_type = request.headers.get("Content-Type", "")
         if not content_type.startswith("multipart/form-data"):
             raise ClientError(415, "send the file as multipart/form-data, field 'file'")
-        part = parse_multipart(request.body(MAX_UPLOAD_BYTES), content_type).get("file")
+        parts = parse_multipart(request.body(MAX_UPLOAD_BYTES), content_type)
+        part = parts.get("file")
         if part is None or not part.data:
             raise ClientError(400, "the multipart field 'file' is missing or empty")
         upload_id = self.store.save_upload(part.filename, part.content_type, part.data)
         with self.store.edit(request.sid) as session:
             session.data["uploads"].append(upload_id)
-        return self.set_cookie(redirect(f"/uploads/{upload_id}"), session, request.sid)
+            session.data["notice"] = self.did(
+                f"stored '{part.filename}' ({len(part.data):,} bytes)")
+        back = return_path(field_text(parts.get("next")))
+        return self.set_cookie(redirect(back or f"/uploads/{upload_id}"), session, request.sid)
 
     def download(self, request: Request) -> Response:
-        upload = self.store.load_upload(request.path_id)
+        """Only to the session that uploaded it; to anyone else it does not exist."""
+        session = self.store.load(request.sid) or empty_session()
+        upload = (self.store.load_upload(request.path_id)
+                  if request.path_id in session["uploads"] else None)
         if upload is None:
             raise ClientError(404, f"no upload {request.path_id} in the {self.store.kind} store")
         # Served from our own origin, an uploaded HTML file could run script as us:
@@ -159,18 +206,34 @@ class App:
             raise ClientError(400, f"'args' is not valid JSON: {error}") from None
         if not isinstance(args, dict):
             raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
-        return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
+        return self.enqueue_for_session(request, form, task, args)
+
+    def enqueue_for_session(self, request: Request, form: dict, task: str,
+                            args: dict) -> Response:
+        """A job sent with a session, or from the page (which then gets one), is private to
+        that session. One sent with no session at all (curl) is public, as it always was."""
+        back = return_path(form.get("next"))
+        if back is None and self.store.load(request.sid) is None:
+            return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
+        with self.store.edit(request.sid) as session:
+            job_id = self.queue.enqueue(task, args, private=True)
+            session.data.setdefault("jobs", []).append(job_id)
+            session.data["notice"] = (f"{self.config.dyno} put job {job_id} ({task}) in the "
+                                      f"queue; a worker will take it")
+        return self.set_cookie(redirect(back or f"/jobs/{job_id}"), session, request.sid)
 
     def job_status(self, request: Request) -> Response:
         job_id = whole_number(request.path_id)
         job = self.queue.get(job_id) if job_id is not None else None
         if job is None:
             raise ClientError(404, f"no job {request.path_id}")
-        return as_json(job)
+        return as_json(job_as_seen_by(job, self.store.load(request.sid)))
 
     def list_jobs(self, request: Request) -> Response:
         task = request.query.get("task")
-        return as_json(self.queue.recent(task=task, limit=100))
+        session = self.store.load(request.sid)
+        return as_json([job_as_seen_by(job, session)
+                        for job in self.queue.recent(task=task, limit=100)])
 
     def healthz(self, request: Request) -> Response:
         return text(200, "ok")
@@ -239,6 +302,55 @@ def redirect(location: str) -> Response:
     return Response(303, headers=[("Location", location)])
 
 
+# --- Where a form post returns, and who sees what ---------------------------------------
+
+def return_path(value: str | None) -> str | None:
+    """The page a browser's form asks to return to (its hidden `next` field), if it is a
+    path on this site; None otherwise, and the route answers as it would to curl.
+
+    Django's `url_has_allowed_host_and_scheme`, for paths only: one leading slash, not
+    two (`//evil.example` is another host to a browser), no backslash (browsers read
+    `/\\evil.example` as `//evil.example`), no scheme, no space or control character.
+    Without this check, `next` would make the site an open redirect.
+    """
+    if value is None or not re.fullmatch(r"/(?!/)[\x21-\x7e]{0,500}", value) or "\\" in value:
+        return None
+    return value
+
+
+def with_query(path: str, **params: str) -> str:
+    """`path` with `params` added to its query string, escaped."""
+    parts = urllib.parse.urlsplit(path)
+    query = urllib.parse.parse_qsl(parts.query) + list(params.items())
+    return urllib.parse.urlunsplit(("", "", parts.path, urllib.parse.urlencode(query),
+                                    parts.fragment))
+
+
+def field_text(part: FilePart | None) -> str | None:
+    """A plain (not file) field of a multipart form, as text."""
+    try:
+        return part.data.decode("utf-8") if part else None
+    except UnicodeDecodeError:
+        return None
+
+
+PUBLIC_JOB_FIELDS = ("id", "task", "state", "attempts", "worker", "key", "private")
+
+
+def public_face(job: dict) -> dict:
+    """What anyone may see of a job: the queue at work, not what it works on."""
+    return {name: job[name] for name in PUBLIC_JOB_FIELDS}
+
+
+def job_as_seen_by(job: dict, session: dict | None) -> dict:
+    """All of a job for the session that enqueued it, and for anyone if no session did;
+    only its public face for everyone else. Job ids are sequential, so anyone can ask for
+    any of them: a private job's args (an upload's id) and result stay with its owner."""
+    if job["private"] and job["id"] not in (session or {}).get("jobs", []):
+        return public_face(job)
+    return job
+
+
 # --- Reading input ------------------------------------------------------------------
 
 def parse_form(body: bytes) -> dict[str, str]:
@@ -281,7 +393,8 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
     """Split a multipart/form-data body (RFC 7578) into its named parts.
 
     The body is `--B` part `--B` part `--B--`, each delimiter preceded by CRLF, each
-    part headers, a blank line, then its bytes. The bytes are kept exactly as sent.
+    part headers, a blank line, then its bytes. The bytes are kept exactly as sent. The
+    headers are UTF-8: browsers send a file's name as it is (`filename="café.txt"`).
     """
     boundary = header_param(content_type, "boundary")
     if not boundary:
@@ -293,7 +406,7 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
     for piece in pieces[1:-1]:  # pieces[0] is the preamble, pieces[-1] the epilogue
         _, _, rest = piece.partition(b"\r\n")
         head, blank_line, data = rest.partition(b"\r\n\r\n")
-        headers = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+        headers = HeaderParser().parsestr(head.decode("utf-8", "replace") + "\r\n\r\n")
         name = headers.get_param("name", header="content-disposition")
         if not blank_line or not isinstance(name, str):
             raise ClientError(400, "malformed multipart body: a part without a name")
@@ -444,45 +557,29 @@ def main() -> None:
 
 # --- The page -----------------------------------------------------------------------
 
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>twelve-factor-processes</title>
-<style>body{{font:16px/1.45 system-ui,sans-serif;max-width:46em;margin:2em auto;padding:0 1em}}
-.copy{{background:#eef;padding:.6em 1em}} .warn{{background:#fdd;padding:.6em 1em}}
-.why{{color:#555;font-size:.9em}} td,th{{padding:0 .6em;text-align:left}}</style></head>
-<body>
-<h1>twelve-factor-processes</h1>
-<p class="copy">Served by <b>{dyno}</b> (pid {pid}). Sessions live in the <b>{store}</b>
-store. Reload: behind the launcher, the next request may be served by another copy.</p>
-{stranger}
-<h2>Who you are</h2>
-<p>{who}</p>
-<form method="post" action="/login"><input name="name" maxlength="200" required
- placeholder="your name"> <button>Log in</button></form>
-<form method="post" action="/logout"><button>Log out</button></form>
-<p class="why">Logging in starts a <em>new</em> session id and drops the old one in the
-same step, so an id planted in your browser by someone else is worthless.</p>
-<h2>Your cart</h2>
-<ul>{cart}</ul>
-<form method="post" action="/cart"><input name="item" maxlength="200" required
- placeholder="an item"> <button>Add to cart</button></form>
-<p class="why">Each addition is one atomic read-modify-write in the store
-(<code>edit</code>): two tabs adding at once both land, whichever copies serve them.</p>
-<h2>Your uploads</h2>
-<ul>{uploads}</ul>
-<form method="post" action="/uploads" enctype="multipart/form-data">
-<input type="file" name="file" required> <button>Upload</button></form>
-<p class="why">The file goes to the backing store, not to this copy's disk: any copy can
-serve it, and none loses it when it dies.</p>
-<h2>Background jobs</h2>
-<form method="post" action="/jobs"><input type="hidden" name="task" value="sleep">
-<input name="args" value='{{"seconds": 5}}'> <button>Enqueue a sleep job</button></form>
-<table><tr><th>job</th><th>task</th><th>state</th><th>attempts</th><th>worker</th></tr>
-{jobs}</table>
-<p class="why">This copy only records the job in the shared queue and answers at once; a
-<code>worker</code> process takes it. Kill that worker mid-job and another finishes it
-when the lease runs out. Known tasks: {tasks}.</p>
-</body></html>
-"""
+PAGE = Template(Path(__file__).with_name("page.html").read_text(encoding="utf-8"))
+COPY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+
+
+def notice_line(notice: str | None, query: dict, stranger: bool, dyno: str) -> str:
+    """The one line saying what just happened, or "".
+
+    Usually it comes from the session, put there by the copy that did it. Two pieces of
+    news come in the address instead, because no session can carry them: a logout (the
+    session is gone) and a login under the memory store when another copy serves the page
+    after it. Anyone can write an address, so those two are fixed sentences around a name.
+    """
+    login_on, logout_on = query.get("login_on", ""), query.get("logout_on", "")
+    if notice:
+        line = html.escape(notice)
+    elif stranger and login_on != dyno and COPY_NAME.fullmatch(login_on):
+        line = (f"You logged in on <b>{login_on}</b>. This page came from "
+                f"<b>{html.escape(dyno)}</b>, which has never heard of that login.")
+    elif COPY_NAME.fullmatch(logout_on):
+        line = f"{logout_on} logged you out: your session is gone."
+    else:
+        return ""
+    return f'<p class="notice" id="notice">{line}</p>\n'
 
 
 def stranger_notice(store: SessionStore, dyno: str) -> str:
@@ -494,33 +591,62 @@ def stranger_notice(store: SessionStore, dyno: str) -> str:
     else:
         why = "It has expired or was ended by a logout."
     return (f'<p class="warn">Your browser sent a session cookie, but this process '
-            f'({dyno}) has never heard of that session. {why}</p>')
+            f'({dyno}) has never heard of that session. {why}</p>\n')
 
 
-def render_page(session: dict, stranger: bool, store: SessionStore, dyno: str,
-                jobs: list[dict]) -> str:
+def render_page(session: dict, dyno: str, store_kind: str, notice: str, stranger: str,
+                uploads: list[UploadInfo], own_jobs: list[dict], queue: list[dict]) -> str:
+    """The page; `notice` and `stranger` are HTML already, everything else is escaped here."""
     esc = html.escape
     user = session["user"]
-    return PAGE.format(
-        dyno=esc(dyno), pid=os.getpid(), store=esc(store.kind),
-        stranger=stranger_notice(store, esc(dyno)) if stranger else "",
-        who=f"Logged in as <b>{esc(user)}</b>." if user else "Not logged in.",
+    if user:
+        who = f"Logged in as <b>{esc(user)}</b>."
+    else:
+        who = f"Not logged in, as far as {esc(dyno)} knows." if stranger else "Not logged in."
+    logout = ('<form method="post" action="/logout"><input type="hidden" name="next" '
+              'value="/"><button>Log out</button></form>')
+    return PAGE.substitute(
+        dyno=esc(dyno), pid=os.getpid(), store=esc(store_kind), notice=notice,
+        stranger=stranger, who=who, logout=logout if user else "",
         cart="".join(f"<li>{esc(item)}</li>" for item in session["cart"]) or "<li>empty</li>",
-        uploads="".join(upload_item(esc(upload_id)) for upload_id in session["uploads"])
-        or "<li>none</li>",
-        jobs="".join(
-            f"<tr><td><a href='/jobs/{job['id']}'>{job['id']}</a></td><td>{esc(job['task'])}"
-            f"</td><td>{esc(job['state'])}</td><td>{job['attempts']}</td>"
-            f"<td>{esc(job['worker'] or '')}</td></tr>" for job in jobs),
+        uploads="".join(upload_row(upload) for upload in uploads),
+        own_jobs="".join(own_job_row(job) for job in own_jobs),
+        queue="".join(queue_row(job) for job in queue),
         tasks=esc(", ".join(sorted(TASKS))))
 
 
-def upload_item(upload_id: str) -> str:
-    return (f"<li><a href='/uploads/{upload_id}'>{upload_id}</a> "
-            f"<form method='post' action='/jobs' style='display:inline'>"
-            f"<input type='hidden' name='task' value='wordcount'>"
-            f"<input type='hidden' name='args' value='{{\"upload\": \"{upload_id}\"}}'>"
-            f"<button>count its words</button></form></li>")
+def upload_row(upload: UploadInfo) -> str:
+    """An upload by name, size and type, with a link and a button to count its words."""
+    esc = html.escape
+    args = esc(json.dumps({"upload": upload.id}))
+    return (f'<tr><td><a href="/uploads/{esc(upload.id)}">{esc(upload.filename)}</a></td>'
+            f'<td>{upload.size:,} bytes</td><td>{esc(upload.content_type)}</td>'
+            f'<td><form method="post" action="/jobs"><input type="hidden" name="next" '
+            f'value="/"><input type="hidden" name="task" value="wordcount">'
+            f'<input type="hidden" name="args" value="{args}">'
+            f'<button>count its words</button></form></td></tr>\n')
+
+
+def own_job_row(job: dict) -> str:
+    """A job of yours; the page's script updates its state and result while it runs."""
+    esc = html.escape
+    return (f'<tr data-job="{job["id"]}" data-state="{esc(job["state"])}">'
+            f'<td><a href="/jobs/{job["id"]}">{job["id"]}</a></td><td>{esc(job["task"])}</td>'
+            f'<td class="state">{esc(job["state"])}</td>'
+            f'<td class="attempts">{job["attempts"]}</td>'
+            f'<td class="result">{esc(job_outcome(job))}</td></tr>\n')
+
+
+def job_outcome(job: dict) -> str:
+    """A done job's result, any other's error: as the page's script shows them."""
+    if job["state"] == "done":
+        return json.dumps(job["result"], ensure_ascii=False, separators=(",", ":"))
+    return job["error"] or ""
+
+
+def queue_row(job: dict) -> str:
+    cells = (job["id"], job["task"], job["state"], job["attempts"], job["worker"] or "")
+    return "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>\n"
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def check_user(user: User, port: int) -> tuple[bool, int]:
     session_lost = session["user"] != user.name or not cart_intact(session["cart"], user)
     uploads_lost = sum(1 for upload_id, data in user.uploads.items()
                        if upload_id not in session["uploads"]
-                       or exchange(port, f"/uploads/{upload_id}")[1] != data)
+                       or exchange(port, f"/uploads/{upload_id}", cookie=user.cookie)[1] != data)
     return session_lost, uploads_lost
 
 

@@ -119,8 +119,8 @@ def multipart(fields: dict, boundary: str = "b0undary") -> tuple[bytes, dict]:
 
 
 def upload(url: str, data: bytes, content_type: str = "application/octet-stream",
-           cookie: str | None = None):
-    body, headers = multipart({"file": ("notes.bin", content_type, data)})
+           cookie: str | None = None, filename: str = "notes.bin"):
+    body, headers = multipart({"file": (filename, content_type, data)})
     if cookie:
         headers["Cookie"] = f"sid={cookie}"
     return http("POST", url + "/uploads", body, headers)

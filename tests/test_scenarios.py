@@ -28,7 +28,7 @@ from conftest import REPO, Launcher, Proc, free_port, get, responds, wait_until
 
 README = (REPO / "README.md").read_text()
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
-APP_FILES = [path.name for path in REPO.glob("*.py")] + ["Procfile"]
+APP_FILES = [path.name for path in REPO.glob("*.py")] + ["Procfile", "page.html"]
 
 
 @dataclass

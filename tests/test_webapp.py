@@ -1,4 +1,6 @@
 """webapp.py as real processes on free ports: stateless with SQLite, forgetful with memory."""
+import html
+import re
 import signal
 import socket
 import sys
@@ -27,7 +29,7 @@ def test_two_copies_on_one_sqlite_file_serve_each_others_sessions_and_uploads(st
     data = bytes(range(256)) * 10
     made = upload(two.url, data, "image/png", sid)
     assert made.status == 303
-    fetched = get(one.url + made.headers["location"])
+    fetched = get(one.url + made.headers["location"], sid)
     assert fetched.status == 200 and fetched.body == data
     assert fetched.headers["content-type"] == "image/png"
     assert fetched.headers["x-content-type-options"] == "nosniff"
@@ -124,9 +126,99 @@ def test_user_text_is_html_escaped(start_web):
     web = start_web()
     sid = login(web.url, "<script>alert(1)</script>")
     post_form(web.url + "/cart", {"item": "<b>&"}, sid)
+    upload(web.url, b"x", "text/<i>", sid, filename="<img src=x onerror=alert(1)>.txt")
     page = get(web.url + "/", sid).text
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "&lt;b&gt;&amp;" in page
+    assert "&lt;b&gt;&amp;" in page and "<img" not in page and "<i>" not in page
+
+
+def test_an_upload_is_served_only_to_the_session_that_made_it(start_web):
+    web = start_web()
+    owner, other = login(web.url, "ada"), login(web.url, "bob")
+    location = upload(web.url, b"ada's secret", "text/plain", owner).headers["location"]
+    assert get(web.url + location, owner).body == b"ada's secret"
+    upload_id = location.rsplit("/", 1)[1]
+    missing = get(web.url + "/uploads/no-such-upload")
+    for cookie in (other, None, "made-up"):
+        response = get(web.url + location, cookie)
+        assert response.status == 404  # the same answer as for an id that does not exist
+        assert response.body == missing.body.replace(b"no-such-upload", upload_id.encode())
+
+
+def test_a_jobs_args_and_result_are_shown_only_to_the_session_that_enqueued_it(start_web):
+    web = start_web()
+    owner = login(web.url, "ada")
+    enqueued = post_form(web.url + "/jobs", {"task": "sleep", "args": '{"seconds": 7}'}, owner)
+    location = enqueued.headers["location"]
+    assert get(web.url + location, owner).json()["args"] == {"seconds": 7}
+    for cookie in (login(web.url, "bob"), None):
+        job = get(web.url + location, cookie).json()
+        assert set(job) == {"id", "task", "state", "attempts", "worker", "key", "private"}
+        [listed] = get(web.url + "/jobs?task=sleep", cookie).json()
+        assert listed == job and job["private"] is True
+    # Enqueued with no session at all (curl without a cookie jar): public, as before.
+    public = post_form(web.url + "/jobs", {"task": "sleep", "args": '{"seconds": 8}'})
+    assert "set-cookie" not in public.headers
+    assert get(web.url + public.headers["location"]).json()["args"] == {"seconds": 8}
+
+
+def notice(page: str) -> str | None:
+    """The page's "what happened" line, as HTML with its entities decoded."""
+    found = re.search(r'<p class="notice" id="notice">(.*?)</p>', page)
+    return html.unescape(found[1]) if found else None
+
+
+def test_a_form_from_the_page_returns_to_it_and_the_page_says_what_happened_once(start_web):
+    web = start_web(DYNO="web.3")
+    response = post_form(web.url + "/login", {"name": "ada", "next": "/"})
+    assert response.status == 303 and response.headers["location"] == "/"
+    sid = session_cookie(response)
+    assert notice(get(web.url + "/", sid).text) == (
+        "web.3 logged you in as 'ada', in the sqlite store")
+    assert notice(get(web.url + "/", sid).text) is None  # shown once
+    response = post_form(web.url + "/cart", {"item": "tea", "next": "/"}, sid)
+    assert response.headers["location"] == "/"
+    assert notice(get(web.url + "/", sid).text) == (
+        "web.3 added 'tea' to your cart, in the sqlite store")
+    body, headers = multipart({"next": ("", "text/plain", b"/"),
+                               "file": ("naive.txt", "text/plain", b"one two")})
+    response = http("POST", web.url + "/uploads", body, {**headers, "Cookie": f"sid={sid}"})
+    assert response.headers["location"] == "/"
+    assert "stored 'naive.txt' (7 bytes)" in notice(get(web.url + "/", sid).text)
+    response = post_form(web.url + "/jobs", {"task": "sleep", "args": "{}", "next": "/"}, sid)
+    assert response.headers["location"] == "/"
+    assert "put job 1 (sleep) in the queue" in notice(get(web.url + "/", sid).text)
+    response = post_form(web.url + "/logout", {"next": "/"}, sid)
+    assert response.headers["location"] == "/?logout_on=web.3"
+    assert notice(get(web.url + response.headers["location"]).text) == (
+        "web.3 logged you out: your session is gone.")
+
+
+def test_a_return_path_that_is_not_a_plain_path_on_this_site_is_ignored(start_web):
+    web = start_web()
+    for next_path in ("//evil.example/", "/\\evil.example", "https://evil.example/",
+                      "evil.example", "javascript:alert(1)", "/\tevil",
+                      "/ok\r\nSet-Cookie: x=1", "/caf\u00e9", ""):
+        response = post_form(web.url + "/cart", {"item": "tea", "next": next_path})
+        assert response.headers["location"] == "/", next_path
+        response = post_form(web.url + "/jobs", {"task": "sleep", "next": next_path})
+        assert re.fullmatch(r"/jobs/\d+", response.headers["location"]), next_path
+    response = post_form(web.url + "/cart", {"item": "tea", "next": "/?from=page#spread"})
+    assert response.headers["location"] == "/?from=page#spread"  # a plain path is kept
+
+
+def test_after_a_memory_store_login_another_copy_says_where_you_logged_in(start_web):
+    one = start_web(SESSION_STORE="memory", DYNO="web.1")
+    two = start_web(SESSION_STORE="memory", DYNO="web.2")
+    response = post_form(one.url + "/login", {"name": "ada", "next": "/"})
+    location, sid = response.headers["location"], session_cookie(response)
+    assert location == "/?login_on=web.1"
+    assert notice(get(two.url + location, sid).text) == (
+        "You logged in on <b>web.1</b>. This page came from <b>web.2</b>, which has never "
+        "heard of that login.")
+    assert notice(get(one.url + location, sid).text).startswith("web.1 logged you in")
+    forged = get(two.url + "/?login_on=%3Cscript%3Ecall+555", sid).text
+    assert notice(forged) is None and "<script>call" not in forged
 
 
 def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:

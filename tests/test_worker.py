@@ -8,7 +8,7 @@ import pytest
 
 from conftest import app_env, get, post_form, upload, wait_until
 from database import database_from_env
-from job_queue import JobQueue
+from job_queue import JOB_TABLES, JobQueue
 
 FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
 STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)
@@ -179,6 +179,18 @@ def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
     worker = start_worker(wait_ready=False, WORKER_BURST=1)
     assert worker.popen.wait(10) == 0
     assert queue.get(job_id)["state"] == "done"
+
+
+def test_a_jobs_table_made_before_private_jobs_gains_the_column_once(tmp_path):
+    db = database_from_env(app_env(tmp_path))
+    db.create_tables(JOB_TABLES.replace(",\n    private INTEGER NOT NULL DEFAULT 0", ""))
+    db.query("INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
+             "VALUES ('sleep', '{}', 3, 0, 0, 0)")  # a job from before
+    JobQueue(db)
+    queue = JobQueue(db)  # a second process opening the same file changes nothing
+    assert queue.get(1)["private"] is False
+    assert queue.get(queue.enqueue("sleep", {}, private=True))["private"] is True
+    db.close()
 
 
 def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker):
