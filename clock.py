@@ -15,7 +15,8 @@ already enqueued. A tick missed while no clock was running is skipped, not caugh
 
 The clock only enqueues (through `job_queue.py`); `worker.py` runs the jobs.
 Configuration, read once in `main()`: DATABASE_URL, PURGE_EVERY (seconds, default 60),
-HEARTBEAT_EVERY (default 10), DYNO (default `clock.1`). SIGTERM or SIGINT: exit 0 at once.
+HEARTBEAT_EVERY (default 10), the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default
+`clock.1`). SIGTERM or SIGINT: exit 0 at once.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
-from database import ConfigError, database_from_env, positive_number
+from database import ConfigError, database_from_env, positive_number, process_name
 from job_queue import JobQueue
 
 
@@ -51,7 +52,7 @@ def seconds_from_env(environ: Mapping[str, str], name: str, default: int) -> int
 
 
 def config_from_env(environ: Mapping[str, str]) -> Config:
-    return Config(dyno=environ.get("DYNO", "clock.1"), schedules=(
+    return Config(dyno=process_name(environ, "clock.1"), schedules=(
         Schedule("purge_expired_sessions", seconds_from_env(environ, "PURGE_EVERY", 60)),
         Schedule("heartbeat", seconds_from_env(environ, "HEARTBEAT_EVERY", 10))))
 
@@ -70,7 +71,8 @@ def enqueue_tick(queue: JobQueue, schedule: Schedule, tick: int) -> None:
     key = tick_key(schedule, tick)
     job_id = queue.enqueue(schedule.task, {}, key=key)
     if job_id is None:
-        print(f"{key} already enqueued by another clock", flush=True)
+        print(f"{key} already enqueued (by another clock, or by this one before a restart)",
+              flush=True)
     else:
         print(f"enqueued {key} as job {job_id}", flush=True)
 

@@ -8,9 +8,9 @@ correctly, for many processes and many threads, and both backing services build 
 `session_store.py` (sessions, uploads) and `job_queue.py` (jobs). Neither imports the
 other; each owns its tables.
 
-It also holds the two small helpers every process uses to read its configuration from
-the environment (Factor III): `ConfigError`, which a process turns into one line on
-stderr and exit code 2, and `positive_number`.
+It also holds the small helpers every process uses to read its configuration from the
+environment (Factor III): `ConfigError`, which a process turns into one line on stderr
+and exit code 2, `positive_number`, and `process_name` (which copy am I: web.1, worker.2).
 
 SQLite suits processes on one machine with a local disk; several machines need a
 networked database (Postgres), which is where this toy ends.
@@ -40,6 +40,15 @@ def positive_number(environ: Mapping[str, str], name: str, default: float) -> fl
     if not 0 < value < math.inf:  # `inf` and `nan` parse as floats too
         raise ConfigError(f"{name} must be a positive number of seconds, got {text!r}")
     return value
+
+
+def process_name(environ: Mapping[str, str], default: str) -> str:
+    """This copy's name, as the process manager that started it tells it: Heroku and our
+    launcher set DYNO, honcho sets HONCHO_PROCESS_NAME, foreman sets PS (all like `web.2`)."""
+    for variable in ("DYNO", "HONCHO_PROCESS_NAME", "PS"):
+        if environ.get(variable):
+            return environ[variable]
+    return default
 
 
 class Database:

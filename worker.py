@@ -16,8 +16,8 @@ that lost its lease never overwrites the new owner's result.
 
 Configuration, read once in `main()`: DATABASE_URL, SESSION_STORE (the tasks read uploads
 through it: with `memory` the worker has its own empty dict, never the web copy's, so a
-`wordcount` cannot find the upload and ends dead; that is Factor VI's lesson again), DYNO
-(default `worker.1`), JOB_LEASE (seconds, default 30), POLL_INTERVAL (idle sleep, default
+`wordcount` cannot find the upload and ends dead; that is Factor VI's lesson again), the
+copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`), JOB_LEASE (seconds, default 30), POLL_INTERVAL (idle sleep, default
 0.5), RETRY_BACKOFF (base seconds, default 2), WORKER_BURST=1 (exit 0 when nothing is ready,
 like rq's burst mode). SIGTERM or SIGINT: finish the job in hand, then exit 0.
 """
@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
-from database import ConfigError, database_from_env, positive_number
+from database import ConfigError, database_from_env, positive_number, process_name
 from job_queue import Job, JobQueue
 from session_store import SessionStore, store_from_env
 from tasks import TASKS, TaskContext
@@ -53,7 +53,7 @@ class Config:
 
 
 def config_from_env(environ: Mapping[str, str]) -> Config:
-    return Config(dyno=environ.get("DYNO", "worker.1"),
+    return Config(dyno=process_name(environ, "worker.1"),
                   lease=positive_number(environ, "JOB_LEASE", 30),
                   poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5),
                   retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2),
