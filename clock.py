@@ -14,8 +14,8 @@ copy computes the same key for the same tick, and a restart mid-interval finds i
 already enqueued. A tick missed while no clock was running is skipped, not caught up.
 
 The clock only enqueues (through `job_queue.py`); `worker.py` runs the jobs.
-Configuration, read once in `main()`: DATABASE_URL, PURGE_EVERY (seconds, default 60),
-HEARTBEAT_EVERY (default 10), the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default
+Configuration, read once in `main()`: DATABASE_URL, PURGE_EVERY (whole seconds, default
+60, at most 86400), HEARTBEAT_EVERY (default 10, at most 86400), the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default
 `clock.1`). SIGTERM or SIGINT: exit 0 at once.
 """
 from __future__ import annotations
@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
-from database import ConfigError, database_from_env, positive_number, process_name
+from database import ConfigError, database_from_env, process_name, whole_seconds
 from job_queue import JobQueue
+
+MAX_INTERVAL = 86400  # a day: a longer schedule belongs to a cron, not to this clock
 
 
 @dataclass(frozen=True)
@@ -44,17 +46,11 @@ class Config:
     schedules: tuple[Schedule, ...]
 
 
-def seconds_from_env(environ: Mapping[str, str], name: str, default: int) -> int:
-    value = positive_number(environ, name, default)
-    if not value.is_integer():
-        raise ConfigError(f"{name} must be a whole number of seconds, got {environ[name]!r}")
-    return int(value)
-
-
 def config_from_env(environ: Mapping[str, str]) -> Config:
     return Config(dyno=process_name(environ, "clock.1"), schedules=(
-        Schedule("purge_expired_sessions", seconds_from_env(environ, "PURGE_EVERY", 60)),
-        Schedule("heartbeat", seconds_from_env(environ, "HEARTBEAT_EVERY", 10))))
+        Schedule("purge_expired_sessions",
+                 whole_seconds(environ, "PURGE_EVERY", 60, MAX_INTERVAL)),
+        Schedule("heartbeat", whole_seconds(environ, "HEARTBEAT_EVERY", 10, MAX_INTERVAL))))
 
 
 def current_tick(schedule: Schedule, now: float) -> int:

@@ -10,14 +10,15 @@ other; each owns its tables.
 
 It also holds the small helpers every process uses to read its configuration from the
 environment (Factor III): `ConfigError`, which a process turns into one line on stderr
-and exit code 2, `positive_number`, and `process_name` (which copy am I: web.1, worker.2).
+and exit code 2, `positive_number` and `whole_seconds` (each with a sane maximum, so
+that `POLL_INTERVAL=1e10` is refused at start instead of crashing `time.sleep` later),
+and `process_name` (which copy am I: web.1, worker.2).
 
 SQLite suits processes on one machine with a local disk; several machines need a
 networked database (Postgres), which is where this toy ends.
 """
 from __future__ import annotations
 
-import math
 import os
 import sqlite3
 import threading
@@ -30,16 +31,30 @@ class ConfigError(Exception):
     """A bad configuration value; the message names the environment variable."""
 
 
-def positive_number(environ: Mapping[str, str], name: str, default: float) -> float:
-    """Read a positive number from the environment, or say which variable is wrong."""
+def positive_number(environ: Mapping[str, str], name: str, default: float,
+                    maximum: float) -> float:
+    """Read a number of seconds above 0 and at most `maximum`, or say which variable is wrong.
+
+    The maximum keeps a typo (`1e10`) from reaching `time.sleep` or SQLite, which would
+    overflow, and from making a process wait for centuries."""
     text = environ.get(name, str(default))
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 < value < math.inf:  # `inf` and `nan` parse as floats too
-        raise ConfigError(f"{name} must be a positive number of seconds, got {text!r}")
+    if not 0 < value <= maximum:  # false for `nan` too, which parses as a float
+        raise ConfigError(f"{name} must be a number of seconds above 0 and at most "
+                          f"{maximum:g}, got {text!r}")
     return value
+
+
+def whole_seconds(environ: Mapping[str, str], name: str, default: int, maximum: int) -> int:
+    """Read a whole number of seconds from 1 to `maximum` (an interval, a cookie's Max-Age)."""
+    value = positive_number(environ, name, default, maximum)
+    if not value.is_integer():
+        raise ConfigError(f"{name} must be a whole number of seconds from 1 to {maximum}, "
+                          f"got {environ[name]!r}")
+    return int(value)
 
 
 def process_name(environ: Mapping[str, str], default: str) -> str:

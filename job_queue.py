@@ -69,10 +69,13 @@ JOB_COLUMNS = "id, task, args, state, attempts, worker, result, error, key"
 
 @dataclass(frozen=True)
 class Job:
-    """A job as the worker that claimed it holds it. `attempt` is also its fencing token."""
+    """A job as the worker that claimed it holds it. `attempt` is also its fencing token.
+
+    `args_json` is left as stored: decoding it can fail (`decoded`), and that is the job's
+    failure, for the worker to record, not a crash of the claim."""
     id: int
     task: str
-    args: dict
+    args_json: str
     attempt: int
     max_attempts: int
 
@@ -138,8 +141,7 @@ class JobQueue:
         if not rows:
             return None
         row = rows[0]
-        return Job(row["id"], row["task"], json.loads(row["args"]), row["attempts"],
-                   row["max_attempts"])
+        return Job(row["id"], row["task"], row["args"], row["attempts"], row["max_attempts"])
 
     def recover_expired_leases(self, conn: sqlite3.Connection, now: float) -> None:
         """Give back the jobs of workers that stopped heartbeating (killed, frozen, cut off).
@@ -192,8 +194,28 @@ class JobQueue:
         return bool(rows)
 
 
+def decoded(text: str) -> object:
+    """Stored JSON text to a value, or ValueError when this Python cannot hold it: nested
+    too deep, or an integer longer than `sys.get_int_max_str_digits()` (4,300 digits since
+    Python 3.11; an older Python may have stored it)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to decode") from None
+
+
+def shown(text: str | None) -> object:
+    """A stored JSON value to show; one that cannot be decoded is described instead, so
+    that one bad row cannot break every list it appears in."""
+    if text is None:
+        return None
+    try:
+        return decoded(text)
+    except ValueError as error:
+        return f"(cannot be shown: {error})"
+
+
 def job_as_dict(row: sqlite3.Row) -> dict:
     job = dict(row)
-    job["args"] = json.loads(job["args"])
-    job["result"] = json.loads(job["result"]) if job["result"] is not None else None
+    job["args"], job["result"] = shown(job["args"]), shown(job["result"])
     return job

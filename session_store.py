@@ -40,7 +40,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ContextManager, Iterator, Mapping
 
-from database import ConfigError, Database, positive_number
+from database import ConfigError, Database, whole_seconds
+
+MAX_SESSION_TTL = 400 * 86400  # browsers cap a cookie's Max-Age at 400 days (RFC 6265bis)
 
 
 def new_session_id() -> str:
@@ -76,7 +78,7 @@ class SessionStore:
     primitive operations on one session (`load`, `write`, `remove`).
     """
     kind = "abstract"
-    ttl: float  # seconds a session lives after its last write
+    ttl: float  # seconds a session lives after its last write (whole, from the environment)
 
     @contextmanager
     def edit(self, sid: str | None, rotate: bool = False) -> Iterator[Session]:
@@ -238,9 +240,12 @@ class SQLiteStore(SessionStore):
 
 
 def store_from_env(environ: Mapping[str, str], db: Database) -> SessionStore:
-    """Pick the store named by SESSION_STORE (`sqlite`, the default, or `memory`)."""
+    """Pick the store named by SESSION_STORE (`sqlite`, the default, or `memory`).
+
+    SESSION_TTL is whole seconds from 1, because it is also the cookie's `Max-Age`, which
+    is whole seconds: 0.5 would have become `Max-Age=0`, a cookie deleted on arrival."""
     kind = environ.get("SESSION_STORE", "sqlite")
-    ttl = positive_number(environ, "SESSION_TTL", 86400)
+    ttl = whole_seconds(environ, "SESSION_TTL", 86400, MAX_SESSION_TTL)
     if kind == "sqlite":
         return SQLiteStore(db, ttl)
     if kind == "memory":

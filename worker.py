@@ -11,15 +11,17 @@ moment: its lease runs out and another copy runs the job.
 What a worker does with a job: claim it, keep its lease alive from a second thread while
 the task (from `tasks.py`) runs, then record how it ended: `done`, failed and retried
 later with exponential backoff and jitter, or `dead` after `max_attempts` (an unknown
-task name is dead at once). Every record goes through the queue's fence, so a worker
-that lost its lease never overwrites the new owner's result.
+task name, or arguments that cannot be decoded, are dead at once). Every record goes
+through the queue's fence, so a worker that lost its lease never overwrites the new
+owner's result.
 
 Configuration, read once in `main()`: DATABASE_URL, SESSION_STORE (the tasks read uploads
 through it: with `memory` the worker has its own empty dict, never the web copy's, so a
 `wordcount` cannot find the upload and ends dead; that is Factor VI's lesson again), the
-copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`), JOB_LEASE (seconds, default 30), POLL_INTERVAL (idle sleep, default
-0.5), RETRY_BACKOFF (base seconds, default 2), WORKER_BURST=1 (exit 0 when nothing is ready,
-like rq's burst mode). SIGTERM or SIGINT: finish the job in hand, then exit 0.
+copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`), JOB_LEASE (seconds,
+default 30, at most 3600), POLL_INTERVAL (idle sleep, default 0.5, at most 60),
+RETRY_BACKOFF (base seconds, default 2, at most 300), WORKER_BURST=1 (exit 0 when nothing
+is ready, like rq's burst mode). SIGTERM or SIGINT: finish the job in hand, then exit 0.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 from database import ConfigError, database_from_env, positive_number, process_name
-from job_queue import Job, JobQueue
+from job_queue import Job, JobQueue, decoded
 from session_store import SessionStore, store_from_env
 from tasks import TASKS, TaskContext
 
@@ -54,9 +56,9 @@ class Config:
 
 def config_from_env(environ: Mapping[str, str]) -> Config:
     return Config(dyno=process_name(environ, "worker.1"),
-                  lease=positive_number(environ, "JOB_LEASE", 30),
-                  poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5),
-                  retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2),
+                  lease=positive_number(environ, "JOB_LEASE", 30, 3600),
+                  poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60),
+                  retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2, MAX_RETRY_DELAY),
                   burst=environ.get("WORKER_BURST", "") == "1")
 
 
@@ -135,11 +137,16 @@ def run_job(queue: JobQueue, job: Job, store: SessionStore, config: Config) -> N
     if task is None:
         give_up(queue, job, f"unknown task {job.task!r} (known: {', '.join(sorted(TASKS))})")
         return
+    try:
+        args = decoded(job.args_json)
+    except ValueError as error:
+        give_up(queue, job, f"its arguments cannot be decoded: {error}")
+        return
     log(f"job {job.id} {job.task} started (attempt {job.attempt}/{job.max_attempts})")
     started = time.monotonic()
     with lease_kept_alive(queue, job, config.lease):
         try:
-            result_json = json.dumps(task(job.args, TaskContext(store, job.attempt, config.dyno)))
+            result_json = json.dumps(task(args, TaskContext(store, job.attempt, config.dyno)))
         except Exception as error:
             record_failure(queue, job, f"{type(error).__name__}: {error}", config)
             return

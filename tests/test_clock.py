@@ -63,8 +63,10 @@ def test_a_clock_restarted_mid_interval_does_not_double_the_tick(queue, start_cl
     assert [job["key"] for job in queue.recent("heartbeat")] == [key]
 
 
-def test_a_bad_interval_exits_2_with_one_line_naming_it(start_clock):
-    clock = start_clock(HEARTBEAT_EVERY="soon")
+@pytest.mark.parametrize("variable, value", [
+    ("HEARTBEAT_EVERY", "soon"), ("HEARTBEAT_EVERY", "0.5"), ("PURGE_EVERY", "1e10")])
+def test_a_bad_interval_exits_2_with_one_line_naming_it(start_clock, variable, value):
+    clock = start_clock(**{variable: value})
     assert clock.popen.wait(10) == 2
     lines = clock.output().splitlines()
-    assert len(lines) == 1 and "HEARTBEAT_EVERY" in lines[0]
+    assert len(lines) == 1 and variable in lines[0] and f"'{value}'" in lines[0]

@@ -9,6 +9,7 @@ import pytest
 from conftest import app_env, get, post_form, upload, wait_until
 from database import database_from_env
 from job_queue import JobQueue
+from tasks import number_arg
 
 FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
 STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)
@@ -88,6 +89,16 @@ def test_a_lease_that_runs_out_on_the_last_attempt_makes_the_job_dead(queue_on_f
     job = queue.get(job_id)
     assert job["state"] == "dead"
     assert job["error"] == "lease expired: worker worker.1 stopped heartbeating"
+
+
+@pytest.mark.parametrize("value, shown", [
+    (1e308, "1e+308"), (float("nan"), "nan"), (-1, "-1"), (True, "True"), ("5", "'5'"),
+    pytest.param(10 ** 5000, "int", id="5000-digit-int"),  # 3.11+ refuses to print it
+])
+def test_a_number_argument_out_of_range_is_a_clear_error(value, shown):
+    with pytest.raises(ValueError, match="argument 'seconds' must be a number from 0 to 3600, "
+                                         f"got .*{re.escape(shown)}"):
+        number_arg({"seconds": value}, "seconds", maximum=3600)
 
 
 def test_a_failed_job_waits_for_its_retry_time(queue_on_fake_clock):
@@ -174,6 +185,23 @@ def test_sigterm_lets_the_job_in_hand_finish_then_exits_0(queue, start_worker):
     assert worker.output().rstrip().endswith("worker.1 stopped")
 
 
+def test_arguments_no_task_can_use_fail_the_job_not_the_worker(queue, start_worker):
+    too_long = queue.db.query(  # stored by an older Python, or by hand: no 4,300-digit limit
+        "INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
+        "VALUES ('sleep', ?, 1, 0, 0, 0) RETURNING id", ('{"seconds": 1' + "0" * 5000 + "}",)
+    )[0]["id"]
+    too_big = queue.enqueue("sleep", {"seconds": 1e308}, max_attempts=1)
+    after = queue.enqueue("sleep", {"seconds": 0})
+    worker = start_worker()
+    assert wait_for_state(queue, after, "done")["worker"] == "worker.1"
+    errors = [queue.get(job_id)["error"] for job_id in (too_long, too_big)]
+    assert errors[0].startswith(("its arguments cannot be decoded: Exceeds the limit",
+                                 "ValueError: argument 'seconds' must be a number from 0"))
+    assert errors[1] == "ValueError: argument 'seconds' must be a number from 0 to 3600, " \
+                        "got 1e+308"
+    assert worker.popen.poll() is None
+
+
 def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
     job_id = queue.enqueue("sleep", {"seconds": 0})
     worker = start_worker(wait_ready=False, WORKER_BURST=1)
@@ -181,11 +209,12 @@ def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
     assert queue.get(job_id)["state"] == "done"
 
 
-def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker):
-    worker = start_worker(wait_ready=False, JOB_LEASE="abc")
+@pytest.mark.parametrize("variable, value", [("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10")])
+def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker, variable, value):
+    worker = start_worker(wait_ready=False, **{variable: value})
     assert worker.popen.wait(10) == 2
     lines = worker.output().splitlines()
-    assert len(lines) == 1 and "JOB_LEASE" in lines[0] and "'abc'" in lines[0]
+    assert len(lines) == 1 and variable in lines[0] and f"'{value}'" in lines[0]
 
 
 def test_an_upload_made_on_one_web_copy_is_counted_by_a_worker_and_seen_on_another(
