@@ -14,9 +14,10 @@ copy computes the same key for the same tick, and a restart mid-interval finds i
 already enqueued. A tick missed while no clock was running is skipped, not caught up.
 
 The clock only enqueues (through `job_queue.py`); `worker.py` runs the jobs.
-Configuration, read once in `main()`: DATABASE_URL, PURGE_EVERY (whole seconds, default
-60, at most 86400), HEARTBEAT_EVERY (default 10, at most 86400), the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default
-`clock.1`). SIGTERM or SIGINT: exit 0 at once.
+Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, PURGE_EVERY
+(whole seconds, default 60, at most 86400), HEARTBEAT_EVERY (default 10, at most 86400),
+the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `clock.1`). SIGTERM or SIGINT:
+exit 0 at once.
 """
 from __future__ import annotations
 

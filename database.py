@@ -22,9 +22,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
+
+BUSY_TIMEOUT = 10.0      # seconds a statement waits for another process's write lock
+MAX_BUSY_TIMEOUT = 20.0  # a write in progress when SIGTERM comes ends within STOP_TIMEOUT (25)
+IDLE_READERS = 8         # read connections kept open for the next read
 
 
 class ConfigError(Exception):
@@ -66,6 +71,11 @@ def process_name(environ: Mapping[str, str], default: str) -> str:
     return default
 
 
+def is_locked(error: sqlite3.Error) -> bool:
+    """SQLite's "database is locked": another connection holds the lock we need."""
+    return isinstance(error, sqlite3.OperationalError) and "database is locked" in str(error)
+
+
 class Database:
     """The shared SQLite file, opened correctly for many processes and many threads.
 
@@ -76,32 +86,66 @@ class Database:
     * `write()` starts with `BEGIN IMMEDIATE`, which takes the write lock *before* the
       first read. Python's default starts the transaction at the first write, so a
       read-modify-write would read outside it and silently lose updates.
-    * One connection per process, used by one thread at a time behind `self.lock`.
-      `ThreadingHTTPServer` starts a thread per request, so "a connection per thread"
-      would mean a connection per request. Threads of one process would only queue for
-      SQLite's single write lock anyway, and queueing on a Python lock is cheaper than
-      SQLite's sleep-and-retry (measured: higher throughput, far lower p99).
-    * The connection is keyed by process id and opened lazily, so a forked child never
-      uses its parent's connection (sqlite.org, "How to corrupt a database", 2.6).
+    * Writes (`write()`, `execute()`) share one connection per process, used by one
+      thread at a time behind `self.lock`. `ThreadingHTTPServer` starts a thread per
+      request, so "a connection per thread" would mean a connection per request. Threads
+      of one process would only queue for SQLite's single write lock anyway, and queueing
+      on a Python lock is cheaper than SQLite's sleep-and-retry (measured: higher
+      throughput, far lower p99).
+    * Reads (`query()`) do not queue there. In WAL a reader never waits for the writer,
+      but a read behind `self.lock` waited for whichever thread held it, and that thread
+      may itself be waiting for another process's write lock: a `GET /session` took 9.7 s
+      while a `POST /cart` on the same copy waited (issue 10). So a read takes a
+      connection of its own from a small pool of read-only ones (`query_only`: a write
+      sent there by mistake fails loudly instead of bypassing `BEGIN IMMEDIATE`). A read
+      inside `write()` stays on the writer's connection: it is part of the transaction.
+    * Every connection is opened lazily and belongs to the process that opened it, so a
+      forked child never uses its parent's (sqlite.org, "How to corrupt a database", 2.6).
+      Opening retries while the file is locked (`_open`): copies that start together on
+      a brand-new file all start.
     """
 
-    def __init__(self, path: Path, timeout: float = 10.0):
+    def __init__(self, path: Path, timeout: float = BUSY_TIMEOUT):
         self.path = path
         self.timeout = timeout
-        self.lock = threading.RLock()
-        self._connection: sqlite3.Connection | None = None
-        self._pid = 0
+        self.lock = threading.RLock()  # the writer's: one write at a time in this process
+        self._writer: sqlite3.Connection | None = None
+        self._writer_pid = 0
+        self._readers_lock = threading.Lock()  # only guards the list below
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._readers_pid = 0
+        self._transaction = threading.local()  # .connection while this thread is in write()
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._connection is None or self._pid != os.getpid():
+    def _open(self, read_only: bool = False) -> sqlite3.Connection:
+        """A configured connection, retried while the file is locked, up to the timeout.
+
+        Switching a brand-new file to WAL needs every other connection out of the way, and
+        SQLite does not call the busy handler there when another opener holds the write
+        lock (it would deadlock): two processes that open a new file at the same instant
+        made one fail at once with "database is locked". So the open itself retries.
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._connection, self._pid = conn, os.getpid()
-        return self._connection
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA query_only={int(read_only)}")
+                return conn
+            except sqlite3.OperationalError as error:
+                conn.close()
+                if not is_locked(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The process's one write connection; the caller holds `self.lock`."""
+        if self._writer is None or self._writer_pid != os.getpid():
+            self._writer, self._writer_pid = self._open(), os.getpid()
+        return self._writer
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -109,19 +153,49 @@ class Database:
 
         An exception inside the block rolls back everything the block wrote."""
         with self.lock:
-            conn = self._connect()
+            conn = self._writer_connection()
             conn.execute("BEGIN IMMEDIATE")
+            self._transaction.connection = conn
             try:
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("COMMIT")
+            finally:
+                self._transaction.connection = None
+                if conn.in_transaction:  # the block raised, or COMMIT failed (a full disk):
+                    conn.execute("ROLLBACK")  # never leave the next write inside this one
+
+    def execute(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """Run one statement that writes: alone it is its own transaction; inside
+        `write()`, part of it."""
+        with self.lock:
+            return self._writer_connection().execute(sql, params).fetchall()
 
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        """Run one statement: alone it is its own transaction; inside `write()`, part of it."""
-        with self.lock:
-            return self._connect().execute(sql, params).fetchall()
+        """Run one read. Inside this thread's `write()`, it is part of the transaction;
+        anywhere else it runs on a read connection and never waits for a writer."""
+        conn = getattr(self._transaction, "connection", None)
+        if conn is not None:
+            return conn.execute(sql, params).fetchall()
+        conn = self._take_reader()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            self._return_reader(conn)
+
+    def _take_reader(self) -> sqlite3.Connection:
+        with self._readers_lock:
+            if self._readers_pid != os.getpid():  # forked: the parent's are not ours
+                self._idle_readers, self._readers_pid = [], os.getpid()
+            if self._idle_readers:
+                return self._idle_readers.pop()
+        return self._open(read_only=True)
+
+    def _return_reader(self, conn: sqlite3.Connection) -> None:
+        with self._readers_lock:
+            if self._readers_pid == os.getpid() and len(self._idle_readers) < IDLE_READERS:
+                self._idle_readers.append(conn)
+                return
+        conn.close()
 
     def create_tables(self, script: str) -> None:
         with self.write() as conn:
@@ -130,10 +204,21 @@ class Database:
                     conn.execute(statement)
 
     def close(self) -> None:
-        with self.lock:
-            if self._connection is not None and self._pid == os.getpid():
-                self._connection.close()
-            self._connection = None
+        """Close this process's connections, except a writer still in use: a worker that
+        stops at its deadline may leave a task's thread inside a write, and the process's
+        exit ends that one."""
+        with self._readers_lock:
+            idle = self._idle_readers if self._readers_pid == os.getpid() else []
+            self._idle_readers = []
+        for conn in idle:
+            conn.close()
+        if self.lock.acquire(blocking=False):
+            try:
+                if self._writer is not None and self._writer_pid == os.getpid():
+                    self._writer.close()
+                self._writer = None
+            finally:
+                self.lock.release()
 
 
 def database_path(url: str) -> Path:
@@ -145,13 +230,17 @@ def database_path(url: str) -> Path:
 
 
 def database_from_env(environ: Mapping[str, str]) -> Database:
-    """Open the shared SQLite file named by DATABASE_URL, creating its folder."""
+    """Open the shared SQLite file named by DATABASE_URL, creating its folder.
+
+    DATABASE_BUSY_TIMEOUT (seconds, default 10): how long one statement waits for another
+    process's write lock before "database is locked"."""
     url = environ.get("DATABASE_URL", "sqlite:///var/app.db")
     path = database_path(url)
-    db = Database(path)
+    db = Database(path, positive_number(environ, "DATABASE_BUSY_TIMEOUT", BUSY_TIMEOUT,
+                                        MAX_BUSY_TIMEOUT))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db.query("SELECT 1")
+        db.execute("SELECT 1")  # opens the write connection: creates the file, in WAL
     except (OSError, sqlite3.Error) as error:
         raise ConfigError(f"DATABASE_URL={url}: cannot open the database: {error}") from None
     return db

@@ -100,7 +100,7 @@ class JobQueue:
                 max_attempts: int = MAX_ATTEMPTS) -> int | None:
         """New job id; None when a job with this unique key already exists."""
         now = self.clock()
-        rows = self.db.query(
+        rows = self.db.execute(
             "INSERT INTO jobs (task, args, key, max_attempts, run_at, created_at, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING id",
             (task, json.dumps(args), key, max_attempts, now, now, now))
@@ -188,7 +188,7 @@ class JobQueue:
         claimed the job since, `attempts` has moved on; if the lease was only recovered,
         the state is no longer 'running'. Either way no row matches and nothing is written.
         """
-        rows = self.db.query(
+        rows = self.db.execute(
             f"UPDATE jobs SET {assignments} WHERE id = ? AND attempts = ? "
             f"AND state = 'running' RETURNING id", (*params, job.id, job.attempt))
         return bool(rows)

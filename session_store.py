@@ -209,16 +209,16 @@ class SQLiteStore(SessionStore):
         return json.loads(rows[0]["data"]) if rows else None
 
     def write(self, sid: str, data: dict) -> None:
-        self.db.query("INSERT OR REPLACE INTO sessions (id, data, expires_at) VALUES (?, ?, ?)",
-                      (sid, json.dumps(data), time.time() + self.ttl))
+        self.db.execute("INSERT OR REPLACE INTO sessions (id, data, expires_at) "
+                        "VALUES (?, ?, ?)", (sid, json.dumps(data), time.time() + self.ttl))
 
     def remove(self, sid: str | None) -> None:
-        self.db.query("DELETE FROM sessions WHERE id = ?", (sid,))
+        self.db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
 
     def save_upload(self, filename: str, content_type: str, data: bytes) -> str:
         upload_id = secrets.token_urlsafe(16)
-        self.db.query("INSERT INTO uploads VALUES (?, ?, ?, ?, ?)",
-                      (upload_id, filename, content_type, data, time.time()))
+        self.db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?)",
+                        (upload_id, filename, content_type, data, time.time()))
         return upload_id
 
     def load_upload(self, upload_id: str) -> Upload | None:

@@ -15,13 +15,13 @@ task name, or arguments that cannot be decoded, are dead at once). Every record 
 through the queue's fence, so a worker that lost its lease never overwrites the new
 owner's result.
 
-Configuration, read once in `main()`: DATABASE_URL, SESSION_STORE (the tasks read uploads
-through it: with `memory` the worker has its own empty dict, never the web copy's, so a
-`wordcount` cannot find the upload and ends dead; that is Factor VI's lesson again), the
-copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`), JOB_LEASE (seconds,
-default 30, at most 3600), POLL_INTERVAL (idle sleep, default 0.5, at most 60),
-RETRY_BACKOFF (base seconds, default 2, at most 300), WORKER_BURST=1 (exit 0 when nothing
-is ready, like rq's burst mode). SIGTERM or SIGINT: finish the job in hand, then exit 0.
+Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, SESSION_STORE
+(the tasks read uploads through it: with `memory` the worker has its own empty dict, never
+the web copy's, so a `wordcount` cannot find the upload and ends dead; that is Factor VI's
+lesson again), the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`),
+JOB_LEASE (seconds, default 30, at most 3600), POLL_INTERVAL (idle sleep, default 0.5, at
+most 60), RETRY_BACKOFF (base seconds, default 2, at most 300), WORKER_BURST=1 (exit 0 when
+nothing is ready, like rq's burst mode). SIGTERM or SIGINT: finish the job in hand, then exit 0.
 """
 from __future__ import annotations
 

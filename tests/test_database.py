@@ -1,8 +1,133 @@
-"""database.py: the plumbing every backing service and process shares."""
+"""database.py: opening the shared file from many processes at once, reads that never wait
+for a writer, and the configuration helpers."""
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 
-from database import ConfigError, positive_number, process_name, whole_seconds
+from conftest import REPO, get, post_form, session_cookie
+from database import ConfigError, Database, positive_number, process_name, whole_seconds
 
+
+@contextmanager
+def write_lock_held(path: Path, at_most: float = 5.0):
+    """Hold SQLite's write lock from a connection of our own, as another busy process
+    would, until the block ends; `at_most` bounds it so that a failing test cannot hang."""
+    taken, release = threading.Event(), threading.Event()
+
+    def hold():
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        taken.set()
+        release.wait(at_most)
+        conn.execute("ROLLBACK")
+        conn.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(10), "could not take the write lock"
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+# --- Opening a brand-new file ---------------------------------------------------------
+
+def test_a_new_file_opens_while_another_opener_holds_its_write_lock(tmp_path):
+    """Switching a new file to WAL skips the busy handler: without a retry this fails at
+    once with "database is locked", as when two copies start at the same instant."""
+    path = tmp_path / "app.db"
+    with write_lock_held(path, at_most=0.3):  # the file is new: not in WAL yet
+        started = time.monotonic()
+        Database(path).execute("SELECT 1")
+    assert time.monotonic() - started >= 0.2  # it waited for the lock, then opened
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+OPENER = """
+import os, sys
+from database import database_from_env
+from job_queue import JobQueue
+from session_store import store_from_env
+sys.stdin.read(1)  # every copy is released at the same instant
+db = database_from_env(os.environ)
+store_from_env(os.environ, db)
+JobQueue(db)
+"""
+
+
+def test_four_processes_starting_at_once_on_a_new_file_all_start(tmp_path):
+    for round_number in range(5):  # the race is narrow: give it several chances
+        url = f"sqlite:///{tmp_path}/round-{round_number}.db"
+        copies = [subprocess.Popen([sys.executable, "-c", OPENER], cwd=REPO, text=True,
+                                   env=dict(os.environ, DATABASE_URL=url),
+                                   stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+                  for _ in range(4)]
+        for copy in copies:
+            copy.stdin.write("x")
+        for copy in copies:
+            copy.stdin.flush()
+        errors = [copy.communicate(timeout=30)[1] for copy in copies]
+        assert errors == [""] * 4, errors
+
+
+# --- Reads never queue behind a write -------------------------------------------------
+
+def test_a_read_answers_while_a_write_in_the_same_process_waits_for_the_lock(tmp_path):
+    db = Database(tmp_path / "app.db")
+    db.execute("CREATE TABLE notes (text TEXT)")
+    db.execute("INSERT INTO notes VALUES ('before')")
+    with write_lock_held(tmp_path / "app.db", at_most=3):
+        writer = threading.Thread(target=db.execute, args=("INSERT INTO notes VALUES ('x')",))
+        writer.start()
+        started = time.monotonic()
+        while time.monotonic() - started < 0.5:  # the writer holds `db.lock` from early on
+            asked = time.monotonic()
+            assert [row[0] for row in db.query("SELECT text FROM notes")] == ["before"]
+            assert time.monotonic() - asked < 0.2
+        assert writer.is_alive()  # still waiting for SQLite's lock
+    writer.join()
+    assert len(db.query("SELECT text FROM notes")) == 2
+
+
+def test_a_read_sees_its_own_transaction_and_cannot_write(tmp_path):
+    db = Database(tmp_path / "app.db")
+    db.execute("CREATE TABLE notes (text TEXT)")
+    with db.write():
+        db.execute("INSERT INTO notes VALUES ('draft')")
+        assert len(db.query("SELECT text FROM notes")) == 1  # inside write(): its connection
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        db.query("INSERT INTO notes VALUES ('sneaked past BEGIN IMMEDIATE')")
+
+
+def test_a_get_answers_while_a_post_on_the_same_copy_waits_for_the_lock(start_web, tmp_path):
+    web = start_web()
+    sid = session_cookie(post_form(web.url + "/cart", {"item": "tea"}))
+    replies = []
+    with write_lock_held(tmp_path / "app.db", at_most=3):
+        post = threading.Thread(
+            target=lambda: replies.append(post_form(web.url + "/cart", {"item": "cake"}, sid)))
+        post.start()
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:  # the POST takes the copy's writer early on
+            asked = time.monotonic()
+            assert get(web.url + "/session", sid).json()["cart"] == ["tea"]
+            assert time.monotonic() - asked < 1.0
+        assert post.is_alive()  # still waiting for SQLite's lock
+    post.join(10)
+    assert replies[0].status == 303
+    assert get(web.url + "/session", sid).json()["cart"] == ["tea", "cake"]
+
+
+# --- Configuration --------------------------------------------------------------------
 
 @pytest.mark.parametrize("text", ["0", "-1", "abc", "nan", "inf", "1e10", "3601"])
 def test_a_number_of_seconds_outside_its_bounds_is_refused(text):

@@ -186,7 +186,7 @@ def test_sigterm_lets_the_job_in_hand_finish_then_exits_0(queue, start_worker):
 
 
 def test_arguments_no_task_can_use_fail_the_job_not_the_worker(queue, start_worker):
-    too_long = queue.db.query(  # stored by an older Python, or by hand: no 4,300-digit limit
+    too_long = queue.db.execute(  # stored by an older Python, or by hand: no 4,300-digit limit
         "INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
         "VALUES ('sleep', ?, 1, 0, 0, 0) RETURNING id", ('{"seconds": 1' + "0" * 5000 + "}",)
     )[0]["id"]
@@ -209,7 +209,9 @@ def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
     assert queue.get(job_id)["state"] == "done"
 
 
-@pytest.mark.parametrize("variable, value", [("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10")])
+@pytest.mark.parametrize("variable, value", [
+    ("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10"), ("DATABASE_BUSY_TIMEOUT", "3600"),
+])
 def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker, variable, value):
     worker = start_worker(wait_ready=False, **{variable: value})
     assert worker.popen.wait(10) == 2
