@@ -13,11 +13,18 @@ to the wall clock (`floor(now / every) * every`), not to each clock's start time
 copy computes the same key for the same tick, and a restart mid-interval finds its tick
 already enqueued. A tick missed while no clock was running is skipped, not caught up.
 
+A locked database is a wait, not a crash: when another process holds the write lock past
+the busy timeout, the clock logs one line and tries again (`keep_trying`) until its tick
+is in. The unique key makes the retry safe: a tick is enqueued once, never twice. A wait
+shorter than the interval loses no tick; ticks that pass during a longer one are skipped,
+as when no clock runs.
+
 The clock only enqueues (through `job_queue.py`); `worker.py` runs the jobs.
 Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, PURGE_EVERY
 (whole seconds, default 60, at most 86400), HEARTBEAT_EVERY (default 10, at most 86400),
 the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `clock.1`). SIGTERM or SIGINT:
-exit 0 at once.
+exit 0 at once, or, if a statement is waiting for a locked database, as soon as it returns
+(at most DATABASE_BUSY_TIMEOUT, which is capped below the usual 25 s STOP_TIMEOUT).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
-from database import ConfigError, database_from_env, process_name, whole_seconds
+from database import ConfigError, database_from_env, keep_trying, process_name, whole_seconds
 from job_queue import JobQueue
 
 MAX_INTERVAL = 86400  # a day: a longer schedule belongs to a cron, not to this clock
@@ -66,7 +73,7 @@ def tick_key(schedule: Schedule, tick: int) -> str:
 def enqueue_tick(queue: JobQueue, schedule: Schedule, tick: int) -> None:
     """Enqueue one tick; the unique key makes a second attempt, from anyone, do nothing."""
     key = tick_key(schedule, tick)
-    job_id = queue.enqueue(schedule.task, {}, key=key)
+    job_id = keep_trying(lambda: queue.enqueue(schedule.task, {}, key=key), f"enqueuing {key}")
     if job_id is None:
         print(f"{key} already enqueued (by another clock, or by this one before a restart)",
               flush=True)

@@ -8,6 +8,11 @@ correctly, for many processes and many threads, and both backing services build 
 `session_store.py` (sessions, uploads) and `job_queue.py` (jobs). Neither imports the
 other; each owns its tables.
 
+A locked database is a wait, not a crash: another process may hold SQLite's one write
+lock for longer than the busy timeout (a long purge, a copy frozen mid-transaction).
+`keep_trying` is how a worker or a clock waits that out: it logs one line and tries
+again, so a result is recorded once and a tick enqueued once, later rather than never.
+
 It also holds the small helpers every process uses to read its configuration from the
 environment (Factor III): `ConfigError`, which a process turns into one line on stderr
 and exit code 2, `positive_number` and `whole_seconds` (each with a sane maximum, so
@@ -25,11 +30,14 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
+
+T = TypeVar("T")
 
 BUSY_TIMEOUT = 10.0      # seconds a statement waits for another process's write lock
 MAX_BUSY_TIMEOUT = 20.0  # a write in progress when SIGTERM comes ends within STOP_TIMEOUT (25)
 IDLE_READERS = 8         # read connections kept open for the next read
+RETRY_PAUSE = 0.1        # seconds between two tries of `keep_trying`, on top of the busy wait
 
 
 class ConfigError(Exception):
@@ -74,6 +82,35 @@ def process_name(environ: Mapping[str, str], default: str) -> str:
 def is_locked(error: sqlite3.Error) -> bool:
     """SQLite's "database is locked": another connection holds the lock we need."""
     return isinstance(error, sqlite3.OperationalError) and "database is locked" in str(error)
+
+
+class StillLocked(Exception):
+    """`keep_trying` stopped: its caller must stop, and the database is still locked."""
+
+
+def keep_trying(action: Callable[[], T], what: str,
+                stopping: Callable[[], bool] = lambda: False) -> T:
+    """Run `action` until the database lets it through; return what it returns.
+
+    While another process holds the write lock past the busy timeout, log one line and
+    try again. Only "database is locked" is waited out: any other error is a real one and
+    is raised at once. When `stopping()` turns true (a worker at its stop deadline), raise
+    `StillLocked` instead of trying again. Repeating `action` is safe because SQLite
+    refused it whole: a statement that fails with "database is locked" changed nothing.
+    """
+    logged = False
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as error:
+            if not is_locked(error):
+                raise
+            if stopping():
+                raise StillLocked(f"{what}: {error}") from None
+            if not logged:
+                print(f"{what}: {error}; trying again until it is free", flush=True)
+                logged = True
+        time.sleep(RETRY_PAUSE)
 
 
 class Database:

@@ -19,6 +19,9 @@ How a job travels (the design of Solid Queue, GoodJob and Oban, on SQLite):
   in the queue and another worker runs it.
 * A task that raises is retried later (`retry_later`), up to `max_attempts`, then marked
   `dead` with its error kept (`mark_dead`).
+* A worker told to stop that cannot finish in time gives the job back (`give_back`), as
+  Sidekiq does on shutdown: the job is `queued` again at once, for another worker, and
+  this attempt does not count against `max_attempts`.
 
 Delivery is therefore **at-least-once**, never exactly-once: a worker may finish the work
 and be killed before it records `done`, and then the job runs again elsewhere. So write a
@@ -28,7 +31,8 @@ delete what has expired, upsert rather than append; don't send "one more" email 
 The attempt number is the *fencing token*: a worker that lost its lease (paused, then
 woken) still believes it owns the job, so every write it makes about the job checks
 `attempts` and `state`, and a stale worker's result is discarded, not written over the
-new owner's.
+new owner's. So `attempts` only ever grows, even on a give-back: the next owner must
+never hold a token the last one held.
 
 What a job does is not here: the tasks are in `tasks.py`, run by `worker.py`.
 """
@@ -64,7 +68,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, run_at);
 CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task, id)
 """
-JOB_COLUMNS = "id, task, args, state, attempts, worker, result, error, key"
+JOB_COLUMNS = "id, task, args, state, attempts, max_attempts, worker, result, error, key"
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,20 @@ class JobQueue:
         return self._update_if_still_ours(
             job, "state = 'dead', error = ?, lease_until = NULL, updated_at = ?",
             (error, self.clock()))
+
+    def give_back(self, job: Job) -> bool:
+        """Put an unfinished job back in the queue, ready at once, without counting this
+        attempt (a worker at its stop deadline); False if the lease was lost meanwhile.
+
+        The attempt is given back by allowing one more (`max_attempts + 1`), not by
+        lowering `attempts`: that is the fencing token, and lowering it would hand the
+        next owner the very token this worker holds, so a late write from this worker
+        (its lease thread, say) would pass the fence.
+        """
+        now = self.clock()
+        return self._update_if_still_ours(
+            job, "state = 'queued', max_attempts = max_attempts + 1, run_at = ?, "
+                 "lease_until = NULL, updated_at = ?", (now, now))
 
     def _update_if_still_ours(self, job: Job, assignments: str, params: tuple) -> bool:
         """The fence: write only while the job is running *this* attempt.

@@ -9,8 +9,10 @@ imports the other.
 A task is a plain function `(args, context) -> result`: `args` is the job's JSON object,
 the result must be JSON-able, and an exception is the job's failure (retried, then kept
 as its error). Delivery is at-least-once (`job_queue.py`), so every task is idempotent.
-Arguments come from users: check them (`number_arg`), so that a bad one fails the job
-with a clear error.
+The worker runs each task on a thread of its own, so that it can stop waiting for one at
+its stop deadline; a task still running then is cut off when the worker exits, as by a
+SIGKILL, and runs again elsewhere. Arguments come from users: check them (`number_arg`),
+so that a bad one fails the job with a clear error.
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def wordcount(args: dict, ctx: TaskContext) -> dict:
     """Count the words, lines and bytes of an upload, read from the backing store."""
     upload_id = args.get("upload")
     if not isinstance(upload_id, str):
-        raise ValueError(f"argument 'upload' must be an upload id (a string), got {upload_id!r}")
+        raise ValueError(f"argument 'upload' must be an upload id (a string), "
+                         f"got {brief(upload_id)}")
     upload = ctx.store.load_upload(upload_id)
     if upload is None and ctx.store.kind == "memory":
         raise LookupError(f"no upload {upload_id} in the memory store: it lives in the "

@@ -1,5 +1,5 @@
 """database.py: opening the shared file from many processes at once, reads that never wait
-for a writer, and the configuration helpers."""
+for a writer, a locked database waited out, and the configuration helpers."""
 import os
 import sqlite3
 import subprocess
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, get, post_form, session_cookie
-from database import ConfigError, Database, positive_number, process_name, whole_seconds
+from database import (ConfigError, Database, StillLocked, keep_trying, positive_number,
+                      process_name, whole_seconds)
 
 
 @contextmanager
@@ -125,6 +126,29 @@ def test_a_get_answers_while_a_post_on_the_same_copy_waits_for_the_lock(start_we
     post.join(10)
     assert replies[0].status == 303
     assert get(web.url + "/session", sid).json()["cart"] == ["tea", "cake"]
+
+
+# --- A locked database is a wait ------------------------------------------------------
+
+def test_keep_trying_waits_out_a_lock_longer_than_the_busy_timeout(tmp_path, capsys):
+    db = Database(tmp_path / "app.db", timeout=0.1)
+    db.execute("CREATE TABLE notes (text TEXT)")
+    with write_lock_held(tmp_path / "app.db", at_most=0.5):
+        keep_trying(lambda: db.execute("INSERT INTO notes VALUES ('late')"), "noting")
+    assert len(db.query("SELECT text FROM notes")) == 1
+    assert capsys.readouterr().out == \
+        "noting: database is locked; trying again until it is free\n"
+
+
+def test_keep_trying_gives_up_on_a_lock_only_when_told_to_stop(tmp_path):
+    db = Database(tmp_path / "app.db", timeout=0.1)
+    db.execute("CREATE TABLE notes (text TEXT)")
+    with write_lock_held(tmp_path / "app.db"):
+        with pytest.raises(StillLocked, match="noting: database is locked"):
+            keep_trying(lambda: db.execute("INSERT INTO notes VALUES ('x')"), "noting",
+                        stopping=lambda: True)
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):  # a real error
+        keep_trying(lambda: db.execute("INSERT INTO missing VALUES (1)"), "noting")
 
 
 # --- Configuration --------------------------------------------------------------------

@@ -2,6 +2,7 @@
 import re
 import signal
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -10,6 +11,8 @@ from conftest import app_env, get, post_form, upload, wait_until
 from database import database_from_env
 from job_queue import JobQueue
 from tasks import number_arg
+from test_database import write_lock_held
+from worker import StopRequest
 
 FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
 STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)
@@ -89,6 +92,25 @@ def test_a_lease_that_runs_out_on_the_last_attempt_makes_the_job_dead(queue_on_f
     job = queue.get(job_id)
     assert job["state"] == "dead"
     assert job["error"] == "lease expired: worker worker.1 stopped heartbeating"
+
+
+def test_a_job_given_back_is_queued_at_once_with_its_attempt_not_counted(queue_on_fake_clock):
+    queue = queue_on_fake_clock
+    job_id = queue.enqueue("sleep", {"seconds": 60})
+    first = queue.claim_next_job("worker.1", lease=30)
+    assert queue.give_back(first)
+    second = queue.claim_next_job("worker.2", lease=30)
+    assert (second.id, second.attempt, second.max_attempts) == (job_id, 2, 4)
+    assert not queue.extend_lease(first, lease=30)  # the token never repeats: still fenced
+    assert not queue.give_back(first)
+
+
+def test_a_second_stop_signal_moves_the_deadline_to_now():
+    stop = StopRequest(timeout=25)
+    stop.record(signal.SIGTERM, None)
+    assert (stop.signal_name, stop.time_is_up()) == ("SIGTERM", False)
+    stop.record(signal.SIGINT, None)
+    assert stop.time_is_up()
 
 
 @pytest.mark.parametrize("value, shown", [
@@ -185,6 +207,44 @@ def test_sigterm_lets_the_job_in_hand_finish_then_exits_0(queue, start_worker):
     assert worker.output().rstrip().endswith("worker.1 stopped")
 
 
+def test_a_job_unfinished_at_the_stop_deadline_is_given_back_and_run_by_another(
+        queue, start_worker):
+    first = start_worker(STOP_TIMEOUT=0.2)
+    job_id = queue.enqueue("sleep", {"seconds": 1})
+    wait_for_state(queue, job_id, "running")
+    signalled = time.monotonic()
+    assert first.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - signalled < 0.8  # the task had most of its second to go
+    job = queue.get(job_id)
+    assert (job["state"], job["attempts"], job["max_attempts"]) == ("queued", 1, 4)
+    assert f"job {job_id} sleep given back to the queue" in first.output()
+
+    second = start_worker(wait_ready=False, WORKER_BURST=1, HONCHO_PROCESS_NAME="worker.2")
+    assert second.popen.wait(10) == 0
+    job = queue.get(job_id)
+    assert (job["state"], job["attempts"], job["worker"]) == ("done", 2, "worker.2")
+
+
+def test_an_idle_worker_stops_at_once_whatever_its_poll_interval(start_worker):
+    worker = start_worker(POLL_INTERVAL=60)
+    signalled = time.monotonic()
+    assert worker.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - signalled < 1
+
+
+def test_a_database_locked_past_the_busy_timeout_is_waited_out(queue, start_worker, tmp_path):
+    worker = start_worker(DATABASE_BUSY_TIMEOUT=0.2, JOB_LEASE=5)
+    job_id = queue.enqueue("sleep", {"seconds": 0.5})
+    wait_for_state(queue, job_id, "running")
+    with write_lock_held(tmp_path / "app.db"):  # the task ends while the lock is held
+        wait_until(lambda: "database is locked" in worker.output(), timeout=5,
+                   what="the worker to meet the lock")
+    job = wait_for_state(queue, job_id, "done")
+    assert (job["attempts"], worker.popen.poll()) == (1, None)
+    assert worker.output().count("database is locked") == 1
+    assert f"recording job {job_id} as done: database is locked; trying again" in worker.output()
+
+
 def test_arguments_no_task_can_use_fail_the_job_not_the_worker(queue, start_worker):
     too_long = queue.db.execute(  # stored by an older Python, or by hand: no 4,300-digit limit
         "INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
@@ -210,7 +270,8 @@ def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
 
 
 @pytest.mark.parametrize("variable, value", [
-    ("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10"), ("DATABASE_BUSY_TIMEOUT", "3600"),
+    ("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10"), ("STOP_TIMEOUT", "0"),
+    ("DATABASE_BUSY_TIMEOUT", "3600"),
 ])
 def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker, variable, value):
     worker = start_worker(wait_ready=False, **{variable: value})
