@@ -13,9 +13,18 @@ to the wall clock (`floor(now / every) * every`), not to each clock's start time
 copy computes the same key for the same tick, and a restart mid-interval finds its tick
 already enqueued. A tick missed while no clock was running is skipped, not caught up.
 
+A locked database is a wait, not a crash: when another process holds the write lock past
+the busy timeout, the clock logs one line and tries again (`keep_trying`) until its tick
+is in. The unique key makes the retry safe: a tick is enqueued once, never twice. A wait
+shorter than the interval loses no tick; ticks that pass during a longer one are skipped,
+as when no clock runs.
+
 The clock only enqueues (through `job_queue.py`); `worker.py` runs the jobs.
-Configuration, read once in `main()`: DATABASE_URL, PURGE_EVERY (seconds, default 60),
-HEARTBEAT_EVERY (default 10), DYNO (default `clock.1`). SIGTERM or SIGINT: exit 0 at once.
+Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, PURGE_EVERY
+(whole seconds, default 60, at most 86400), HEARTBEAT_EVERY (default 10, at most 86400),
+the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `clock.1`). SIGTERM or SIGINT:
+exit 0 at once, or, if a statement is waiting for a locked database, as soon as it returns
+(at most DATABASE_BUSY_TIMEOUT, which is capped below the usual 25 s STOP_TIMEOUT).
 """
 from __future__ import annotations
 
@@ -27,8 +36,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
-from database import ConfigError, database_from_env, positive_number
+from database import ConfigError, database_from_env, keep_trying, process_name, whole_seconds
 from job_queue import JobQueue
+
+MAX_INTERVAL = 86400  # a day: a longer schedule belongs to a cron, not to this clock
 
 
 @dataclass(frozen=True)
@@ -43,17 +54,11 @@ class Config:
     schedules: tuple[Schedule, ...]
 
 
-def seconds_from_env(environ: Mapping[str, str], name: str, default: int) -> int:
-    value = positive_number(environ, name, default)
-    if not value.is_integer():
-        raise ConfigError(f"{name} must be a whole number of seconds, got {environ[name]!r}")
-    return int(value)
-
-
 def config_from_env(environ: Mapping[str, str]) -> Config:
-    return Config(dyno=environ.get("DYNO", "clock.1"), schedules=(
-        Schedule("purge_expired_sessions", seconds_from_env(environ, "PURGE_EVERY", 60)),
-        Schedule("heartbeat", seconds_from_env(environ, "HEARTBEAT_EVERY", 10))))
+    return Config(dyno=process_name(environ, "clock.1"), schedules=(
+        Schedule("purge_expired_sessions",
+                 whole_seconds(environ, "PURGE_EVERY", 60, MAX_INTERVAL)),
+        Schedule("heartbeat", whole_seconds(environ, "HEARTBEAT_EVERY", 10, MAX_INTERVAL))))
 
 
 def current_tick(schedule: Schedule, now: float) -> int:
@@ -68,9 +73,10 @@ def tick_key(schedule: Schedule, tick: int) -> str:
 def enqueue_tick(queue: JobQueue, schedule: Schedule, tick: int) -> None:
     """Enqueue one tick; the unique key makes a second attempt, from anyone, do nothing."""
     key = tick_key(schedule, tick)
-    job_id = queue.enqueue(schedule.task, {}, key=key)
+    job_id = keep_trying(lambda: queue.enqueue(schedule.task, {}, key=key), f"enqueuing {key}")
     if job_id is None:
-        print(f"{key} already enqueued by another clock", flush=True)
+        print(f"{key} already enqueued (by another clock, or by this one before a restart)",
+              flush=True)
     else:
         print(f"enqueued {key} as job {job_id}", flush=True)
 

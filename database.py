@@ -8,38 +8,109 @@ correctly, for many processes and many threads, and both backing services build 
 `session_store.py` (sessions, uploads) and `job_queue.py` (jobs). Neither imports the
 other; each owns its tables.
 
-It also holds the two small helpers every process uses to read its configuration from
-the environment (Factor III): `ConfigError`, which a process turns into one line on
-stderr and exit code 2, and `positive_number`.
+A locked database is a wait, not a crash: another process may hold SQLite's one write
+lock for longer than the busy timeout (a long purge, a copy frozen mid-transaction).
+`keep_trying` is how a worker or a clock waits that out: it logs one line and tries
+again, so a result is recorded once and a tick enqueued once, later rather than never.
+
+It also holds the small helpers every process uses to read its configuration from the
+environment (Factor III): `ConfigError`, which a process turns into one line on stderr
+and exit code 2, `positive_number` and `whole_seconds` (each with a sane maximum, so
+that `POLL_INTERVAL=1e10` is refused at start instead of crashing `time.sleep` later),
+and `process_name` (which copy am I: web.1, worker.2).
 
 SQLite suits processes on one machine with a local disk; several machines need a
 networked database (Postgres), which is where this toy ends.
 """
 from __future__ import annotations
 
-import math
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT = 10.0      # seconds a statement waits for another process's write lock
+MAX_BUSY_TIMEOUT = 20.0  # a write in progress when SIGTERM comes ends within STOP_TIMEOUT (25)
+IDLE_READERS = 8         # read connections kept open for the next read
+RETRY_PAUSE = 0.1        # seconds between two tries of `keep_trying`, on top of the busy wait
 
 
 class ConfigError(Exception):
     """A bad configuration value; the message names the environment variable."""
 
 
-def positive_number(environ: Mapping[str, str], name: str, default: float) -> float:
-    """Read a positive number from the environment, or say which variable is wrong."""
+def positive_number(environ: Mapping[str, str], name: str, default: float,
+                    maximum: float) -> float:
+    """Read a number of seconds above 0 and at most `maximum`, or say which variable is wrong.
+
+    The maximum keeps a typo (`1e10`) from reaching `time.sleep` or SQLite, which would
+    overflow, and from making a process wait for centuries."""
     text = environ.get(name, str(default))
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 < value < math.inf:  # `inf` and `nan` parse as floats too
-        raise ConfigError(f"{name} must be a positive number of seconds, got {text!r}")
+    if not 0 < value <= maximum:  # false for `nan` too, which parses as a float
+        raise ConfigError(f"{name} must be a number of seconds above 0 and at most "
+                          f"{maximum:g}, got {text!r}")
     return value
+
+
+def whole_seconds(environ: Mapping[str, str], name: str, default: int, maximum: int) -> int:
+    """Read a whole number of seconds from 1 to `maximum` (an interval, a cookie's Max-Age)."""
+    value = positive_number(environ, name, default, maximum)
+    if not value.is_integer():
+        raise ConfigError(f"{name} must be a whole number of seconds from 1 to {maximum}, "
+                          f"got {environ[name]!r}")
+    return int(value)
+
+
+def process_name(environ: Mapping[str, str], default: str) -> str:
+    """This copy's name, as the process manager that started it tells it: Heroku and our
+    launcher set DYNO, honcho sets HONCHO_PROCESS_NAME, foreman sets PS (all like `web.2`)."""
+    for variable in ("DYNO", "HONCHO_PROCESS_NAME", "PS"):
+        if environ.get(variable):
+            return environ[variable]
+    return default
+
+
+def is_locked(error: sqlite3.Error) -> bool:
+    """SQLite's "database is locked": another connection holds the lock we need."""
+    return isinstance(error, sqlite3.OperationalError) and "database is locked" in str(error)
+
+
+class StillLocked(Exception):
+    """`keep_trying` stopped: its caller must stop, and the database is still locked."""
+
+
+def keep_trying(action: Callable[[], T], what: str,
+                stopping: Callable[[], bool] = lambda: False) -> T:
+    """Run `action` until the database lets it through; return what it returns.
+
+    While another process holds the write lock past the busy timeout, log one line and
+    try again. Only "database is locked" is waited out: any other error is a real one and
+    is raised at once. When `stopping()` turns true (a worker at its stop deadline), raise
+    `StillLocked` instead of trying again. Repeating `action` is safe because SQLite
+    refused it whole: a statement that fails with "database is locked" changed nothing.
+    """
+    logged = False
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as error:
+            if not is_locked(error):
+                raise
+            if stopping():
+                raise StillLocked(f"{what}: {error}") from None
+            if not logged:
+                print(f"{what}: {error}; trying again until it is free", flush=True)
+                logged = True
+        time.sleep(RETRY_PAUSE)
 
 
 class Database:
@@ -52,32 +123,66 @@ class Database:
     * `write()` starts with `BEGIN IMMEDIATE`, which takes the write lock *before* the
       first read. Python's default starts the transaction at the first write, so a
       read-modify-write would read outside it and silently lose updates.
-    * One connection per process, used by one thread at a time behind `self.lock`.
-      `ThreadingHTTPServer` starts a thread per request, so "a connection per thread"
-      would mean a connection per request. Threads of one process would only queue for
-      SQLite's single write lock anyway, and queueing on a Python lock is cheaper than
-      SQLite's sleep-and-retry (measured: higher throughput, far lower p99).
-    * The connection is keyed by process id and opened lazily, so a forked child never
-      uses its parent's connection (sqlite.org, "How to corrupt a database", 2.6).
+    * Writes (`write()`, `execute()`) share one connection per process, used by one
+      thread at a time behind `self.lock`. `ThreadingHTTPServer` starts a thread per
+      request, so "a connection per thread" would mean a connection per request. Threads
+      of one process would only queue for SQLite's single write lock anyway, and queueing
+      on a Python lock is cheaper than SQLite's sleep-and-retry (measured: higher
+      throughput, far lower p99).
+    * Reads (`query()`) do not queue there. In WAL a reader never waits for the writer,
+      but a read behind `self.lock` waited for whichever thread held it, and that thread
+      may itself be waiting for another process's write lock: a `GET /session` took 9.7 s
+      while a `POST /cart` on the same copy waited (issue 10). So a read takes a
+      connection of its own from a small pool of read-only ones (`query_only`: a write
+      sent there by mistake fails loudly instead of bypassing `BEGIN IMMEDIATE`). A read
+      inside `write()` stays on the writer's connection: it is part of the transaction.
+    * Every connection is opened lazily and belongs to the process that opened it, so a
+      forked child never uses its parent's (sqlite.org, "How to corrupt a database", 2.6).
+      Opening retries while the file is locked (`_open`): copies that start together on
+      a brand-new file all start.
     """
 
-    def __init__(self, path: Path, timeout: float = 10.0):
+    def __init__(self, path: Path, timeout: float = BUSY_TIMEOUT):
         self.path = path
         self.timeout = timeout
-        self.lock = threading.RLock()
-        self._connection: sqlite3.Connection | None = None
-        self._pid = 0
+        self.lock = threading.RLock()  # the writer's: one write at a time in this process
+        self._writer: sqlite3.Connection | None = None
+        self._writer_pid = 0
+        self._readers_lock = threading.Lock()  # only guards the list below
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._readers_pid = 0
+        self._transaction = threading.local()  # .connection while this thread is in write()
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._connection is None or self._pid != os.getpid():
+    def _open(self, read_only: bool = False) -> sqlite3.Connection:
+        """A configured connection, retried while the file is locked, up to the timeout.
+
+        Switching a brand-new file to WAL needs every other connection out of the way, and
+        SQLite does not call the busy handler there when another opener holds the write
+        lock (it would deadlock): two processes that open a new file at the same instant
+        made one fail at once with "database is locked". So the open itself retries.
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._connection, self._pid = conn, os.getpid()
-        return self._connection
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA query_only={int(read_only)}")
+                return conn
+            except sqlite3.OperationalError as error:
+                conn.close()
+                if not is_locked(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The process's one write connection; the caller holds `self.lock`."""
+        if self._writer is None or self._writer_pid != os.getpid():
+            self._writer, self._writer_pid = self._open(), os.getpid()
+        return self._writer
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -85,19 +190,49 @@ class Database:
 
         An exception inside the block rolls back everything the block wrote."""
         with self.lock:
-            conn = self._connect()
+            conn = self._writer_connection()
             conn.execute("BEGIN IMMEDIATE")
+            self._transaction.connection = conn
             try:
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("COMMIT")
+            finally:
+                self._transaction.connection = None
+                if conn.in_transaction:  # the block raised, or COMMIT failed (a full disk):
+                    conn.execute("ROLLBACK")  # never leave the next write inside this one
+
+    def execute(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """Run one statement that writes: alone it is its own transaction; inside
+        `write()`, part of it."""
+        with self.lock:
+            return self._writer_connection().execute(sql, params).fetchall()
 
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        """Run one statement: alone it is its own transaction; inside `write()`, part of it."""
-        with self.lock:
-            return self._connect().execute(sql, params).fetchall()
+        """Run one read. Inside this thread's `write()`, it is part of the transaction;
+        anywhere else it runs on a read connection and never waits for a writer."""
+        conn = getattr(self._transaction, "connection", None)
+        if conn is not None:
+            return conn.execute(sql, params).fetchall()
+        conn = self._take_reader()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            self._return_reader(conn)
+
+    def _take_reader(self) -> sqlite3.Connection:
+        with self._readers_lock:
+            if self._readers_pid != os.getpid():  # forked: the parent's are not ours
+                self._idle_readers, self._readers_pid = [], os.getpid()
+            if self._idle_readers:
+                return self._idle_readers.pop()
+        return self._open(read_only=True)
+
+    def _return_reader(self, conn: sqlite3.Connection) -> None:
+        with self._readers_lock:
+            if self._readers_pid == os.getpid() and len(self._idle_readers) < IDLE_READERS:
+                self._idle_readers.append(conn)
+                return
+        conn.close()
 
     def create_tables(self, script: str) -> None:
         with self.write() as conn:
@@ -106,10 +241,21 @@ class Database:
                     conn.execute(statement)
 
     def close(self) -> None:
-        with self.lock:
-            if self._connection is not None and self._pid == os.getpid():
-                self._connection.close()
-            self._connection = None
+        """Close this process's connections, except a writer still in use: a worker that
+        stops at its deadline may leave a task's thread inside a write, and the process's
+        exit ends that one."""
+        with self._readers_lock:
+            idle = self._idle_readers if self._readers_pid == os.getpid() else []
+            self._idle_readers = []
+        for conn in idle:
+            conn.close()
+        if self.lock.acquire(blocking=False):
+            try:
+                if self._writer is not None and self._writer_pid == os.getpid():
+                    self._writer.close()
+                self._writer = None
+            finally:
+                self.lock.release()
 
 
 def database_path(url: str) -> Path:
@@ -121,13 +267,17 @@ def database_path(url: str) -> Path:
 
 
 def database_from_env(environ: Mapping[str, str]) -> Database:
-    """Open the shared SQLite file named by DATABASE_URL, creating its folder."""
+    """Open the shared SQLite file named by DATABASE_URL, creating its folder.
+
+    DATABASE_BUSY_TIMEOUT (seconds, default 10): how long one statement waits for another
+    process's write lock before "database is locked"."""
     url = environ.get("DATABASE_URL", "sqlite:///var/app.db")
     path = database_path(url)
-    db = Database(path)
+    db = Database(path, positive_number(environ, "DATABASE_BUSY_TIMEOUT", BUSY_TIMEOUT,
+                                        MAX_BUSY_TIMEOUT))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db.query("SELECT 1")
+        db.execute("SELECT 1")  # opens the write connection: creates the file, in WAL
     except (OSError, sqlite3.Error) as error:
         raise ConfigError(f"DATABASE_URL={url}: cannot open the database: {error}") from None
     return db

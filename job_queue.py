@@ -19,6 +19,9 @@ How a job travels (the design of Solid Queue, GoodJob and Oban, on SQLite):
   in the queue and another worker runs it.
 * A task that raises is retried later (`retry_later`), up to `max_attempts`, then marked
   `dead` with its error kept (`mark_dead`).
+* A worker told to stop that cannot finish in time gives the job back (`give_back`), as
+  Sidekiq does on shutdown: the job is `queued` again at once, for another worker, and
+  this attempt does not count against `max_attempts`.
 
 Delivery is therefore **at-least-once**, never exactly-once: a worker may finish the work
 and be killed before it records `done`, and then the job runs again elsewhere. So write a
@@ -28,7 +31,8 @@ delete what has expired, upsert rather than append; don't send "one more" email 
 The attempt number is the *fencing token*: a worker that lost its lease (paused, then
 woken) still believes it owns the job, so every write it makes about the job checks
 `attempts` and `state`, and a stale worker's result is discarded, not written over the
-new owner's.
+new owner's. So `attempts` only ever grows, even on a give-back: the next owner must
+never hold a token the last one held.
 
 What a job does is not here: the tasks are in `tasks.py`, run by `worker.py`.
 """
@@ -65,15 +69,18 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, run_at);
 CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task, id)
 """
-JOB_COLUMNS = "id, task, args, state, attempts, worker, result, error, key, private"
+JOB_COLUMNS = "id, task, args, state, attempts, max_attempts, worker, result, error, key, private"
 
 
 @dataclass(frozen=True)
 class Job:
-    """A job as the worker that claimed it holds it. `attempt` is also its fencing token."""
+    """A job as the worker that claimed it holds it. `attempt` is also its fencing token.
+
+    `args_json` is left as stored: decoding it can fail (`decoded`), and that is the job's
+    failure, for the worker to record, not a crash of the claim."""
     id: int
     task: str
-    args: dict
+    args_json: str
     attempt: int
     max_attempts: int
 
@@ -102,7 +109,7 @@ class JobQueue:
         `private`: the job was enqueued for a user's session, and who may read its args
         and result is the web process's business; the queue only keeps the mark."""
         now = self.clock()
-        rows = self.db.query(
+        rows = self.db.execute(
             "INSERT INTO jobs (task, args, key, max_attempts, run_at, created_at, updated_at, "
             "private) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING id",
             (task, json.dumps(args), key, max_attempts, now, now, now, private))
@@ -143,8 +150,7 @@ class JobQueue:
         if not rows:
             return None
         row = rows[0]
-        return Job(row["id"], row["task"], json.loads(row["args"]), row["attempts"],
-                   row["max_attempts"])
+        return Job(row["id"], row["task"], row["args"], row["attempts"], row["max_attempts"])
 
     def recover_expired_leases(self, conn: sqlite3.Connection, now: float) -> None:
         """Give back the jobs of workers that stopped heartbeating (killed, frozen, cut off).
@@ -184,6 +190,20 @@ class JobQueue:
             job, "state = 'dead', error = ?, lease_until = NULL, updated_at = ?",
             (error, self.clock()))
 
+    def give_back(self, job: Job) -> bool:
+        """Put an unfinished job back in the queue, ready at once, without counting this
+        attempt (a worker at its stop deadline); False if the lease was lost meanwhile.
+
+        The attempt is given back by allowing one more (`max_attempts + 1`), not by
+        lowering `attempts`: that is the fencing token, and lowering it would hand the
+        next owner the very token this worker holds, so a late write from this worker
+        (its lease thread, say) would pass the fence.
+        """
+        now = self.clock()
+        return self._update_if_still_ours(
+            job, "state = 'queued', max_attempts = max_attempts + 1, run_at = ?, "
+                 "lease_until = NULL, updated_at = ?", (now, now))
+
     def _update_if_still_ours(self, job: Job, assignments: str, params: tuple) -> bool:
         """The fence: write only while the job is running *this* attempt.
 
@@ -191,7 +211,7 @@ class JobQueue:
         claimed the job since, `attempts` has moved on; if the lease was only recovered,
         the state is no longer 'running'. Either way no row matches and nothing is written.
         """
-        rows = self.db.query(
+        rows = self.db.execute(
             f"UPDATE jobs SET {assignments} WHERE id = ? AND attempts = ? "
             f"AND state = 'running' RETURNING id", (*params, job.id, job.attempt))
         return bool(rows)
@@ -206,9 +226,29 @@ def add_private_column(db: Database) -> None:
             conn.execute("ALTER TABLE jobs ADD COLUMN private INTEGER NOT NULL DEFAULT 0")
 
 
+def decoded(text: str) -> object:
+    """Stored JSON text to a value, or ValueError when this Python cannot hold it: nested
+    too deep, or an integer longer than `sys.get_int_max_str_digits()` (4,300 digits since
+    Python 3.11; an older Python may have stored it)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to decode") from None
+
+
+def shown(text: str | None) -> object:
+    """A stored JSON value to show; one that cannot be decoded is described instead, so
+    that one bad row cannot break every list it appears in."""
+    if text is None:
+        return None
+    try:
+        return decoded(text)
+    except ValueError as error:
+        return f"(cannot be shown: {error})"
+
+
 def job_as_dict(row: sqlite3.Row) -> dict:
     job = dict(row)
     job["private"] = bool(job["private"])
-    job["args"] = json.loads(job["args"])
-    job["result"] = json.loads(job["result"]) if job["result"] is not None else None
+    job["args"], job["result"] = shown(job["args"]), shown(job["result"])
     return job

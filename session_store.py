@@ -40,7 +40,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ContextManager, Iterator, Mapping
 
-from database import ConfigError, Database, positive_number
+from database import ConfigError, Database, whole_seconds
+
+MAX_SESSION_TTL = 400 * 86400  # browsers cap a cookie's Max-Age at 400 days (RFC 6265bis)
 
 
 def new_session_id() -> str:
@@ -85,7 +87,7 @@ class SessionStore:
     primitive operations on one session (`load`, `write`, `remove`).
     """
     kind = "abstract"
-    ttl: float  # seconds a session lives after its last write
+    ttl: float  # seconds a session lives after its last write (whole, from the environment)
 
     @contextmanager
     def edit(self, sid: str | None, rotate: bool = False) -> Iterator[Session]:
@@ -226,16 +228,16 @@ class SQLiteStore(SessionStore):
         return json.loads(rows[0]["data"]) if rows else None
 
     def write(self, sid: str, data: dict) -> None:
-        self.db.query("INSERT OR REPLACE INTO sessions (id, data, expires_at) VALUES (?, ?, ?)",
-                      (sid, json.dumps(data), time.time() + self.ttl))
+        self.db.execute("INSERT OR REPLACE INTO sessions (id, data, expires_at) "
+                        "VALUES (?, ?, ?)", (sid, json.dumps(data), time.time() + self.ttl))
 
     def remove(self, sid: str | None) -> None:
-        self.db.query("DELETE FROM sessions WHERE id = ?", (sid,))
+        self.db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
 
     def save_upload(self, filename: str, content_type: str, data: bytes) -> str:
         upload_id = secrets.token_urlsafe(16)
-        self.db.query("INSERT INTO uploads VALUES (?, ?, ?, ?, ?)",
-                      (upload_id, filename, content_type, data, time.time()))
+        self.db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?)",
+                        (upload_id, filename, content_type, data, time.time()))
         return upload_id
 
     def load_upload(self, upload_id: str) -> Upload | None:
@@ -263,9 +265,12 @@ class SQLiteStore(SessionStore):
 
 
 def store_from_env(environ: Mapping[str, str], db: Database) -> SessionStore:
-    """Pick the store named by SESSION_STORE (`sqlite`, the default, or `memory`)."""
+    """Pick the store named by SESSION_STORE (`sqlite`, the default, or `memory`).
+
+    SESSION_TTL is whole seconds from 1, because it is also the cookie's `Max-Age`, which
+    is whole seconds: 0.5 would have become `Max-Age=0`, a cookie deleted on arrival."""
     kind = environ.get("SESSION_STORE", "sqlite")
-    ttl = positive_number(environ, "SESSION_TTL", 86400)
+    ttl = whole_seconds(environ, "SESSION_TTL", 86400, MAX_SESSION_TTL)
     if kind == "sqlite":
         return SQLiteStore(db, ttl)
     if kind == "memory":

@@ -9,9 +9,15 @@ imports the other.
 A task is a plain function `(args, context) -> result`: `args` is the job's JSON object,
 the result must be JSON-able, and an exception is the job's failure (retried, then kept
 as its error). Delivery is at-least-once (`job_queue.py`), so every task is idempotent.
+The worker runs each task on a thread of its own, so that it can stop waiting for one at
+its stop deadline; a task still running then is cut off when the worker exits, as by a
+SIGKILL, and runs again elsewhere. Arguments come from users: check them (`number_arg`),
+so that a bad one fails the job with a clear error.
 """
 from __future__ import annotations
 
+import math
+import reprlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,17 +33,32 @@ class TaskContext:
     worker: str
 
 
-def number_arg(args: dict, name: str, default: float | None = None) -> float:
-    """`args[name]` as a number >= 0, or a clear error (the job fails with it)."""
+MAX_SLEEP = 3600  # seconds: ample for a stand-in, and `time.sleep(1e308)` would overflow
+
+
+def number_arg(args: dict, name: str, default: float | None = None,
+               maximum: float = math.inf) -> float:
+    """`args[name]` as a number from 0 to `maximum`, or a clear error (the job fails with it)."""
     value = args.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"argument {name!r} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= maximum:  # false for NaN too
+        limit = f"from 0 to {maximum:g}" if maximum < math.inf else ">= 0"
+        raise ValueError(f"argument {name!r} must be a number {limit}, got {brief(value)}")
     return value
+
+
+def brief(value: object) -> str:
+    """A short repr for an error message. Python 3.11+ refuses to print an integer of more
+    than 4,300 digits (a guard against slow conversions), so such a value is only named."""
+    try:
+        return reprlib.repr(value)
+    except ValueError:
+        return f"a {type(value).__name__} too large to print"
 
 
 def sleep(args: dict, ctx: TaskContext) -> dict:
     """Sleep `seconds`: a stand-in for slow work, to watch jobs spread and to kill workers."""
-    seconds = number_arg(args, "seconds")
+    seconds = number_arg(args, "seconds", maximum=MAX_SLEEP)
     time.sleep(seconds)
     return {"slept": seconds}
 
@@ -46,7 +67,8 @@ def wordcount(args: dict, ctx: TaskContext) -> dict:
     """Count the words, lines and bytes of an upload, read from the backing store."""
     upload_id = args.get("upload")
     if not isinstance(upload_id, str):
-        raise ValueError(f"argument 'upload' must be an upload id (a string), got {upload_id!r}")
+        raise ValueError(f"argument 'upload' must be an upload id (a string), "
+                         f"got {brief(upload_id)}")
     upload = ctx.store.load_upload(upload_id)
     if upload is None and ctx.store.kind == "memory":
         raise LookupError(f"no upload {upload_id} in the memory store: it lives in the "

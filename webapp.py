@@ -19,7 +19,8 @@ several copies and spreading traffic over them (`launcher.py`, the platform), ru
 plumbing and `main()`, then the page (its template is `page.html`).
 
 Configuration is the environment (Factor III), read once in `main()`: PORT, HOST,
-SESSION_STORE, DATABASE_URL, SESSION_TTL, DYNO, COOKIE_SECURE. SIGTERM stops accepting,
+SESSION_STORE, DATABASE_URL, DATABASE_BUSY_TIMEOUT, SESSION_TTL, DYNO (or honcho's
+HONCHO_PROCESS_NAME, or foreman's PS), COOKIE_SECURE. SIGTERM stops accepting,
 lets the requests in flight finish, closes the store, and exits 0.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from string import Template
 
-from database import ConfigError, database_from_env
+from database import ConfigError, database_from_env, process_name
 from job_queue import JobQueue
 from session_store import (Session, SessionStore, UploadInfo, empty_session,
                            store_from_env)
@@ -526,7 +527,7 @@ def config_from_env(environ: dict) -> Config:
     if port is None or not 0 < port < 65536:
         raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
     return Config(host=environ.get("HOST", "127.0.0.1"), port=port,
-                  dyno=environ.get("DYNO", "web.1"),
+                  dyno=process_name(environ, "web.1"),
                   cookie_secure=environ.get("COOKIE_SECURE", "") == "1")
 
 

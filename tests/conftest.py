@@ -13,10 +13,13 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -292,3 +295,27 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+@contextmanager
+def write_lock_held(path: Path, at_most: float = 5.0):
+    """Hold SQLite's write lock from a connection of our own, as another busy process
+    would, until the block ends; `at_most` bounds it so that a failing test cannot hang."""
+    taken, release = threading.Event(), threading.Event()
+
+    def hold():
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        taken.set()
+        release.wait(at_most)
+        conn.execute("ROLLBACK")
+        conn.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(10), "could not take the write lock"
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()

@@ -1,4 +1,5 @@
 """clock.py: ticks aligned to the wall clock, each enqueued once however many clocks run."""
+import math
 import re
 import signal
 import sys
@@ -8,9 +9,10 @@ from datetime import datetime
 import pytest
 
 from clock import Schedule, current_tick, tick_key
-from conftest import app_env, wait_until
+from conftest import write_lock_held, app_env, wait_until
 
 ENQUEUED = re.compile(r"^enqueued (\S+) as job \d+$", re.MULTILINE)
+ALREADY = "already enqueued (by another clock, or by this one before a restart)"
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ def test_three_clocks_enqueue_each_tick_exactly_once(queue, start_clock):
     assert sorted(logged) == sorted(job["key"] for job in jobs)  # one insert per job
     ticks = sorted(tick_time(job["key"]) for job in jobs if job["task"] == "heartbeat")
     assert ticks == [ticks[0] + n for n in range(len(ticks))]  # consecutive, none missing
-    assert "already enqueued by another clock" in "".join(clock.output() for clock in clocks)
+    assert ALREADY in "".join(clock.output() for clock in clocks)
 
 
 def test_a_clock_restarted_mid_interval_does_not_double_the_tick(queue, start_clock):
@@ -58,12 +60,36 @@ def test_a_clock_restarted_mid_interval_does_not_double_the_tick(queue, start_cl
     assert second.stop(signal.SIGTERM) == 0
     if key != tick_key(day, current_tick(day, time.time())):
         pytest.skip("the test ran across midnight UTC, into a new tick")
-    assert f"{key} already enqueued by another clock" in second.output()
+    assert f"{key} {ALREADY}" in second.output()
     assert [job["key"] for job in queue.recent("heartbeat")] == [key]
 
 
-def test_a_bad_interval_exits_2_with_one_line_naming_it(start_clock):
-    clock = start_clock(HEARTBEAT_EVERY="soon")
+def test_a_database_locked_over_a_tick_delays_it_but_neither_loses_nor_doubles_it(
+        queue, start_clock, tmp_path):
+    clock = start_clock(HEARTBEAT_EVERY=1, PURGE_EVERY=3600, DATABASE_BUSY_TIMEOUT=0.2,
+                        HONCHO_PROCESS_NAME="clock.2")
+    wait_until(lambda: "clock.2 ready" in clock.output(), what="the clock to start")
+    tick = math.ceil(time.time() + 0.5)
+    time.sleep(tick - 0.2 - time.time())  # not a wait for anything: where the lock must start
+    with write_lock_held(tmp_path / "app.db"):  # over the tick, and past the busy timeout
+        wait_until(lambda: "database is locked" in clock.output(), timeout=3,
+                   what="the clock to meet the lock")
+    wait_until(lambda: any(tick_time(key) > tick for key in ENQUEUED.findall(clock.output())),
+               timeout=3, what="the next tick after the lock")
+    assert clock.stop(signal.SIGTERM) == 0
+
+    keys = [job["key"] for job in queue.recent("heartbeat")]
+    ticks = sorted(tick_time(key) for key in keys)
+    assert tick in ticks and ticks == [ticks[0] + n for n in range(len(ticks))]
+    assert sorted(ENQUEUED.findall(clock.output())) == sorted(keys + [
+        job["key"] for job in queue.recent("purge_expired_sessions")])
+    assert clock.output().count("database is locked") == 1
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("HEARTBEAT_EVERY", "soon"), ("HEARTBEAT_EVERY", "0.5"), ("PURGE_EVERY", "1e10")])
+def test_a_bad_interval_exits_2_with_one_line_naming_it(start_clock, variable, value):
+    clock = start_clock(**{variable: value})
     assert clock.popen.wait(10) == 2
     lines = clock.output().splitlines()
-    assert len(lines) == 1 and "HEARTBEAT_EVERY" in lines[0]
+    assert len(lines) == 1 and variable in lines[0] and f"'{value}'" in lines[0]

@@ -155,7 +155,15 @@ def test_database_url_forms():
     ({"SESSION_TTL": "-5"}, "SESSION_TTL"),
     ({"SESSION_TTL": "inf"}, "SESSION_TTL"),  # would overflow the cookie's Max-Age
     ({"SESSION_TTL": "nan"}, "SESSION_TTL"),
+    ({"SESSION_TTL": "0.5"}, "SESSION_TTL"),  # would be sent as the cookie's Max-Age=0
+    ({"SESSION_TTL": "1e10"}, "SESSION_TTL"),  # longer than a browser keeps a cookie
 ])
 def test_bad_store_settings_name_the_variable(tmp_path, environ, variable):
     with pytest.raises(ConfigError, match=variable):
         store_from_env(environ, Database(tmp_path / "app.db"))
+
+
+def test_the_session_ttl_is_whole_seconds_as_a_cookie_needs(tmp_path):
+    db = Database(tmp_path / "app.db")
+    assert store_from_env({"SESSION_TTL": "90"}, db).ttl == 90
+    assert isinstance(store_from_env({}, db).ttl, int)

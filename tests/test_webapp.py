@@ -115,7 +115,7 @@ def test_logout_ends_the_session(start_web):
 
 
 def test_expired_sessions_vanish(start_web):
-    web = start_web(SESSION_TTL="0.5")
+    web = start_web(SESSION_TTL="1")
     sid = login(web.url, "ada")
     assert get(web.url + "/session", sid).json()["user"] == "ada"
     wait_until(lambda: get(web.url + "/session", sid).json()["user"] is None,

@@ -2,13 +2,16 @@
 import re
 import signal
 import sys
+import time
 from collections import Counter
 
 import pytest
 
-from conftest import app_env, get, post_form, upload, wait_until
+from conftest import write_lock_held, app_env, get, post_form, upload, wait_until
 from database import database_from_env
 from job_queue import JOB_TABLES, JobQueue
+from tasks import number_arg
+from worker import StopRequest
 
 FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
 STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)
@@ -88,6 +91,35 @@ def test_a_lease_that_runs_out_on_the_last_attempt_makes_the_job_dead(queue_on_f
     job = queue.get(job_id)
     assert job["state"] == "dead"
     assert job["error"] == "lease expired: worker worker.1 stopped heartbeating"
+
+
+def test_a_job_given_back_is_queued_at_once_with_its_attempt_not_counted(queue_on_fake_clock):
+    queue = queue_on_fake_clock
+    job_id = queue.enqueue("sleep", {"seconds": 60})
+    first = queue.claim_next_job("worker.1", lease=30)
+    assert queue.give_back(first)
+    second = queue.claim_next_job("worker.2", lease=30)
+    assert (second.id, second.attempt, second.max_attempts) == (job_id, 2, 4)
+    assert not queue.extend_lease(first, lease=30)  # the token never repeats: still fenced
+    assert not queue.give_back(first)
+
+
+def test_a_second_stop_signal_moves_the_deadline_to_now():
+    stop = StopRequest(timeout=25)
+    stop.record(signal.SIGTERM, None)
+    assert (stop.signal_name, stop.time_is_up()) == ("SIGTERM", False)
+    stop.record(signal.SIGINT, None)
+    assert stop.time_is_up()
+
+
+@pytest.mark.parametrize("value, shown", [
+    (1e308, "1e+308"), (float("nan"), "nan"), (-1, "-1"), (True, "True"), ("5", "'5'"),
+    pytest.param(10 ** 5000, "int", id="5000-digit-int"),  # 3.11+ refuses to print it
+])
+def test_a_number_argument_out_of_range_is_a_clear_error(value, shown):
+    with pytest.raises(ValueError, match="argument 'seconds' must be a number from 0 to 3600, "
+                                         f"got .*{re.escape(shown)}"):
+        number_arg({"seconds": value}, "seconds", maximum=3600)
 
 
 def test_a_failed_job_waits_for_its_retry_time(queue_on_fake_clock):
@@ -174,6 +206,61 @@ def test_sigterm_lets_the_job_in_hand_finish_then_exits_0(queue, start_worker):
     assert worker.output().rstrip().endswith("worker.1 stopped")
 
 
+def test_a_job_unfinished_at_the_stop_deadline_is_given_back_and_run_by_another(
+        queue, start_worker):
+    first = start_worker(STOP_TIMEOUT=0.2)
+    job_id = queue.enqueue("sleep", {"seconds": 1})
+    wait_for_state(queue, job_id, "running")
+    signalled = time.monotonic()
+    assert first.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - signalled < 0.8  # the task had most of its second to go
+    job = queue.get(job_id)
+    assert (job["state"], job["attempts"], job["max_attempts"]) == ("queued", 1, 4)
+    assert f"job {job_id} sleep given back to the queue" in first.output()
+
+    second = start_worker(wait_ready=False, WORKER_BURST=1, HONCHO_PROCESS_NAME="worker.2")
+    assert second.popen.wait(10) == 0
+    job = queue.get(job_id)
+    assert (job["state"], job["attempts"], job["worker"]) == ("done", 2, "worker.2")
+
+
+def test_an_idle_worker_stops_at_once_whatever_its_poll_interval(start_worker):
+    worker = start_worker(POLL_INTERVAL=60)
+    signalled = time.monotonic()
+    assert worker.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - signalled < 1
+
+
+def test_a_database_locked_past_the_busy_timeout_is_waited_out(queue, start_worker, tmp_path):
+    worker = start_worker(DATABASE_BUSY_TIMEOUT=0.2, JOB_LEASE=5)
+    job_id = queue.enqueue("sleep", {"seconds": 0.5})
+    wait_for_state(queue, job_id, "running")
+    with write_lock_held(tmp_path / "app.db"):  # the task ends while the lock is held
+        wait_until(lambda: "database is locked" in worker.output(), timeout=5,
+                   what="the worker to meet the lock")
+    job = wait_for_state(queue, job_id, "done")
+    assert (job["attempts"], worker.popen.poll()) == (1, None)
+    assert worker.output().count("database is locked") == 1
+    assert f"recording job {job_id} as done: database is locked; trying again" in worker.output()
+
+
+def test_arguments_no_task_can_use_fail_the_job_not_the_worker(queue, start_worker):
+    too_long = queue.db.execute(  # stored by an older Python, or by hand: no 4,300-digit limit
+        "INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
+        "VALUES ('sleep', ?, 1, 0, 0, 0) RETURNING id", ('{"seconds": 1' + "0" * 5000 + "}",)
+    )[0]["id"]
+    too_big = queue.enqueue("sleep", {"seconds": 1e308}, max_attempts=1)
+    after = queue.enqueue("sleep", {"seconds": 0})
+    worker = start_worker()
+    assert wait_for_state(queue, after, "done")["worker"] == "worker.1"
+    errors = [queue.get(job_id)["error"] for job_id in (too_long, too_big)]
+    assert errors[0].startswith(("its arguments cannot be decoded: Exceeds the limit",
+                                 "ValueError: argument 'seconds' must be a number from 0"))
+    assert errors[1] == "ValueError: argument 'seconds' must be a number from 0 to 3600, " \
+                        "got 1e+308"
+    assert worker.popen.poll() is None
+
+
 def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
     job_id = queue.enqueue("sleep", {"seconds": 0})
     worker = start_worker(wait_ready=False, WORKER_BURST=1)
@@ -184,8 +271,8 @@ def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
 def test_a_jobs_table_made_before_private_jobs_gains_the_column_once(tmp_path):
     db = database_from_env(app_env(tmp_path))
     db.create_tables(JOB_TABLES.replace(",\n    private INTEGER NOT NULL DEFAULT 0", ""))
-    db.query("INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
-             "VALUES ('sleep', '{}', 3, 0, 0, 0)")  # a job from before
+    db.execute("INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
+               "VALUES ('sleep', '{}', 3, 0, 0, 0)")  # a job from before
     JobQueue(db)
     queue = JobQueue(db)  # a second process opening the same file changes nothing
     assert queue.get(1)["private"] is False
@@ -193,11 +280,15 @@ def test_a_jobs_table_made_before_private_jobs_gains_the_column_once(tmp_path):
     db.close()
 
 
-def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker):
-    worker = start_worker(wait_ready=False, JOB_LEASE="abc")
+@pytest.mark.parametrize("variable, value", [
+    ("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10"), ("STOP_TIMEOUT", "0"),
+    ("DATABASE_BUSY_TIMEOUT", "3600"),
+])
+def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker, variable, value):
+    worker = start_worker(wait_ready=False, **{variable: value})
     assert worker.popen.wait(10) == 2
     lines = worker.output().splitlines()
-    assert len(lines) == 1 and "JOB_LEASE" in lines[0] and "'abc'" in lines[0]
+    assert len(lines) == 1 and variable in lines[0] and f"'{value}'" in lines[0]
 
 
 def test_an_upload_made_on_one_web_copy_is_counted_by_a_worker_and_seen_on_another(
