@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import re
 import signal
@@ -30,11 +31,11 @@ import sqlite3
 import sys
 import threading
 import traceback
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass, field
 from email.message import Message
-from email.parser import BytesHeaderParser
-from http.cookies import CookieError, SimpleCookie
+from email.parser import HeaderParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import PurePosixPath, PureWindowsPath
 
@@ -46,7 +47,15 @@ from tasks import TASKS
 MAX_FORM_BYTES = 1 << 20      # a form is a few fields; refuse anything bigger unread
 MAX_UPLOAD_BYTES = 10 << 20
 MAX_FIELD_CHARS = 200
+MAX_FORM_FIELDS = 100
+MAX_ARGS_BYTES = 64 << 10     # a job's args are read back by every list that shows the job
+MAX_ARGS_DEPTH = 16
+MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader carries exactly
+# A media type as RFC 6838 spells one (type/subtype, plain parameters), nothing more.
+MEDIA_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+( ?; ?[\w!#$&^.+-]+=[\w!#$&^.+-]+)*",
+                        re.ASCII)
 COOKIE_NAME = "sid"
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")  # what `new_session_id` makes, and a margin
 
 
 # --- The application: one method per route -----------------------------------------
@@ -153,12 +162,7 @@ class App:
     def enqueue(self, request: Request) -> Response:
         form = request.form()
         task = required_field(form, "task")
-        try:
-            args = json.loads(form.get("args") or "{}")
-        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[… too deep
-            raise ClientError(400, f"'args' is not valid JSON: {error}") from None
-        if not isinstance(args, dict):
-            raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
+        args = job_args(form.get("args") or "{}")
         return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
 
     def job_status(self, request: Request) -> Response:
@@ -191,9 +195,10 @@ class Request:
     def body(self, limit: int) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", ""):
             raise ClientError(411, "send a Content-Length; chunked bodies are not accepted")
-        declared = whole_number(self.headers.get("Content-Length", "0"))
+        lengths = set(self.headers.get_all("Content-Length", ["0"]))
+        declared = whole_number(lengths.pop()) if len(lengths) == 1 else None
         if declared is None:
-            raise ClientError(400, "Content-Length is not a number")
+            raise ClientError(400, "Content-Length is not one number")
         if declared > limit:  # refused before reading a byte of it
             raise ClientError(413, f"the body is over the limit of {limit >> 20} MiB")
         try:
@@ -243,9 +248,12 @@ def redirect(location: str) -> Response:
 
 def parse_form(body: bytes) -> dict[str, str]:
     try:
-        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                                       max_num_fields=MAX_FORM_FIELDS)
     except UnicodeDecodeError:
         raise ClientError(400, "the form is not valid UTF-8") from None
+    except ValueError:  # parse_qsl's "Max number of fields exceeded"
+        raise ClientError(400, f"the form has over {MAX_FORM_FIELDS} fields") from None
     return dict(pairs)
 
 
@@ -256,6 +264,63 @@ def required_field(form: dict, name: str) -> str:
     if len(value) > MAX_FIELD_CHARS:
         raise ClientError(400, f"the field '{name}' is over {MAX_FIELD_CHARS} characters")
     return value
+
+
+def job_args(text: str) -> dict:
+    """A job's arguments: a JSON object, bounded here, before it is stored.
+
+    Every page and list that shows the job reads them back, so what is stored must be
+    cheap and safe to read for good: small, shallow (a deep one would make `json.loads`
+    raise RecursionError in every reader), and made of numbers any JSON reader can carry
+    (`json.loads` accepts NaN and Infinity, which are not JSON, and integers of any size,
+    which JavaScript rounds past 2**53 and `int()` refuses past 4300 digits).
+    """
+    if len(text.encode()) > MAX_ARGS_BYTES:
+        raise ClientError(400, f"'args' is over the limit of {MAX_ARGS_BYTES >> 10} KiB")
+    try:
+        args = json.loads(text, parse_int=json_integer, parse_float=json_float,
+                          parse_constant=json_constant)
+        too_deep = json_depth(args) > MAX_ARGS_DEPTH
+    except RecursionError:  # [[[[… deeper than the parser itself goes
+        too_deep = True
+    except json.JSONDecodeError as error:
+        raise ClientError(400, f"'args' is not valid JSON: {error}") from None
+    if too_deep:
+        raise ClientError(400, f"'args' nests deeper than {MAX_ARGS_DEPTH} levels")
+    if not isinstance(args, dict):
+        raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
+    return args
+
+
+def json_integer(text: str) -> int:
+    # The length first: int() refuses over 4300 digits. 17 is len("-9007199254740991").
+    if len(text) > 17 or abs(int(text)) > MAX_SAFE_INTEGER:
+        raise ClientError(400, f"'args' holds an integer beyond ±{MAX_SAFE_INTEGER} "
+                               f"(2**53 - 1), which JSON readers cannot carry exactly")
+    return int(text)
+
+
+def json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ClientError(400, f"'args' holds {text}, too large for a 64-bit float")
+    return value
+
+
+def json_constant(text: str):
+    raise ClientError(400, f"'args' holds {text}, which is not a JSON number")
+
+
+def json_depth(value) -> int:
+    """How deeply arrays and objects nest in `value` (a number is 0), without recursing."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        items = value.values() if isinstance(value, dict) else value
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((item, depth + 1) for item in items)
+    return deepest
 
 
 def header_param(header: str, param: str) -> str | None:
@@ -281,7 +346,8 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
     """Split a multipart/form-data body (RFC 7578) into its named parts.
 
     The body is `--B` part `--B` part `--B--`, each delimiter preceded by CRLF, each
-    part headers, a blank line, then its bytes. The bytes are kept exactly as sent.
+    part headers, a blank line, then its bytes. The bytes are kept exactly as sent. The
+    headers are UTF-8: browsers send a file's name as it is (`filename="café.txt"`).
     """
     boundary = header_param(content_type, "boundary")
     if not boundary:
@@ -289,34 +355,55 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
     pieces = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
     if len(pieces) < 3 or not pieces[-1].startswith(b"--"):
         raise ClientError(400, "malformed multipart body: missing closing boundary")
+    if len(pieces) > MAX_FORM_FIELDS + 2:
+        raise ClientError(400, f"the form has over {MAX_FORM_FIELDS} fields")
     parts = {}
     for piece in pieces[1:-1]:  # pieces[0] is the preamble, pieces[-1] the epilogue
         _, _, rest = piece.partition(b"\r\n")
         head, blank_line, data = rest.partition(b"\r\n\r\n")
-        headers = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+        headers = HeaderParser().parsestr(head.decode("utf-8", "replace") + "\r\n\r\n")
         name = headers.get_param("name", header="content-disposition")
         if not blank_line or not isinstance(name, str):
             raise ClientError(400, "malformed multipart body: a part without a name")
         parts[name] = FilePart(safe_filename(headers.get_filename() or ""),
-                               headers.get("content-type", "application/octet-stream"), data)
+                               media_type(headers.get("content-type", "")), data)
     return parts
 
 
+def media_type(value: str) -> str:
+    """`value` if it is a plain `type/subtype; name=value` (RFC 6838's characters), else
+    application/octet-stream. It is sent back as a header when the file is downloaded:
+    a folded or odd value would let an uploader write headers of their own."""
+    if len(value) <= MAX_FIELD_CHARS and MEDIA_TYPE.fullmatch(value):
+        return value
+    return "application/octet-stream"
+
+
 def safe_filename(name: str) -> str:
-    """Only the last path component (old browsers send C:\\Users\\…), at most 200 chars."""
+    """Only the last path component (old browsers send C:\\Users\\…), without control or
+    format characters (a terminal escape, a right-to-left override), at most 200 chars."""
+    name = "".join(char for char in name if unicodedata.category(char) not in ("Cc", "Cf"))
     base = PureWindowsPath(PurePosixPath(name).name).name
     return base[:MAX_FIELD_CHARS] or "upload"
 
 
 def session_id_from(cookie_header: str) -> str | None:
-    """The session id the browser sent, or None for no cookie or a malformed one."""
-    try:
-        morsel = SimpleCookie(cookie_header).get(COOKIE_NAME)
-    except CookieError:
-        return None
-    if morsel is None or not 0 < len(morsel.value) <= 100:
-        return None
-    return morsel.value
+    """The session id the browser sent, or None for no cookie or a malformed one.
+
+    The header is `name=value` pairs joined by `; `, split here by hand as Django and
+    werkzeug do. Not `http.cookies.SimpleCookie`: it follows RFC 2109, which browsers
+    don't, so one neighbour it dislikes (`foo`, `a=b c`, `prefs={"a":1}`; any site on
+    this host can set one) hides every cookie; and before Python 3.13 a long quoted value
+    costs it seconds of CPU (CVE-2024-7592). Here the work is one split of a header the
+    server has already bounded. When two `sid` come, the first wins:
+    browsers send the most specific cookie (the longest path) first.
+    """
+    for pair in cookie_header.split(";"):
+        name, _, value = pair.partition("=")
+        if name.strip() == COOKIE_NAME:
+            value = value.strip()
+            return value if SESSION_ID.fullmatch(value) else None
+    return None
 
 
 def whole_number(text: str) -> int | None:
@@ -338,9 +425,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self) -> None:
         url = urllib.parse.urlsplit(self.path)
+        cookies = "; ".join(self.headers.get_all("Cookie", []))
         try:
             route, path_id = self.app.find_route(self.command, url.path)
-            request = Request(self, session_id_from(self.headers.get("Cookie", "")), path_id,
+            request = Request(self, session_id_from(cookies), path_id,
                               dict(urllib.parse.parse_qsl(url.query)))
             response = route(request)
         except ClientError as error:

@@ -1,4 +1,5 @@
 """webapp.py as real processes on free ports: stateless with SQLite, forgetful with memory."""
+import json
 import signal
 import socket
 import sys
@@ -8,6 +9,8 @@ import pytest
 
 from conftest import (app_env, free_port, get, http, multipart, post_form, session_cookie,
                       upload, wait_until)
+from database import database_from_env
+from session_store import store_from_env
 
 
 def login(url: str, name: str, cookie: str | None = None) -> str:
@@ -180,7 +183,8 @@ def test_oversized_bodies_are_refused_before_being_read(start_web):
     (b"GET /jobs/\xb2 HTTP/1.0\r\n\r\n", 404),  # '\xb2' is '²': a digit to str.isdigit()
     (b"POST /cart HTTP/1.0\r\nContent-Length: \xb2\r\n\r\n", 400),
     (b"POST /cart HTTP/1.0\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
-], ids=["job id ²", "Content-Length ²", "Content-Length of 5000 digits"])
+    (b"POST /cart HTTP/1.0\r\nContent-Length: 8\r\nContent-Length: 5\r\n\r\nitem=tea", 400),
+], ids=["job id ²", "Content-Length ²", "Content-Length of 5000 digits", "two lengths"])
 def test_only_a_few_ascii_digits_make_a_number(start_web, head, status):
     web = start_web()
     assert raw_request(web.port, head).startswith(b"HTTP/1.0 %d" % status)
@@ -257,3 +261,72 @@ def test_a_bare_webapp_binds_loopback_and_the_default_port_variable(spawn, tmp_p
     wait_until(lambda: f"listening on http://127.0.0.1:{port}" in proc.output(),
                what="the listening line")
     assert get(f"http://127.0.0.1:{port}/healthz").text == "ok\n"
+
+
+# --- Bounds, deadlines and odd input (issue 10) -------------------------------------
+
+@pytest.mark.parametrize("args, limit", [
+    (json.dumps({"text": "x" * (64 << 10)}), "64 KiB"),
+    ('{"a":' * 17 + "1" + "}" * 17, "16 levels"),
+    ('{"a":' + "[" * 979 + "]" * 979 + "}", "16 levels"),  # GET / and /jobs once gave 500
+    ('{"a": NaN}', "NaN"),
+    ('{"a": -Infinity}', "Infinity"),
+    ('{"a": 1e400}', "1e400"),
+    ('{"a": 9007199254740992}', "2**53"),
+    ('{"a": ' + "9" * 5000 + "}", "2**53"),  # int() refuses it: once a 500
+], ids=["65 KiB", "17 deep", "980 deep", "NaN", "-Infinity", "1e400", "2**53",
+        "5000 digits"])
+def test_job_args_beyond_a_limit_get_a_400_that_names_it(start_web, args, limit):
+    web = start_web()
+    response = post_form(web.url + "/jobs", {"task": "sleep", "args": args})
+    assert response.status == 400 and limit in response.text, response.text
+    assert get(web.url + "/jobs").status == 200 and get(web.url + "/").status == 200
+
+
+def test_job_args_within_the_limits_are_kept_exactly(start_web):
+    web = start_web()
+    args = {"deep": json.loads('{"a":' * 15 + "1" + "}" * 15), "most": 2**53 - 1,
+            "least": -(2**53 - 1), "pi": 3.14, "text": "x" * 60000}
+    made = post_form(web.url + "/jobs", {"task": "sleep", "args": json.dumps(args)})
+    assert made.status == 303
+    assert get(web.url + made.headers["location"]).json()["args"] == args
+
+
+def test_the_session_cookie_is_found_whatever_its_neighbours(start_web):
+    web = start_web()
+    sid = login(web.url, "ada")
+    for header in [f"foo; sid={sid}", f"a=b c; sid={sid}", f'prefs={{"a":1}}; sid={sid}',
+                   f"sid={sid}; sid=someone-else",
+                   f'sid={sid}; x="' + "\\" * 30000 + '"']:  # 6 s of CPU for SimpleCookie
+        response = http("GET", web.url + "/session", headers={"Cookie": header}, timeout=2)
+        assert response.json()["user"] == "ada", header[:40]
+    second_first = http("GET", web.url + "/session", headers={"Cookie": f"sid=x; sid={sid}"})
+    assert second_first.json()["user"] is None  # the first sid sent wins
+
+
+@pytest.mark.parametrize("disposition, content_type, filename, served_type", [
+    ('filename="caf\u00e9 \u20ac.txt"', "text/plain; charset=utf-8", "caf\u00e9 \u20ac.txt",
+     "text/plain; charset=utf-8"),
+    ("filename*=UTF-8''%E2%82%AC%20rates.txt", "text/csv", "\u20ac rates.txt", "text/csv"),
+    ('filename="a\x1b]0;x\x07\u202etxt.exe"', "t\u00ebxt/plain", "a]0;xtxt.exe",
+     "application/octet-stream"),
+    ('filename="evil.txt"', "text/plain\r\n X-Evil: 1", "evil.txt",
+     "application/octet-stream"),  # a folded header; it came back as a header of its own
+], ids=["UTF-8", "RFC 5987", "control characters", "folded"])
+def test_uploads_keep_utf8_names_and_only_clean_content_types(start_web, tmp_path, disposition,
+                                                             content_type, filename,
+                                                             served_type):
+    web = start_web()
+    body = (f'--b\r\nContent-Disposition: form-data; name="file"; {disposition}\r\n'
+            f"Content-Type: {content_type}\r\n\r\nhello\r\n--b--\r\n").encode()
+    made = http("POST", web.url + "/uploads", body,
+                {"Content-Type": "multipart/form-data; boundary=b"})
+    assert made.status == 303
+    fetched = get(web.url + made.headers["location"], session_cookie(made))
+    assert fetched.headers["content-type"] == served_type and "x-evil" not in fetched.headers
+    db = database_from_env(app_env(tmp_path))
+    try:
+        upload_id = made.headers["location"].rsplit("/", 1)[1]
+        assert store_from_env(app_env(tmp_path), db).load_upload(upload_id).filename == filename
+    finally:
+        db.close()
