@@ -437,8 +437,8 @@ class Handler(BaseHTTPRequestHandler):
         except sqlite3.OperationalError as error:  # e.g. a disk that is full
             log(f"backing store error: {error}")
             response = text(503, "the backing store is unavailable; try again shortly")
-        except Exception:  # a bug: say so loudly in the log, answer 500, keep serving
-            log(traceback.format_exc().rstrip())
+        except Exception as error:  # a bug: say so loudly in the log, answer 500, keep serving
+            log_bug(error)
             response = text(500, "internal error; the traceback is in this copy's log")
         self.send(response)
 
@@ -478,13 +478,29 @@ def serve(app: App) -> Server:
                           f"{app.config.host}:{app.config.port}: {error.strerror}") from None
 
 
-def log(line: str) -> None:
-    """One line to stdout. A single write, so lines from many threads never interleave."""
+# Control characters become \xNN in the log: a client's bytes can neither move the
+# operator's cursor, retitle their terminal, nor start a line of their own. A backslash
+# is doubled, so that an escape cannot be faked. (BaseHTTPRequestHandler.log_message
+# escapes the same way; overriding it loses that.)
+LOG_ESCAPES = str.maketrans({code: f"\\x{code:02x}"
+                             for code in [*range(0x20), *range(0x7f, 0xa0)]})
+LOG_ESCAPES[ord("\\")] = "\\\\"
+
+
+def log(*lines: str) -> None:
+    """Lines to stdout, each escaped. A single write, so lines from many threads never
+    interleave."""
     try:
-        sys.stdout.write(line + "\n")
+        sys.stdout.write("".join(line.translate(LOG_ESCAPES) + "\n" for line in lines))
         sys.stdout.flush()
     except BrokenPipeError:  # the reader (the launcher) is gone; keep serving, then stop
         pass
+
+
+def log_bug(error: Exception) -> None:
+    """A bug's traceback. Its message, which may quote a client's input, stays one line."""
+    frames = "".join(traceback.format_tb(error.__traceback__)).splitlines()
+    log("Traceback (most recent call last):", *frames, f"{type(error).__name__}: {error}")
 
 
 @dataclass(frozen=True)

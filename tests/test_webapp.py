@@ -304,6 +304,19 @@ def test_the_session_cookie_is_found_whatever_its_neighbours(start_web):
     assert second_first.json()["user"] is None  # the first sid sent wins
 
 
+def test_what_a_client_sends_cannot_forge_or_garble_a_log_line(start_web):
+    web = start_web()
+    lines_before = len(web.proc.output().splitlines())
+    for request_line in [b"GET /\x1b]0;owned\x07 HTTP/1.0",  # would retitle the terminal
+                         b"GET /x\rweb.1 killed by SIGKILL HTTP/1.0",
+                         b"GET /\x1b[2K\x1b[1Gweb.1 killed by SIGKILL HTTP/1.0"]:
+        assert raw_request(web.port, request_line + b"\r\n\r\n").startswith(b"HTTP/1.0 4")
+    output = web.proc.output()
+    assert not {"\x1b", "\x07", "\r"} & set(output)
+    new_lines = output.splitlines()[lines_before:]  # each begins with who sent it
+    assert len(new_lines) >= 3 and all(line.startswith("127.0.0.1 ") for line in new_lines)
+
+
 @pytest.mark.parametrize("disposition, content_type, filename, served_type", [
     ('filename="caf\u00e9 \u20ac.txt"', "text/plain; charset=utf-8", "caf\u00e9 \u20ac.txt",
      "text/plain; charset=utf-8"),
