@@ -317,6 +317,14 @@ def test_what_a_client_sends_cannot_forge_or_garble_a_log_line(start_web):
     assert len(new_lines) >= 3 and all(line.startswith("127.0.0.1 ") for line in new_lines)
 
 
+def test_head_gets_the_headers_of_get_without_the_body(start_web):
+    web = start_web()
+    for path in ("/", "/session", "/healthz"):
+        full, head = get(web.url + path), http("HEAD", web.url + path)
+        assert head.status == 200 and head.body == b""
+        assert head.headers["content-length"] == full.headers["content-length"]
+
+
 @pytest.mark.parametrize("disposition, content_type, filename, served_type", [
     ('filename="caf\u00e9 \u20ac.txt"', "text/plain; charset=utf-8", "caf\u00e9 \u20ac.txt",
      "text/plain; charset=utf-8"),
