@@ -16,30 +16,43 @@ It reads top-down: the routes (`App`) and what they use, the HTTP plumbing and `
 then the page.
 
 Configuration is the environment (Factor III), read once in `main()`: PORT, HOST,
-SESSION_STORE, DATABASE_URL, SESSION_TTL, DYNO, COOKIE_SECURE. SIGTERM stops accepting,
-lets the requests in flight finish, closes the store, and exits 0.
+SESSION_STORE, DATABASE_URL, SESSION_TTL, DYNO, COOKIE_SECURE, STOP_TIMEOUT (25 s),
+CLIENT_TIMEOUT (10 s). SIGTERM stops accepting and lets the requests in flight finish for
+at most STOP_TIMEOUT seconds, then exits 0. Slow, huge or odd input is bounded where it
+comes in: `Server` bounds connections and request heads (a head must arrive whole within
+CLIENT_TIMEOUT), `Request` bodies, and the routes what they store.
 """
 from __future__ import annotations
 
+import errno
 import html
+import io
 import json
 import math
 import os
+import queue
 import re
+import selectors
 import signal
+import socket
 import sqlite3
 import sys
 import threading
+import time
 import traceback
 import unicodedata
 import urllib.parse
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import HeaderParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import PurePosixPath, PureWindowsPath
+from typing import Iterator
 
-from database import ConfigError, database_from_env
+from database import ConfigError, database_from_env, positive_number
 from job_queue import JobQueue
 from session_store import Session, SessionStore, empty_session, store_from_env
 from tasks import TASKS
@@ -185,7 +198,7 @@ class App:
 @dataclass
 class Request:
     """What a route needs from the HTTP request; the body is read only when asked for."""
-    handler: BaseHTTPRequestHandler
+    handler: Handler
     sid: str | None
     path_id: str | None  # the <id> of /uploads/<id> and /jobs/<id>
     query: dict
@@ -195,21 +208,48 @@ class Request:
         return self.handler.headers
 
     def body(self, limit: int) -> bytes:
+        """The body, at most `limit` bytes, refused before a byte of it is read if bigger."""
         if "chunked" in self.headers.get("Transfer-Encoding", ""):
             raise ClientError(411, "send a Content-Length; chunked bodies are not accepted")
         lengths = set(self.headers.get_all("Content-Length", ["0"]))
         declared = whole_number(lengths.pop()) if len(lengths) == 1 else None
         if declared is None:
             raise ClientError(400, "Content-Length is not one number")
-        if declared > limit:  # refused before reading a byte of it
+        if declared > limit:
             raise ClientError(413, f"the body is over the limit of {limit >> 20} MiB")
+        with self.handler.server.transfer_slot():
+            if (self.headers.get("Expect", "").lower() == "100-continue"
+                    and self.handler.request_version >= "HTTP/1.1"):
+                self.handler.handle_expect_100()  # else curl waits a second before sending
+            return self.read_body(declared)
+
+    def read_body(self, size: int) -> bytes:
+        """`size` bytes, or a 4xx: within `Handler.transfer_seconds` in all, and at most
+        `Handler.timeout` without a byte.
+
+        A socket timeout alone bounds each wait, not the whole: a client sending a byte
+        every few seconds would never trip it and could hold a worker for hours.
+        """
+        deadline = time.monotonic() + self.handler.transfer_seconds(size)
+        chunks, received = [], 0
         try:
-            body = self.handler.rfile.read(declared)
+            while received < size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.handler.connection.settimeout(min(left, self.handler.timeout))
+                chunk = self.handler.rfile.read1(size - received)
+                if not chunk:
+                    raise ClientError(400, "the body is shorter than its Content-Length")
+                chunks.append(chunk)
+                received += len(chunk)
         except TimeoutError:
             raise ClientError(408, "the body arrived too slowly") from None
-        if len(body) != declared:
-            raise ClientError(400, "the body is shorter than its Content-Length")
-        return body
+        except ConnectionError:
+            raise ClientError(400, "the connection broke while the body was arriving") from None
+        finally:
+            self.handler.connection.settimeout(self.handler.timeout)
+        return b"".join(chunks)
 
     def form(self) -> dict[str, str]:
         content_type = self.headers.get("Content-Type", "application/x-www-form-urlencoded")
@@ -224,6 +264,11 @@ class ClientError(Exception):
     def __init__(self, status: int, message: str, headers: tuple = ()):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+
+    def response(self) -> Response:
+        response = text(self.status, self.message)
+        response.headers.extend(self.headers)
+        return response
 
 
 @dataclass
@@ -397,7 +442,7 @@ def session_id_from(cookie_header: str) -> str | None:
     don't, so one neighbour it dislikes (`foo`, `a=b c`, `prefs={"a":1}`; any site on
     this host can set one) hides every cookie; and before Python 3.13 a long quoted value
     costs it seconds of CPU (CVE-2024-7592). Here the work is one split of a header the
-    server has already bounded. When two `sid` come, the first wins:
+    server has already bounded (MAX_HEAD_BYTES). When two `sid` come, the first wins:
     browsers send the most specific cookie (the longest path) first.
     """
     for pair in cookie_header.split(";"):
@@ -419,30 +464,73 @@ def whole_number(text: str) -> int | None:
 
 # --- HTTP plumbing ------------------------------------------------------------------
 
+MAX_HEAD_BYTES = 64 << 10  # the request line and every header, together
+MIN_BODY_RATE = 16 << 10   # bytes a second, in or out: 10 MiB may take 11 minutes
+WORKERS = 32               # threads that answer requests, started once
+MAX_TRANSFERS = 24         # of those, at most this many move a long body at once
+MAX_QUEUED = 1000          # whole requests waiting for a worker; beyond that, 503 at once
+MAX_WAITING = 1000         # connections whose head is still arriving
+RESPONSE_BUFFER_BYTES = 64 << 10
+ACCEPT_PAUSE = 0.1         # seconds without accepting, out of descriptors with none to drop
+HEAD_END = re.compile(rb"\n\r?\n")  # the blank line; BaseHTTPRequestHandler takes a bare \n
+
+
 class Handler(BaseHTTPRequestHandler):
     """Turns each HTTP request into a call to the App and writes its Response."""
     protocol_version = "HTTP/1.0"  # one request per connection: simple for the router
-    timeout = 30                   # a client that stops sending is dropped, not waited on
+    timeout = 30                   # the longest wait for a client to send or take bytes
+    rbufsize = 0                   # `setup` puts its own buffer over the head and the socket
     app: App                       # set on the subclass made in `serve`
+    server: Server
+
+    def setup(self) -> None:
+        # The server hands over a Connection whose head it has already read, so that no
+        # thread waited for it: put those bytes back in front of the socket's, and
+        # BaseHTTPRequestHandler reads the request as it always does.
+        connection: Connection = self.request
+        self.request = connection.sock
+        super().setup()
+        self.rfile = io.BufferedReader(HeadFirst(bytes(connection.head), self.rfile))
+        # The head and a small body leave in one write (at `finish`), not one each.
+        self.wfile = io.BufferedWriter(self.wfile, RESPONSE_BUFFER_BYTES)
+
+    def handle_expect_100(self) -> bool:
+        super().handle_expect_100()
+        self.wfile.flush()  # now, not with the answer: the client waits for it to send
+        return True
 
     def dispatch(self) -> None:
+        response = self.respond()
+        if self.command == "HEAD" or len(response.body) <= RESPONSE_BUFFER_BYTES:
+            self.send(response)  # to the buffer, which leaves in one write at `finish`
+            return
+        try:
+            with self.server.transfer_slot():
+                # The write of a long body waits on the client: give it a body's deadline.
+                self.connection.settimeout(self.transfer_seconds(len(response.body)))
+                self.send(response)
+        except ClientError as error:
+            self.send(error.response())
+
+    def respond(self) -> Response:
         url = urllib.parse.urlsplit(self.path)
         cookies = "; ".join(self.headers.get_all("Cookie", []))
         try:
             route, path_id = self.app.find_route(self.command, url.path)
-            request = Request(self, session_id_from(cookies), path_id,
-                              dict(urllib.parse.parse_qsl(url.query)))
-            response = route(request)
+            return route(Request(self, session_id_from(cookies), path_id,
+                                 dict(urllib.parse.parse_qsl(url.query))))
         except ClientError as error:
-            response = text(error.status, error.message)
-            response.headers.extend(error.headers)
+            return error.response()
         except sqlite3.OperationalError as error:  # e.g. a disk that is full
             log(f"backing store error: {error}")
-            response = text(503, "the backing store is unavailable; try again shortly")
+            return text(503, "the backing store is unavailable; try again shortly")
         except Exception as error:  # a bug: say so loudly in the log, answer 500, keep serving
             log_bug(error)
-            response = text(500, "internal error; the traceback is in this copy's log")
-        self.send(response)
+            return text(500, "internal error; the traceback is in this copy's log")
+
+    def transfer_seconds(self, size: int) -> float:
+        """How long a body of `size` bytes may take to arrive, or to leave."""
+        return self.app.config.client_timeout + size / MIN_BODY_RATE
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = dispatch
 
@@ -465,16 +553,245 @@ class Handler(BaseHTTPRequestHandler):
         log(f"{self.address_string()} {format % args}")
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = False    # so server_close() waits for the requests in flight
+class HeadFirst(io.RawIOBase):
+    """A socket's stream that gives back, first, the bytes already read from it."""
+
+    def __init__(self, head: bytes, rest: io.RawIOBase):
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self.head:
+            return self.rest.readinto(buffer)
+        size = min(len(buffer), len(self.head))
+        buffer[:size] = self.head[:size]
+        self.head = self.head[size:]
+        return size
+
+    def close(self) -> None:
+        self.rest.close()
+        super().close()
+
+
+@dataclass(eq=False)  # compared by identity: each is a key of `Server.waiting`
+class Connection:
+    """A client's connection, from its accept until its request head has arrived."""
+    sock: socket.socket
+    address: tuple
+    deadline: float  # for the whole head
+    head: bytearray = field(default_factory=bytearray)
+
+
+class Server(HTTPServer):
+    """Waits for request heads on one thread; answers whole requests on a fixed pool.
+
+    `ThreadingHTTPServer` starts a thread per connection, which then waits for the client
+    to send its request. That is a thread start per request, and a client that sends a
+    byte a second holds a thread and a descriptor for as long as it likes: a thousand of
+    them and the copy is out of descriptors, /healthz times out, and the accept loop
+    spins (socketserver retries a failed accept at once). Here, as in nginx or the
+    gthread worker of gunicorn:
+
+    * One thread (`serve_forever`) accepts, and waits with a selector for the head of
+      every request: a descriptor and a small buffer each, no thread. The head must be
+      whole within CLIENT_TIMEOUT (else 408) and MAX_HEAD_BYTES (else 431). When MAX_WAITING
+      are waiting and one more comes, or descriptors run out, the oldest is dropped: a
+      browser sends its head in milliseconds, so the oldest is the likeliest to be slow.
+    * WORKERS threads, started once, answer the whole heads from a queue of at most
+      MAX_QUEUED (beyond that, 503 at once). A worker reads a request's body, and
+      writes a long response, against a deadline (`Handler.transfer_seconds`).
+    * `start()` and `stop(deadline)` run and end it all; `stop` stops accepting and
+      lets what has begun finish, until the deadline.
+
+    socketserver still binds, listens, accepts and closes; BaseHTTPRequestHandler still
+    parses and answers. The loop and the threads are what this class adds.
+    """
     request_queue_size = 128  # the listen backlog; 5 overflows under a burst of clients
+
+    def __init__(self, address: tuple, handler: type[Handler], config: Config):
+        super().__init__(address, handler)
+        self.config = config
+        self.selector = selectors.DefaultSelector()
+        self.waiting: OrderedDict[Connection, None] = OrderedDict()  # the oldest first
+        self.requests: queue.Queue[Connection | None] = queue.Queue(MAX_QUEUED)
+        self.transfers = threading.BoundedSemaphore(MAX_TRANSFERS)
+        self.stopping = threading.Event()
+        # Daemon threads: `stop` waits for them itself, until its deadline, and no longer.
+        self.threads = [threading.Thread(target=self.serve_forever, name="accept", daemon=True)]
+        self.threads += [threading.Thread(target=self.work, name=f"worker-{number}",
+                                          daemon=True) for number in range(WORKERS)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    @contextmanager
+    def transfer_slot(self) -> Iterator[None]:
+        """Held by a worker while it moves a body a slow client can stretch out (a
+        request's; a response's over the buffer). At most MAX_TRANSFERS at once, so that
+        the other workers always answer the rest (/healthz, the page); beyond, 503."""
+        if not self.transfers.acquire(blocking=False):
+            raise ClientError(503, "too many transfers at once; try again shortly",
+                              (("Retry-After", "1"),))
+        try:
+            yield
+        finally:
+            self.transfers.release()
+
+    def stop(self, deadline: float) -> bool:
+        """Stop accepting; let the requests begun finish, until `deadline` (monotonic).
+        False if some are still running then: the caller exits all the same."""
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self.threads)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept and read heads until stopped, then until no head is still arriving."""
+        self.socket.setblocking(False)
+        self.selector.register(self.socket, selectors.EVENT_READ)
+        while not self.stopping.is_set():
+            self.wait_for_events(poll_interval)
+        self.stop_accepting()
+        while self.waiting:
+            self.wait_for_events(poll_interval)
+        for _ in range(WORKERS):
+            self.requests.put(None)  # each worker's last item
+
+    def wait_for_events(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.fileobj is self.socket:
+                self.accept()
+            else:
+                self.read_head(key.data)
+        self.drop_expired()
+
+    def accept(self) -> None:
+        """Take every connection in the listen backlog, and read what it has sent."""
+        while True:
+            if len(self.waiting) >= MAX_WAITING:
+                self.make_room()
+            try:
+                sock, address = self.get_request()
+            except BlockingIOError:  # the backlog is empty
+                return
+            except OSError as error:  # ECONNABORTED and the like: that client gave up
+                if error.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors
+                    self.make_room()
+                return
+            sock.setblocking(False)
+            deadline = time.monotonic() + self.config.client_timeout
+            self.read_head(Connection(sock, address, deadline))
+
+    def make_room(self) -> None:
+        """Drop the connection that has waited longest; with none, pause accepting, as
+        the listening socket stays readable and every accept would fail at once: a spin."""
+        if self.waiting:
+            self.answer_early(next(iter(self.waiting)), 503, "too many clients waiting")
+        else:
+            time.sleep(ACCEPT_PAUSE)
+
+    def read_head(self, connection: Connection) -> None:
+        """Read what has arrived; hand the request to a worker once its head is whole."""
+        try:
+            data = connection.sock.recv(MAX_HEAD_BYTES)
+        except BlockingIOError:  # nothing yet
+            self.wait_for_more(connection)
+            return
+        except OSError:  # reset by the client
+            self.close(connection)
+            return
+        searched = max(0, len(connection.head) - 2)  # the blank line may straddle two reads
+        connection.head += data
+        if HEAD_END.search(connection.head, searched):
+            self.hand_over(connection)
+        elif not data:  # the client is done sending: its head ends here, if it sent one
+            if connection.head:
+                self.hand_over(connection)
+            else:  # connected and closed: a probe of the port, no request, no log line
+                self.close(connection)
+        elif len(connection.head) > MAX_HEAD_BYTES:
+            self.answer_early(connection, 431, f"the request head is over "
+                                               f"{MAX_HEAD_BYTES >> 10} KiB")
+        else:
+            self.wait_for_more(connection)
+
+    def wait_for_more(self, connection: Connection) -> None:
+        if connection not in self.waiting:
+            self.waiting[connection] = None
+            self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+
+    def drop_expired(self) -> None:
+        now = time.monotonic()
+        while self.waiting:
+            oldest = next(iter(self.waiting))  # the deadlines come in accept order
+            if oldest.deadline > now:
+                return
+            if oldest.head:
+                self.answer_early(oldest, 408, f"the request head did not arrive within "
+                                               f"{self.config.client_timeout:g}s")
+            else:  # connected, never sent a byte (a browser's preconnect): no line
+                self.close(oldest)
+
+    def hand_over(self, connection: Connection) -> None:
+        self.stop_waiting(connection)
+        try:
+            self.requests.put_nowait(connection)
+        except queue.Full:  # the workers are far behind: say so now, not after a long wait
+            self.answer_early(connection, 503, "this copy is busy; try again shortly")
+
+    def answer_early(self, connection: Connection, status: int, message: str) -> None:
+        """Answer from this thread, without a worker, and close: at most one small send."""
+        body = f"{message}\n".encode()
+        head = (f"HTTP/1.0 {status} {HTTPStatus(status).phrase}\r\nContent-Type: text/plain; "
+                f"charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                f"X-Served-By: {self.config.dyno}\r\n\r\n").encode()
+        try:
+            connection.sock.send(head + body)
+        except OSError:  # gone, or not reading: there is no more to do for it
+            pass
+        log(f"{connection.address[0]} {status} {message}")
+        self.close(connection)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; close the connections that have not begun a request."""
+        self.selector.unregister(self.socket)
+        self.socket.close()
+        for connection in [waiting for waiting in self.waiting if not waiting.head]:
+            self.close(connection)
+
+    def stop_waiting(self, connection: Connection) -> None:
+        if connection in self.waiting:
+            del self.waiting[connection]
+            self.selector.unregister(connection.sock)
+
+    def close(self, connection: Connection) -> None:
+        self.stop_waiting(connection)
+        self.close_request(connection.sock)
+
+    def work(self) -> None:
+        while (connection := self.requests.get()) is not None:
+            self.answer(connection)
+
+    def answer(self, connection: Connection) -> None:
+        try:
+            self.finish_request(connection, connection.address)  # runs the Handler
+        except (ConnectionError, TimeoutError) as error:  # hung up, or stopped reading
+            log(f"{connection.address[0]} left before the answer was sent "
+                f"({type(error).__name__})")
+        except Exception as error:
+            log_bug(error)
+        finally:
+            self.shutdown_request(connection.sock)
 
 
 def serve(app: App) -> Server:
     handler = type("AppHandler", (Handler,), {"app": app})
     address = (app.config.host, app.config.port)
     try:
-        return Server(address, handler)
+        return Server(address, handler, app.config)
     except OSError as error:
         raise ConfigError(f"PORT={app.config.port}: cannot listen on "
                           f"{app.config.host}:{app.config.port}: {error.strerror}") from None
@@ -511,6 +828,8 @@ class Config:
     port: int
     dyno: str
     cookie_secure: bool
+    stop_timeout: float    # seconds from SIGTERM to exit, whatever is still in flight
+    client_timeout: float  # seconds to send a request head; a body has this and more
 
 
 def config_from_env(environ: dict) -> Config:
@@ -520,7 +839,17 @@ def config_from_env(environ: dict) -> Config:
         raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
     return Config(host=environ.get("HOST", "127.0.0.1"), port=port,
                   dyno=environ.get("DYNO", "web.1"),
-                  cookie_secure=environ.get("COOKIE_SECURE", "") == "1")
+                  cookie_secure=environ.get("COOKIE_SECURE", "") == "1",
+                  stop_timeout=seconds(environ, "STOP_TIMEOUT", 25.0),  # under Heroku's 30
+                  client_timeout=seconds(environ, "CLIENT_TIMEOUT", 10.0))  # as nginx's
+
+
+def seconds(environ: dict, name: str, default: float) -> float:
+    """A positive number of seconds, at most an hour: a thread can't wait for longer."""
+    value = positive_number(environ, name, default)
+    if value > 3600:
+        raise ConfigError(f"{name} must be at most 3600 seconds, got {value:g}")
+    return value
 
 
 def main() -> None:
@@ -533,18 +862,23 @@ def main() -> None:
         print(f"webapp: {error}", file=sys.stderr)
         sys.exit(2)
     # Block SIGTERM and SIGINT in every thread, then take them here with sigwait: the
-    # serving thread is never interrupted, and the shutdown runs as ordinary code.
+    # serving threads are never interrupted, and the shutdown runs as ordinary code.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    threading.Thread(target=server.serve_forever, name="serve").start()
+    server.start()
     log(f"{config.dyno} listening on http://{config.host}:{config.port} "
         f"(pid {os.getpid()}, {store.kind} store)")
     received = signal.sigwait(stop_signals)
-    log(f"{config.dyno} got {signal.Signals(received).name}: "
-        f"finishing the requests in flight")
-    server.shutdown()       # stop accepting
-    server.server_close()   # wait for the requests in flight
-    db.close()              # the connection of the store and of the job queue
+    deadline = time.monotonic() + config.stop_timeout  # the deadline runs from the signal
+    log(f"{config.dyno} got {signal.Signals(received).name}: finishing the requests in "
+        f"flight, for at most {config.stop_timeout:g}s")
+    if not server.stop(deadline):
+        # Exit now; the OS closes what is still open. A worker still in the store may
+        # hold its lock, so the store is not closed either: SQLite rolls back what was not
+        # committed. os._exit, as the interpreter's shutdown could wait on those threads.
+        log(f"{config.dyno} stopped at STOP_TIMEOUT, cutting off the requests in flight")
+        os._exit(0)
+    db.close()  # the connection of the store and of the job queue
     log(f"{config.dyno} stopped")
 
 
