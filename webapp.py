@@ -20,30 +20,44 @@ plumbing and `main()`, then the page (its template is `page.html`).
 
 Configuration is the environment (Factor III), read once in `main()`: PORT, HOST,
 SESSION_STORE, DATABASE_URL, DATABASE_BUSY_TIMEOUT, SESSION_TTL, DYNO (or honcho's
-HONCHO_PROCESS_NAME, or foreman's PS), COOKIE_SECURE. SIGTERM stops accepting,
-lets the requests in flight finish, closes the store, and exits 0.
+HONCHO_PROCESS_NAME, or foreman's PS), COOKIE_SECURE, STOP_TIMEOUT (25 s), CLIENT_TIMEOUT
+(10 s). SIGTERM stops accepting and lets the requests in flight finish for at most
+STOP_TIMEOUT seconds, then exits 0. Slow, huge or odd input is bounded where it comes in:
+`Server` bounds connections and request heads (a head must arrive whole within
+CLIENT_TIMEOUT), `Request` bodies, and the routes what they store.
 """
 from __future__ import annotations
 
+import errno
 import html
+import io
 import json
+import math
 import os
+import queue
 import re
+import selectors
 import signal
+import socket
 import sqlite3
 import sys
 import threading
+import time
 import traceback
+import unicodedata
 import urllib.parse
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import HeaderParser
-from http.cookies import CookieError, SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from string import Template
+from typing import Iterator
 
-from database import ConfigError, database_from_env, process_name
+from database import ConfigError, database_from_env, positive_number, process_name
 from job_queue import JobQueue
 from session_store import (Session, SessionStore, UploadInfo, empty_session,
                            store_from_env)
@@ -52,7 +66,15 @@ from tasks import TASKS
 MAX_FORM_BYTES = 1 << 20      # a form is a few fields; refuse anything bigger unread
 MAX_UPLOAD_BYTES = 10 << 20
 MAX_FIELD_CHARS = 200
+MAX_FORM_FIELDS = 100
+MAX_ARGS_BYTES = 64 << 10     # a job's args are read back by every list that shows the job
+MAX_ARGS_DEPTH = 16
+MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader carries exactly
+# A media type as RFC 6838 spells one (type/subtype, plain parameters), nothing more.
+MEDIA_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+( ?; ?[\w!#$&^.+-]+=[\w!#$&^.+-]+)*",
+                        re.ASCII)
 COOKIE_NAME = "sid"
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")  # what `new_session_id` makes, and a margin
 
 
 # --- The application: one method per route -----------------------------------------
@@ -85,6 +107,8 @@ class App:
             methods = self.routes_with_id.get(base) if path_id else None
         if methods is None:
             raise ClientError(404, f"no such page: {path}")
+        if method == "HEAD" and "GET" in methods:  # a GET whose body `send` leaves out
+            method = "GET"
         if method not in methods:
             allowed = ", ".join(methods)
             raise ClientError(405, f"{method} is not allowed here; use {allowed}",
@@ -201,12 +225,7 @@ class App:
     def enqueue(self, request: Request) -> Response:
         form = request.form()
         task = required_field(form, "task")
-        try:
-            args = json.loads(form.get("args") or "{}")
-        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[… too deep
-            raise ClientError(400, f"'args' is not valid JSON: {error}") from None
-        if not isinstance(args, dict):
-            raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
+        args = job_args(form.get("args") or "{}")
         return self.enqueue_for_session(request, form, task, args)
 
     def enqueue_for_session(self, request: Request, form: dict, task: str,
@@ -243,7 +262,7 @@ class App:
 @dataclass
 class Request:
     """What a route needs from the HTTP request; the body is read only when asked for."""
-    handler: BaseHTTPRequestHandler
+    handler: Handler
     sid: str | None
     path_id: str | None  # the <id> of /uploads/<id> and /jobs/<id>
     query: dict
@@ -253,20 +272,48 @@ class Request:
         return self.handler.headers
 
     def body(self, limit: int) -> bytes:
+        """The body, at most `limit` bytes, refused before a byte of it is read if bigger."""
         if "chunked" in self.headers.get("Transfer-Encoding", ""):
             raise ClientError(411, "send a Content-Length; chunked bodies are not accepted")
-        declared = whole_number(self.headers.get("Content-Length", "0"))
+        lengths = set(self.headers.get_all("Content-Length", ["0"]))
+        declared = whole_number(lengths.pop()) if len(lengths) == 1 else None
         if declared is None:
-            raise ClientError(400, "Content-Length is not a number")
-        if declared > limit:  # refused before reading a byte of it
+            raise ClientError(400, "Content-Length is not one number")
+        if declared > limit:
             raise ClientError(413, f"the body is over the limit of {limit >> 20} MiB")
+        with self.handler.server.transfer_slot():
+            if (self.headers.get("Expect", "").lower() == "100-continue"
+                    and self.handler.request_version >= "HTTP/1.1"):
+                self.handler.handle_expect_100()  # else curl waits a second before sending
+            return self.read_body(declared)
+
+    def read_body(self, size: int) -> bytes:
+        """`size` bytes, or a 4xx: within `Handler.transfer_seconds` in all, and at most
+        `Handler.timeout` without a byte.
+
+        A socket timeout alone bounds each wait, not the whole: a client sending a byte
+        every few seconds would never trip it and could hold a worker for hours.
+        """
+        deadline = time.monotonic() + self.handler.transfer_seconds(size)
+        chunks, received = [], 0
         try:
-            body = self.handler.rfile.read(declared)
+            while received < size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.handler.connection.settimeout(min(left, self.handler.timeout))
+                chunk = self.handler.rfile.read1(size - received)
+                if not chunk:
+                    raise ClientError(400, "the body is shorter than its Content-Length")
+                chunks.append(chunk)
+                received += len(chunk)
         except TimeoutError:
             raise ClientError(408, "the body arrived too slowly") from None
-        if len(body) != declared:
-            raise ClientError(400, "the body is shorter than its Content-Length")
-        return body
+        except ConnectionError:
+            raise ClientError(400, "the connection broke while the body was arriving") from None
+        finally:
+            self.handler.connection.settimeout(self.handler.timeout)
+        return b"".join(chunks)
 
     def form(self) -> dict[str, str]:
         content_type = self.headers.get("Content-Type", "application/x-www-form-urlencoded")
@@ -281,6 +328,11 @@ class ClientError(Exception):
     def __init__(self, status: int, message: str, headers: tuple = ()):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+
+    def response(self) -> Response:
+        response = text(self.status, self.message)
+        response.headers.extend(self.headers)
+        return response
 
 
 @dataclass
@@ -356,9 +408,12 @@ def job_as_seen_by(job: dict, session: dict | None) -> dict:
 
 def parse_form(body: bytes) -> dict[str, str]:
     try:
-        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                                       max_num_fields=MAX_FORM_FIELDS)
     except UnicodeDecodeError:
         raise ClientError(400, "the form is not valid UTF-8") from None
+    except ValueError:  # parse_qsl's "Max number of fields exceeded"
+        raise ClientError(400, f"the form has over {MAX_FORM_FIELDS} fields") from None
     return dict(pairs)
 
 
@@ -369,6 +424,63 @@ def required_field(form: dict, name: str) -> str:
     if len(value) > MAX_FIELD_CHARS:
         raise ClientError(400, f"the field '{name}' is over {MAX_FIELD_CHARS} characters")
     return value
+
+
+def job_args(text: str) -> dict:
+    """A job's arguments: a JSON object, bounded here, before it is stored.
+
+    Every page and list that shows the job reads them back, so what is stored must be
+    cheap and safe to read for good: small, shallow (a deep one would make `json.loads`
+    raise RecursionError in every reader), and made of numbers any JSON reader can carry
+    (`json.loads` accepts NaN and Infinity, which are not JSON, and integers of any size,
+    which JavaScript rounds past 2**53 and `int()` refuses past 4300 digits).
+    """
+    if len(text.encode()) > MAX_ARGS_BYTES:
+        raise ClientError(400, f"'args' is over the limit of {MAX_ARGS_BYTES >> 10} KiB")
+    try:
+        args = json.loads(text, parse_int=json_integer, parse_float=json_float,
+                          parse_constant=json_constant)
+        too_deep = json_depth(args) > MAX_ARGS_DEPTH
+    except RecursionError:  # [[[[… deeper than the parser itself goes
+        too_deep = True
+    except json.JSONDecodeError as error:
+        raise ClientError(400, f"'args' is not valid JSON: {error}") from None
+    if too_deep:
+        raise ClientError(400, f"'args' nests deeper than {MAX_ARGS_DEPTH} levels")
+    if not isinstance(args, dict):
+        raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
+    return args
+
+
+def json_integer(text: str) -> int:
+    # The length first: int() refuses over 4300 digits. 17 is len("-9007199254740991").
+    if len(text) > 17 or abs(int(text)) > MAX_SAFE_INTEGER:
+        raise ClientError(400, f"'args' holds an integer beyond ±{MAX_SAFE_INTEGER} "
+                               f"(2**53 - 1), which JSON readers cannot carry exactly")
+    return int(text)
+
+
+def json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ClientError(400, f"'args' holds {text}, too large for a 64-bit float")
+    return value
+
+
+def json_constant(text: str):
+    raise ClientError(400, f"'args' holds {text}, which is not a JSON number")
+
+
+def json_depth(value) -> int:
+    """How deeply arrays and objects nest in `value` (a number is 0), without recursing."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        items = value.values() if isinstance(value, dict) else value
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((item, depth + 1) for item in items)
+    return deepest
 
 
 def header_param(header: str, param: str) -> str | None:
@@ -403,6 +515,8 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
     pieces = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
     if len(pieces) < 3 or not pieces[-1].startswith(b"--"):
         raise ClientError(400, "malformed multipart body: missing closing boundary")
+    if len(pieces) > MAX_FORM_FIELDS + 2:
+        raise ClientError(400, f"the form has over {MAX_FORM_FIELDS} fields")
     parts = {}
     for piece in pieces[1:-1]:  # pieces[0] is the preamble, pieces[-1] the epilogue
         _, _, rest = piece.partition(b"\r\n")
@@ -412,25 +526,44 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
         if not blank_line or not isinstance(name, str):
             raise ClientError(400, "malformed multipart body: a part without a name")
         parts[name] = FilePart(safe_filename(headers.get_filename() or ""),
-                               headers.get("content-type", "application/octet-stream"), data)
+                               media_type(headers.get("content-type", "")), data)
     return parts
 
 
+def media_type(value: str) -> str:
+    """`value` if it is a plain `type/subtype; name=value` (RFC 6838's characters), else
+    application/octet-stream. It is sent back as a header when the file is downloaded:
+    a folded or odd value would let an uploader write headers of their own."""
+    if len(value) <= MAX_FIELD_CHARS and MEDIA_TYPE.fullmatch(value):
+        return value
+    return "application/octet-stream"
+
+
 def safe_filename(name: str) -> str:
-    """Only the last path component (old browsers send C:\\Users\\…), at most 200 chars."""
+    """Only the last path component (old browsers send C:\\Users\\…), without control or
+    format characters (a terminal escape, a right-to-left override), at most 200 chars."""
+    name = "".join(char for char in name if unicodedata.category(char) not in ("Cc", "Cf"))
     base = PureWindowsPath(PurePosixPath(name).name).name
     return base[:MAX_FIELD_CHARS] or "upload"
 
 
 def session_id_from(cookie_header: str) -> str | None:
-    """The session id the browser sent, or None for no cookie or a malformed one."""
-    try:
-        morsel = SimpleCookie(cookie_header).get(COOKIE_NAME)
-    except CookieError:
-        return None
-    if morsel is None or not 0 < len(morsel.value) <= 100:
-        return None
-    return morsel.value
+    """The session id the browser sent, or None for no cookie or a malformed one.
+
+    The header is `name=value` pairs joined by `; `, split here by hand as Django and
+    werkzeug do. Not `http.cookies.SimpleCookie`: it follows RFC 2109, which browsers
+    don't, so one neighbour it dislikes (`foo`, `a=b c`, `prefs={"a":1}`; any site on
+    this host can set one) hides every cookie; and before Python 3.13 a long quoted value
+    costs it seconds of CPU (CVE-2024-7592). Here the work is one split of a header the
+    server has already bounded (MAX_HEAD_BYTES). When two `sid` come, the first wins:
+    browsers send the most specific cookie (the longest path) first.
+    """
+    for pair in cookie_header.split(";"):
+        name, _, value = pair.partition("=")
+        if name.strip() == COOKIE_NAME:
+            value = value.strip()
+            return value if SESSION_ID.fullmatch(value) else None
+    return None
 
 
 def whole_number(text: str) -> int | None:
@@ -444,29 +577,73 @@ def whole_number(text: str) -> int | None:
 
 # --- HTTP plumbing ------------------------------------------------------------------
 
+MAX_HEAD_BYTES = 64 << 10  # the request line and every header, together
+MIN_BODY_RATE = 16 << 10   # bytes a second, in or out: 10 MiB may take 11 minutes
+WORKERS = 32               # threads that answer requests, started once
+MAX_TRANSFERS = 24         # of those, at most this many move a long body at once
+MAX_QUEUED = 1000          # whole requests waiting for a worker; beyond that, 503 at once
+MAX_WAITING = 1000         # connections whose head is still arriving
+RESPONSE_BUFFER_BYTES = 64 << 10
+ACCEPT_PAUSE = 0.1         # seconds without accepting, out of descriptors with none to drop
+HEAD_END = re.compile(rb"\n\r?\n")  # the blank line; BaseHTTPRequestHandler takes a bare \n
+
+
 class Handler(BaseHTTPRequestHandler):
     """Turns each HTTP request into a call to the App and writes its Response."""
     protocol_version = "HTTP/1.0"  # one request per connection: simple for the router
-    timeout = 30                   # a client that stops sending is dropped, not waited on
+    timeout = 30                   # the longest wait for a client to send or take bytes
+    rbufsize = 0                   # `setup` puts its own buffer over the head and the socket
     app: App                       # set on the subclass made in `serve`
+    server: Server
+
+    def setup(self) -> None:
+        # The server hands over a Connection whose head it has already read, so that no
+        # thread waited for it: put those bytes back in front of the socket's, and
+        # BaseHTTPRequestHandler reads the request as it always does.
+        connection: Connection = self.request
+        self.request = connection.sock
+        super().setup()
+        self.rfile = io.BufferedReader(HeadFirst(bytes(connection.head), self.rfile))
+        # The head and a small body leave in one write (at `finish`), not one each.
+        self.wfile = io.BufferedWriter(self.wfile, RESPONSE_BUFFER_BYTES)
+
+    def handle_expect_100(self) -> bool:
+        super().handle_expect_100()
+        self.wfile.flush()  # now, not with the answer: the client waits for it to send
+        return True
 
     def dispatch(self) -> None:
+        response = self.respond()
+        if self.command == "HEAD" or len(response.body) <= RESPONSE_BUFFER_BYTES:
+            self.send(response)  # to the buffer, which leaves in one write at `finish`
+            return
+        try:
+            with self.server.transfer_slot():
+                # The write of a long body waits on the client: give it a body's deadline.
+                self.connection.settimeout(self.transfer_seconds(len(response.body)))
+                self.send(response)
+        except ClientError as error:
+            self.send(error.response())
+
+    def respond(self) -> Response:
         url = urllib.parse.urlsplit(self.path)
+        cookies = "; ".join(self.headers.get_all("Cookie", []))
         try:
             route, path_id = self.app.find_route(self.command, url.path)
-            request = Request(self, session_id_from(self.headers.get("Cookie", "")), path_id,
-                              dict(urllib.parse.parse_qsl(url.query)))
-            response = route(request)
+            return route(Request(self, session_id_from(cookies), path_id,
+                                 dict(urllib.parse.parse_qsl(url.query))))
         except ClientError as error:
-            response = text(error.status, error.message)
-            response.headers.extend(error.headers)
+            return error.response()
         except sqlite3.OperationalError as error:  # e.g. a disk that is full
             log(f"backing store error: {error}")
-            response = text(503, "the backing store is unavailable; try again shortly")
-        except Exception:  # a bug: say so loudly in the log, answer 500, keep serving
-            log(traceback.format_exc().rstrip())
-            response = text(500, "internal error; the traceback is in this copy's log")
-        self.send(response)
+            return text(503, "the backing store is unavailable; try again shortly")
+        except Exception as error:  # a bug: say so loudly in the log, answer 500, keep serving
+            log_bug(error)
+            return text(500, "internal error; the traceback is in this copy's log")
+
+    def transfer_seconds(self, size: int) -> float:
+        """How long a body of `size` bytes may take to arrive, or to leave."""
+        return self.app.config.client_timeout + size / MIN_BODY_RATE
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = dispatch
 
@@ -489,28 +666,273 @@ class Handler(BaseHTTPRequestHandler):
         log(f"{self.address_string()} {format % args}")
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = False    # so server_close() waits for the requests in flight
+class HeadFirst(io.RawIOBase):
+    """A socket's stream that gives back, first, the bytes already read from it."""
+
+    def __init__(self, head: bytes, rest: io.RawIOBase):
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self.head:
+            return self.rest.readinto(buffer)
+        size = min(len(buffer), len(self.head))
+        buffer[:size] = self.head[:size]
+        self.head = self.head[size:]
+        return size
+
+    def close(self) -> None:
+        self.rest.close()
+        super().close()
+
+
+@dataclass(eq=False)  # compared by identity: each is a key of `Server.waiting`
+class Connection:
+    """A client's connection, from its accept until its request head has arrived."""
+    sock: socket.socket
+    address: tuple
+    deadline: float  # for the whole head
+    head: bytearray = field(default_factory=bytearray)
+
+
+class Server(HTTPServer):
+    """Waits for request heads on one thread; answers whole requests on a fixed pool.
+
+    `ThreadingHTTPServer` starts a thread per connection, which then waits for the client
+    to send its request. That is a thread start per request, and a client that sends a
+    byte a second holds a thread and a descriptor for as long as it likes: a thousand of
+    them and the copy is out of descriptors, /healthz times out, and the accept loop
+    spins (socketserver retries a failed accept at once). Here, as in nginx or the
+    gthread worker of gunicorn:
+
+    * One thread (`serve_forever`) accepts, and waits with a selector for the head of
+      every request: a descriptor and a small buffer each, no thread. The head must be
+      whole within CLIENT_TIMEOUT (else 408) and MAX_HEAD_BYTES (else 431). When MAX_WAITING
+      are waiting and one more comes, or descriptors run out, the oldest is dropped: a
+      browser sends its head in milliseconds, so the oldest is the likeliest to be slow.
+    * WORKERS threads, started once, answer the whole heads from a queue of at most
+      MAX_QUEUED (beyond that, 503 at once). A worker reads a request's body, and
+      writes a long response, against a deadline (`Handler.transfer_seconds`).
+    * `start()` and `stop(deadline)` run and end it all; `stop` stops accepting and
+      lets what has begun finish, until the deadline.
+
+    socketserver still binds, listens, accepts and closes; BaseHTTPRequestHandler still
+    parses and answers. The loop and the threads are what this class adds.
+    """
     request_queue_size = 128  # the listen backlog; 5 overflows under a burst of clients
+
+    def __init__(self, address: tuple, handler: type[Handler], config: Config):
+        super().__init__(address, handler)
+        self.config = config
+        self.selector = selectors.DefaultSelector()
+        self.waiting: OrderedDict[Connection, None] = OrderedDict()  # the oldest first
+        self.requests: queue.Queue[Connection | None] = queue.Queue(MAX_QUEUED)
+        self.transfers = threading.BoundedSemaphore(MAX_TRANSFERS)
+        self.stopping = threading.Event()
+        # Daemon threads: `stop` waits for them itself, until its deadline, and no longer.
+        self.threads = [threading.Thread(target=self.serve_forever, name="accept", daemon=True)]
+        self.threads += [threading.Thread(target=self.work, name=f"worker-{number}",
+                                          daemon=True) for number in range(WORKERS)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    @contextmanager
+    def transfer_slot(self) -> Iterator[None]:
+        """Held by a worker while it moves a body a slow client can stretch out (a
+        request's; a response's over the buffer). At most MAX_TRANSFERS at once, so that
+        the other workers always answer the rest (/healthz, the page); beyond, 503."""
+        if not self.transfers.acquire(blocking=False):
+            raise ClientError(503, "too many transfers at once; try again shortly",
+                              (("Retry-After", "1"),))
+        try:
+            yield
+        finally:
+            self.transfers.release()
+
+    def stop(self, deadline: float) -> bool:
+        """Stop accepting; let the requests begun finish, until `deadline` (monotonic).
+        False if some are still running then: the caller exits all the same."""
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self.threads)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept and read heads until stopped, then until no head is still arriving."""
+        self.socket.setblocking(False)
+        self.selector.register(self.socket, selectors.EVENT_READ)
+        while not self.stopping.is_set():
+            self.wait_for_events(poll_interval)
+        self.stop_accepting()
+        while self.waiting:
+            self.wait_for_events(poll_interval)
+        for _ in range(WORKERS):
+            self.requests.put(None)  # each worker's last item
+
+    def wait_for_events(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.fileobj is self.socket:
+                self.accept()
+            else:
+                self.read_head(key.data)
+        self.drop_expired()
+
+    def accept(self) -> None:
+        """Take every connection in the listen backlog, and read what it has sent."""
+        while True:
+            if len(self.waiting) >= MAX_WAITING:
+                self.make_room()
+            try:
+                sock, address = self.get_request()
+            except BlockingIOError:  # the backlog is empty
+                return
+            except OSError as error:  # ECONNABORTED and the like: that client gave up
+                if error.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors
+                    self.make_room()
+                return
+            sock.setblocking(False)
+            deadline = time.monotonic() + self.config.client_timeout
+            self.read_head(Connection(sock, address, deadline))
+
+    def make_room(self) -> None:
+        """Drop the connection that has waited longest; with none, pause accepting, as
+        the listening socket stays readable and every accept would fail at once: a spin."""
+        if self.waiting:
+            self.answer_early(next(iter(self.waiting)), 503, "too many clients waiting")
+        else:
+            time.sleep(ACCEPT_PAUSE)
+
+    def read_head(self, connection: Connection) -> None:
+        """Read what has arrived; hand the request to a worker once its head is whole."""
+        try:
+            data = connection.sock.recv(MAX_HEAD_BYTES)
+        except BlockingIOError:  # nothing yet
+            self.wait_for_more(connection)
+            return
+        except OSError:  # reset by the client
+            self.close(connection)
+            return
+        searched = max(0, len(connection.head) - 2)  # the blank line may straddle two reads
+        connection.head += data
+        if HEAD_END.search(connection.head, searched):
+            self.hand_over(connection)
+        elif not data:  # the client is done sending: its head ends here, if it sent one
+            if connection.head:
+                self.hand_over(connection)
+            else:  # connected and closed: a probe of the port, no request, no log line
+                self.close(connection)
+        elif len(connection.head) > MAX_HEAD_BYTES:
+            self.answer_early(connection, 431, f"the request head is over "
+                                               f"{MAX_HEAD_BYTES >> 10} KiB")
+        else:
+            self.wait_for_more(connection)
+
+    def wait_for_more(self, connection: Connection) -> None:
+        if connection not in self.waiting:
+            self.waiting[connection] = None
+            self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+
+    def drop_expired(self) -> None:
+        now = time.monotonic()
+        while self.waiting:
+            oldest = next(iter(self.waiting))  # the deadlines come in accept order
+            if oldest.deadline > now:
+                return
+            if oldest.head:
+                self.answer_early(oldest, 408, f"the request head did not arrive within "
+                                               f"{self.config.client_timeout:g}s")
+            else:  # connected, never sent a byte (a browser's preconnect): no line
+                self.close(oldest)
+
+    def hand_over(self, connection: Connection) -> None:
+        self.stop_waiting(connection)
+        try:
+            self.requests.put_nowait(connection)
+        except queue.Full:  # the workers are far behind: say so now, not after a long wait
+            self.answer_early(connection, 503, "this copy is busy; try again shortly")
+
+    def answer_early(self, connection: Connection, status: int, message: str) -> None:
+        """Answer from this thread, without a worker, and close: at most one small send."""
+        body = f"{message}\n".encode()
+        head = (f"HTTP/1.0 {status} {HTTPStatus(status).phrase}\r\nContent-Type: text/plain; "
+                f"charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                f"X-Served-By: {self.config.dyno}\r\n\r\n").encode()
+        try:
+            connection.sock.send(head + body)
+        except OSError:  # gone, or not reading: there is no more to do for it
+            pass
+        log(f"{connection.address[0]} {status} {message}")
+        self.close(connection)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; close the connections that have not begun a request."""
+        self.selector.unregister(self.socket)
+        self.socket.close()
+        for connection in [waiting for waiting in self.waiting if not waiting.head]:
+            self.close(connection)
+
+    def stop_waiting(self, connection: Connection) -> None:
+        if connection in self.waiting:
+            del self.waiting[connection]
+            self.selector.unregister(connection.sock)
+
+    def close(self, connection: Connection) -> None:
+        self.stop_waiting(connection)
+        self.close_request(connection.sock)
+
+    def work(self) -> None:
+        while (connection := self.requests.get()) is not None:
+            self.answer(connection)
+
+    def answer(self, connection: Connection) -> None:
+        try:
+            self.finish_request(connection, connection.address)  # runs the Handler
+        except (ConnectionError, TimeoutError) as error:  # hung up, or stopped reading
+            log(f"{connection.address[0]} left before the answer was sent "
+                f"({type(error).__name__})")
+        except Exception as error:
+            log_bug(error)
+        finally:
+            self.shutdown_request(connection.sock)
 
 
 def serve(app: App) -> Server:
     handler = type("AppHandler", (Handler,), {"app": app})
     address = (app.config.host, app.config.port)
     try:
-        return Server(address, handler)
+        return Server(address, handler, app.config)
     except OSError as error:
         raise ConfigError(f"PORT={app.config.port}: cannot listen on "
                           f"{app.config.host}:{app.config.port}: {error.strerror}") from None
 
 
-def log(line: str) -> None:
-    """One line to stdout. A single write, so lines from many threads never interleave."""
+# Control characters become \xNN in the log: a client's bytes can neither move the
+# operator's cursor, retitle their terminal, nor start a line of their own. A backslash
+# is doubled, so that an escape cannot be faked. (BaseHTTPRequestHandler.log_message
+# escapes the same way; overriding it loses that.)
+LOG_ESCAPES = str.maketrans({code: f"\\x{code:02x}"
+                             for code in [*range(0x20), *range(0x7f, 0xa0)]})
+LOG_ESCAPES[ord("\\")] = "\\\\"
+
+
+def log(*lines: str) -> None:
+    """Lines to stdout, each escaped. A single write, so lines from many threads never
+    interleave."""
     try:
-        sys.stdout.write(line + "\n")
+        sys.stdout.write("".join(line.translate(LOG_ESCAPES) + "\n" for line in lines))
         sys.stdout.flush()
     except BrokenPipeError:  # the reader (the launcher) is gone; keep serving, then stop
         pass
+
+
+def log_bug(error: Exception) -> None:
+    """A bug's traceback. Its message, which may quote a client's input, stays one line."""
+    frames = "".join(traceback.format_tb(error.__traceback__)).splitlines()
+    log("Traceback (most recent call last):", *frames, f"{type(error).__name__}: {error}")
 
 
 @dataclass(frozen=True)
@@ -519,6 +941,8 @@ class Config:
     port: int
     dyno: str
     cookie_secure: bool
+    stop_timeout: float    # seconds from SIGTERM to exit, whatever is still in flight
+    client_timeout: float  # seconds to send a request head; a body has this and more
 
 
 def config_from_env(environ: dict) -> Config:
@@ -528,7 +952,10 @@ def config_from_env(environ: dict) -> Config:
         raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
     return Config(host=environ.get("HOST", "127.0.0.1"), port=port,
                   dyno=process_name(environ, "web.1"),
-                  cookie_secure=environ.get("COOKIE_SECURE", "") == "1")
+                  cookie_secure=environ.get("COOKIE_SECURE", "") == "1",
+                  # under Heroku's 30 s; a thread cannot usefully wait longer than an hour
+                  stop_timeout=positive_number(environ, "STOP_TIMEOUT", 25, 3600),
+                  client_timeout=positive_number(environ, "CLIENT_TIMEOUT", 10, 3600))  # nginx: 60
 
 
 def main() -> None:
@@ -541,18 +968,23 @@ def main() -> None:
         print(f"webapp: {error}", file=sys.stderr)
         sys.exit(2)
     # Block SIGTERM and SIGINT in every thread, then take them here with sigwait: the
-    # serving thread is never interrupted, and the shutdown runs as ordinary code.
+    # serving threads are never interrupted, and the shutdown runs as ordinary code.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    threading.Thread(target=server.serve_forever, name="serve").start()
+    server.start()
     log(f"{config.dyno} listening on http://{config.host}:{config.port} "
         f"(pid {os.getpid()}, {store.kind} store)")
     received = signal.sigwait(stop_signals)
-    log(f"{config.dyno} got {signal.Signals(received).name}: "
-        f"finishing the requests in flight")
-    server.shutdown()       # stop accepting
-    server.server_close()   # wait for the requests in flight
-    db.close()              # the connection of the store and of the job queue
+    deadline = time.monotonic() + config.stop_timeout  # the deadline runs from the signal
+    log(f"{config.dyno} got {signal.Signals(received).name}: finishing the requests in "
+        f"flight, for at most {config.stop_timeout:g}s")
+    if not server.stop(deadline):
+        # Exit now; the OS closes what is still open. A worker still in the store may
+        # hold its lock, so the store is not closed either: SQLite rolls back what was not
+        # committed. os._exit, as the interpreter's shutdown could wait on those threads.
+        log(f"{config.dyno} stopped at STOP_TIMEOUT, cutting off the requests in flight")
+        os._exit(0)
+    db.close()  # the connection of the store and of the job queue
     log(f"{config.dyno} stopped")
 
 

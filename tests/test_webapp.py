@@ -1,15 +1,22 @@
 """webapp.py as real processes on free ports: stateless with SQLite, forgetful with memory."""
 import html
+import json
+import os
 import re
+import select
 import signal
 import socket
+import struct
 import sys
 import threading
+import time
 
 import pytest
 
-from conftest import (app_env, free_port, get, http, multipart, post_form, session_cookie,
-                      upload, wait_until)
+from conftest import (Web, app_env, free_port, get, http, multipart, post_form, responds,
+                      session_cookie, upload, wait_until)
+from database import database_from_env
+from session_store import store_from_env
 
 
 def login(url: str, name: str, cookie: str | None = None) -> str:
@@ -272,7 +279,8 @@ def test_oversized_bodies_are_refused_before_being_read(start_web):
     (b"GET /jobs/\xb2 HTTP/1.0\r\n\r\n", 404),  # '\xb2' is '²': a digit to str.isdigit()
     (b"POST /cart HTTP/1.0\r\nContent-Length: \xb2\r\n\r\n", 400),
     (b"POST /cart HTTP/1.0\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
-], ids=["job id ²", "Content-Length ²", "Content-Length of 5000 digits"])
+    (b"POST /cart HTTP/1.0\r\nContent-Length: 8\r\nContent-Length: 5\r\n\r\nitem=tea", 400),
+], ids=["job id ²", "Content-Length ²", "Content-Length of 5000 digits", "two lengths"])
 def test_only_a_few_ascii_digits_make_a_number(start_web, head, status):
     web = start_web()
     assert raw_request(web.port, head).startswith(b"HTTP/1.0 %d" % status)
@@ -323,6 +331,9 @@ def test_sigterm_during_a_slow_request_lets_it_finish(start_web):
     ({"DATABASE_URL": "sqlite:////dev/null/app.db"}, "DATABASE_URL"),
     ({"DATABASE_URL": "postgres://localhost/app"}, "DATABASE_URL"),
     ({"SESSION_TTL": "forever"}, "SESSION_TTL"),
+    ({"STOP_TIMEOUT": "soon"}, "STOP_TIMEOUT"),
+    ({"STOP_TIMEOUT": "1e10"}, "STOP_TIMEOUT"),
+    ({"CLIENT_TIMEOUT": "0"}, "CLIENT_TIMEOUT"),
 ])
 def test_bad_configuration_exits_2_with_one_line_naming_the_variable(spawn, tmp_path, env,
                                                                      variable):
@@ -349,3 +360,204 @@ def test_a_bare_webapp_binds_loopback_and_the_default_port_variable(spawn, tmp_p
     wait_until(lambda: f"listening on http://127.0.0.1:{port}" in proc.output(),
                what="the listening line")
     assert get(f"http://127.0.0.1:{port}/healthz").text == "ok\n"
+
+
+# --- Bounds, deadlines and odd input (issue 10) -------------------------------------
+
+def read_reply(sock: socket.socket) -> bytes:
+    """Everything the copy sends until it closes the connection."""
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("args, limit", [
+    (json.dumps({"text": "x" * (64 << 10)}), "64 KiB"),
+    ('{"a":' * 17 + "1" + "}" * 17, "16 levels"),
+    ('{"a":' + "[" * 979 + "]" * 979 + "}", "16 levels"),  # GET / and /jobs once gave 500
+    ('{"a": NaN}', "NaN"),
+    ('{"a": -Infinity}', "Infinity"),
+    ('{"a": 1e400}', "1e400"),
+    ('{"a": 9007199254740992}', "2**53"),
+    ('{"a": ' + "9" * 5000 + "}", "2**53"),  # int() refuses it: once a 500
+], ids=["65 KiB", "17 deep", "980 deep", "NaN", "-Infinity", "1e400", "2**53",
+        "5000 digits"])
+def test_job_args_beyond_a_limit_get_a_400_that_names_it(start_web, args, limit):
+    web = start_web()
+    response = post_form(web.url + "/jobs", {"task": "sleep", "args": args})
+    assert response.status == 400 and limit in response.text, response.text
+    assert get(web.url + "/jobs").status == 200 and get(web.url + "/").status == 200
+
+
+def test_job_args_within_the_limits_are_kept_exactly(start_web):
+    web = start_web()
+    args = {"deep": json.loads('{"a":' * 15 + "1" + "}" * 15), "most": 2**53 - 1,
+            "least": -(2**53 - 1), "pi": 3.14, "text": "x" * 60000}
+    made = post_form(web.url + "/jobs", {"task": "sleep", "args": json.dumps(args)})
+    assert made.status == 303
+    assert get(web.url + made.headers["location"]).json()["args"] == args
+
+
+def test_the_session_cookie_is_found_whatever_its_neighbours(start_web):
+    web = start_web()
+    sid = login(web.url, "ada")
+    for header in [f"foo; sid={sid}", f"a=b c; sid={sid}", f'prefs={{"a":1}}; sid={sid}',
+                   f"sid={sid}; sid=someone-else",
+                   f'sid={sid}; x="' + "\\" * 30000 + '"']:  # 6 s of CPU for SimpleCookie
+        response = http("GET", web.url + "/session", headers={"Cookie": header}, timeout=2)
+        assert response.json()["user"] == "ada", header[:40]
+    second_first = http("GET", web.url + "/session", headers={"Cookie": f"sid=x; sid={sid}"})
+    assert second_first.json()["user"] is None  # the first sid sent wins
+
+
+def test_what_a_client_sends_cannot_forge_or_garble_a_log_line(start_web):
+    web = start_web()
+    lines_before = len(web.proc.output().splitlines())
+    for request_line in [b"GET /\x1b]0;owned\x07 HTTP/1.0",  # would retitle the terminal
+                         b"GET /x\rweb.1 killed by SIGKILL HTTP/1.0",
+                         b"GET /\x1b[2K\x1b[1Gweb.1 killed by SIGKILL HTTP/1.0"]:
+        assert raw_request(web.port, request_line + b"\r\n\r\n").startswith(b"HTTP/1.0 4")
+    output = web.proc.output()
+    assert not {"\x1b", "\x07", "\r"} & set(output)
+    new_lines = output.splitlines()[lines_before:]  # each begins with who sent it
+    assert len(new_lines) >= 3 and all(line.startswith("127.0.0.1 ") for line in new_lines)
+
+
+@pytest.mark.parametrize("head, trickle", [
+    (b"", b"GET /healthz HTTP/1.0\r\nX-Slow: " + b"a" * 100),
+    (b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+     b"Content-Length: 100\r\n\r\nitem=", b"a" * 95),
+], ids=["head", "body"])
+def test_a_request_that_trickles_in_gets_a_408_at_its_deadline(start_web, head, trickle):
+    web = start_web(CLIENT_TIMEOUT="1")
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        for byte in trickle:  # a byte every 0.1 s: each wait is short, the whole is not
+            sock.sendall(bytes([byte]))
+            if select.select([sock], [], [], 0.1)[0]:
+                break
+        reply = read_reply(sock)
+    assert reply.startswith(b"HTTP/1.0 408") and time.monotonic() - started < 2.5
+
+
+def start_web_with_descriptors(spawn, tmp_path, limit: int) -> Web:
+    """A copy whose process may open only `limit` descriptors (`ulimit -n`)."""
+    port = free_port()
+    command = f'ulimit -n {limit} && exec "{sys.executable}" webapp.py'
+    web = Web(spawn(["sh", "-c", command], app_env(tmp_path, PORT=port)), port)
+    wait_until(lambda: responds(web.url + "/healthz"), what="the copy to answer /healthz")
+    return web
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_three_hundred_slow_clients_do_not_stop_healthz(spawn, tmp_path):
+    web = start_web_with_descriptors(spawn, tmp_path, 128)
+    slow = []
+    try:
+        for _ in range(30):  # more bodies than may be read at once
+            slow.append(socket.create_connection(("127.0.0.1", web.port)))
+            slow[-1].sendall(b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-"
+                             b"urlencoded\r\nContent-Length: 1000\r\n\r\nitem=")
+        for _ in range(300):  # heads that never end, on more descriptors than the copy has
+            slow.append(socket.create_connection(("127.0.0.1", web.port)))
+            slow[-1].sendall(b"GET /healthz HTTP/1.0\r\nX-Slow: a")
+        linux = os.path.exists(f"/proc/{web.proc.pid}/stat")
+        cpu_before, started = linux and cpu_seconds(web.proc.pid), time.monotonic()
+        for _ in range(5):
+            assert http("GET", web.url + "/healthz", timeout=1).status == 200
+        assert post_form(web.url + "/cart", {"item": "tea"}).status in (303, 503)
+        time.sleep(0.5)  # to see whether the copy spins meanwhile
+        if linux:  # out of descriptors, socketserver's accept loop took a whole core
+            assert cpu_seconds(web.proc.pid) - cpu_before < 0.5 * (time.monotonic() - started)
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_copy_told_to_stop_exits_within_stop_timeout_whatever_its_clients_do(start_web):
+    web = start_web(STOP_TIMEOUT="1")
+    with socket.create_connection(("127.0.0.1", web.port)) as body, \
+            socket.create_connection(("127.0.0.1", web.port)) as head:
+        body.sendall(b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded"
+                     b"\r\nContent-Length: 100\r\n\r\nitem=")
+        head.sendall(b"GET /healthz HTTP/1.0\r\n")
+        assert get(web.url + "/healthz").status == 200  # both are accepted by now
+        started = time.monotonic()
+        web.proc.send_signal(signal.SIGTERM)
+        assert web.proc.popen.wait(5) == 0
+    assert time.monotonic() - started < 2
+    assert "cutting off" in web.proc.output()
+
+
+def test_head_gets_the_headers_of_get_without_the_body(start_web):
+    web = start_web()
+    for path in ("/", "/session", "/healthz"):
+        full, head = get(web.url + path), http("HEAD", web.url + path)
+        assert head.status == 200 and head.body == b""
+        assert head.headers["content-length"] == full.headers["content-length"]
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(start_web):
+    web = start_web()
+    body = b"item=tea"
+    with socket.create_connection(("127.0.0.1", web.port), timeout=1) as sock:
+        sock.sendall(b"POST /cart HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Type: "
+                     b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n"
+                     % len(body))
+        assert sock.recv(65536).startswith(b"HTTP/1.0 100 Continue\r\n")
+        sock.sendall(body)
+        assert read_reply(sock).startswith(b"HTTP/1.0 303")
+    too_big = (b"POST /cart HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: "
+               b"2000000\r\n\r\n")
+    assert raw_request(web.port, too_big).startswith(b"HTTP/1.0 413")  # no 100 first
+
+
+@pytest.mark.parametrize("disposition, content_type, filename, served_type", [
+    ('filename="caf\u00e9 \u20ac.txt"', "text/plain; charset=utf-8", "caf\u00e9 \u20ac.txt",
+     "text/plain; charset=utf-8"),
+    ("filename*=UTF-8''%E2%82%AC%20rates.txt", "text/csv", "\u20ac rates.txt", "text/csv"),
+    ('filename="a\x1b]0;x\x07\u202etxt.exe"', "t\u00ebxt/plain", "a]0;xtxt.exe",
+     "application/octet-stream"),
+    ('filename="evil.txt"', "text/plain\r\n X-Evil: 1", "evil.txt",
+     "application/octet-stream"),  # a folded header; it came back as a header of its own
+], ids=["UTF-8", "RFC 5987", "control characters", "folded"])
+def test_uploads_keep_utf8_names_and_only_clean_content_types(start_web, tmp_path, disposition,
+                                                             content_type, filename,
+                                                             served_type):
+    web = start_web()
+    body = (f'--b\r\nContent-Disposition: form-data; name="file"; {disposition}\r\n'
+            f"Content-Type: {content_type}\r\n\r\nhello\r\n--b--\r\n").encode()
+    made = http("POST", web.url + "/uploads", body,
+                {"Content-Type": "multipart/form-data; boundary=b"})
+    assert made.status == 303
+    fetched = get(web.url + made.headers["location"], session_cookie(made))
+    assert fetched.headers["content-type"] == served_type and "x-evil" not in fetched.headers
+    db = database_from_env(app_env(tmp_path))
+    try:
+        upload_id = made.headers["location"].rsplit("/", 1)[1]
+        assert store_from_env(app_env(tmp_path), db).load_upload(upload_id).filename == filename
+    finally:
+        db.close()
+
+
+def test_a_client_that_hangs_up_early_leaves_no_traceback(start_web):
+    web = start_web()
+    made = upload(web.url, b"x" * (4 << 20))
+    request = (f"GET {made.headers['location']} HTTP/1.0\r\nCookie: sid="
+               f"{session_cookie(made)}\r\n\r\n").encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", web.port)) as sock:
+            sock.sendall(request)
+            # Close at once with a reset: the copy's write of 4 MiB then fails.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_until(lambda: web.proc.output().count("left before the answer was sent") == 3,
+               what="three hang-ups in the log")
+    assert "Traceback" not in web.proc.output()
+    assert get(web.url + "/healthz").status == 200
