@@ -5,7 +5,8 @@ FROM python:3.12-slim
 
 WORKDIR /app
 # The app's three process types and the backing services they meet in; not the platform.
-COPY webapp.py page.html worker.py clock.py session_store.py job_queue.py tasks.py database.py Procfile ./
+COPY webapp.py page.html web_server.py worker.py clock.py session_store.py job_queue.py tasks.py \
+     database.py Procfile ./
 
 # Inside a container, loopback is unreachable from outside: bind every interface.
 # State goes to a volume, never to the container's own disk (Factor VI). A SQLite file

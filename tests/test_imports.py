@@ -3,7 +3,7 @@
 The rule makes the architecture visible in the file list. The app's process types
 (`webapp`, `worker`, `clock`) never import each other: they meet only in the backing
 services (`session_store`, `job_queue`) and the plumbing beside them (`database`,
-`tasks`). The platform (`launcher`, `router`) and the app never import each other:
+`tasks`, and `web_server`, the web process's HTTP). The platform (`launcher`, `router`) and the app never import each other:
 the platform runs the app's commands from the Procfile, as Heroku runs anyone's.
 """
 import ast
@@ -12,7 +12,8 @@ import sys
 from conftest import REPO
 
 PROCESSES = {"webapp", "worker", "clock"}
-BACKING_SERVICES = {"session_store", "job_queue", "database", "tasks"}
+SHARED = {  # the backing services and the plumbing the processes share
+    "session_store", "job_queue", "database", "tasks", "web_server"}
 PLATFORM = {"launcher", "router"}
 
 
@@ -41,7 +42,7 @@ def test_every_app_module_imports_only_the_standard_library():
 
 
 def test_every_module_has_a_place_in_the_house():
-    assert modules() == PROCESSES | BACKING_SERVICES | PLATFORM
+    assert modules() == PROCESSES | SHARED | PLATFORM
 
 
 def test_process_types_meet_only_in_backing_services():
@@ -49,11 +50,11 @@ def test_process_types_meet_only_in_backing_services():
         assert imports_of(module) & (PROCESSES | PLATFORM) <= {module}, module
 
 
-def test_backing_services_import_no_process_and_no_platform():
-    for module in BACKING_SERVICES:
+def test_what_the_processes_share_imports_no_process_and_no_platform():
+    for module in SHARED:
         assert not imports_of(module) & (PROCESSES | PLATFORM), module
 
 
 def test_the_platform_imports_nothing_of_the_app():
     for module in PLATFORM:
-        assert not imports_of(module) & (PROCESSES | BACKING_SERVICES), module
+        assert not imports_of(module) & (PROCESSES | SHARED), module
