@@ -9,18 +9,18 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 
 import pytest
 
-from conftest import (REPO, Launcher, alive, app_env, free_port, get, http, responds,
-                      wait_until)
+from conftest import REPO, Launcher, alive, app_env, free_port, get, wait_until
 from launcher import signal_name
 
 WEBAPP = REPO / "webapp.py"
 WEB = f"web: python {WEBAPP}\n"
 SLEEPER = 'python -c "import time; time.sleep(60)"'
+
+
 def served_by(launcher: Launcher, requests: int) -> Counter:
     return Counter(get(launcher.url).headers["x-served-by"] for _ in range(requests))
 
@@ -31,12 +31,15 @@ def launch(spawn, tmp_path):
     launched: list[Launcher] = []
 
     def start(procfile: str | None, *args: str, env: dict | None = None,
-              stdin=subprocess.DEVNULL, port: int | None = None) -> Launcher:
+              stdin=subprocess.DEVNULL, port: int | None = None,
+              ulimit: str | None = None) -> Launcher:
         if procfile is not None:
             (tmp_path / "Procfile").write_text(procfile)
         port = port or free_port()
         command = [sys.executable, str(REPO / "launcher.py"), "--port", str(port),
                    "--grace", "5", *args]
+        if ulimit:  # a descriptor limit, e.g. "-n 48", set by the shell that execs the launcher
+            command = ["bash", "-c", f'ulimit {ulimit} && exec "$@"', "bash", *command]
         proc = spawn(command, env or app_env(tmp_path), cwd=tmp_path, stdin=stdin)
         launched.append(Launcher(proc, port))
         return launched[-1]
@@ -71,14 +74,6 @@ def test_a_procfile_line_may_start_with_assignments_as_in_honcho(launch):
     launcher = launch(greeter, "greeter=1")
     launcher.wait_for("greeter.1 exited with code 0")
     assert "| good morning greeter.1" in launcher.output()
-
-
-def test_front_port_spreads_requests_round_robin(launch):
-    launcher = launch(WEB, "web=3")
-    launcher.wait_for(" is up on port", 3)
-    served = served_by(launcher, 30)
-    assert set(served) == {"web.1", "web.2", "web.3"}
-    assert all(9 <= count <= 11 for count in served.values()), served
 
 
 def test_a_killed_web_copy_is_restarted_and_the_front_keeps_answering(launch):
@@ -181,20 +176,6 @@ def test_copies_do_not_outlive_a_sigkilled_launcher(launch):
                     "broken: its shutdown must survive a failed log line)")
 
 
-def test_no_web_copy_means_503_not_a_hang(launch):
-    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=0")
-
-    def answer():
-        try:
-            return http("GET", launcher.url, timeout=2)
-        except OSError:
-            return None
-
-    response = wait_until(answer, what="the front port to answer")
-    assert response.status == 503
-    assert b"no web copy" in response.body
-
-
 def assert_refused(launcher: Launcher, problem: str) -> None:
     assert launcher.proc.popen.wait(10) == 2
     message = launcher.output().strip()
@@ -258,56 +239,3 @@ def test_a_crash_loop_backs_off_instead_of_spinning(launch):
     assert launcher.output().count("crash.1 exited with code 1") == 3
     assert "restarting crash.1 now" in launcher.output()
     assert "restarting crash.1 in 1s" in launcher.output()
-
-
-def post_too_big(port: int, size: int = 8 << 20) -> bytes:
-    """POST a body over webapp.py's limit, sending and reading at once as a browser does;
-    the status line of the answer."""
-    head = (b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-            b"Content-Length: %d\r\n\r\n" % size)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        def send_all():
-            try:
-                sock.sendall(head + bytes(size))
-            except OSError:
-                pass  # the other side may hang up before it has taken everything
-
-        sender = threading.Thread(target=send_all)
-        sender.start()
-        try:
-            return sock.makefile("rb").readline().strip()
-        finally:
-            sender.join()
-
-
-def test_an_answer_sent_before_the_body_is_read_reaches_the_client(launch):
-    # webapp.py answers 413 from the headers alone and closes with the body unread, which
-    # resets the router's side: the router must still pass the 413 on, not a reset.
-    launcher = launch(WEB, "web=1")
-    launcher.wait_for("web.1 is up on port")
-    statuses = [post_too_big(launcher.port).split()[:2] for _ in range(3)]
-    assert statuses == [[b"HTTP/1.0", b"413"]] * 3  # the reason phrase varies by Python
-
-
-def test_running_out_of_descriptors_pauses_the_router_but_does_not_stop_it(spawn, tmp_path):
-    (tmp_path / "Procfile").write_text(WEB)
-    port = free_port()
-    command = f"ulimit -n 48; exec {sys.executable} {REPO / 'launcher.py'} --port {port}"
-    launcher = Launcher(spawn(["bash", "-c", command], app_env(tmp_path), cwd=tmp_path), port)
-    try:
-        launcher.wait_for("web.1 is up on port")
-        idle = [socket.create_connection(("127.0.0.1", port), timeout=2) for _ in range(40)]
-        for client in idle:  # 40 clients and their copies' sides: more than 48 descriptors
-            client.close()
-        wait_until(lambda: responds(launcher.url), what="the router answering again")
-    finally:
-        launcher.end()
-
-
-def test_a_silent_connection_is_closed_after_the_idle_timeout(launch):
-    launcher = launch(WEB, "web=1", "--idle-timeout", "0.5")
-    launcher.wait_for("web.1 is up on port")
-    with socket.create_connection(("127.0.0.1", launcher.port), timeout=10) as silent:
-        began = time.monotonic()
-        assert silent.recv(1) == b""  # the router hung up: a silent client holds nothing
-        assert time.monotonic() - began < 5
