@@ -10,9 +10,10 @@ What a platform (Heroku, foreman, Kubernetes) does for a stateless app, and so w
 by `DYNO` (web.1, worker.2), each web copy on a `PORT` of its own, behind one front port
 (`router.py`); prints all their output as one stream; restarts a copy that dies, with
 backoff; scales and restarts copies from stdin (`web=6`, `ps`, `restart`, `quit`); and on
-SIGINT or SIGTERM stops them: SIGTERM, grace, SIGKILL. It never imports the app, never
-daemonizes, and runs on one machine. The app in turn binds $PORT, logs to stdout, keeps
-its state in a backing service, and exits on SIGTERM.
+SIGINT or SIGTERM, or once nobody reads its output (`launcher.py | head`), stops them:
+SIGTERM, grace, SIGKILL. It never imports the app, never daemonizes, and runs on one
+machine. The app in turn binds $PORT, logs to stdout, keeps its state in a backing
+service, and exits on SIGTERM, within STOP_TIMEOUT.
 
 This file reads in that order: the `Supervisor` keeps the formation (start, scale,
 restart, stop) in one loop on the main thread; that loop waits in one `selectors` call
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import os
 import re
 import selectors
@@ -107,8 +107,10 @@ class Supervisor:
             for key, _ in self.selector.select(self.seconds_to_next_timer()):
                 key.data()
             self.run_timers()
+            if self.printer.reader_gone:
+                self.shut_down()  # `launcher.py | head`: nobody can read the logs any more
         self.printer.system("every copy has stopped")
-        return 0
+        return 1 if self.printer.reader_gone else 0
 
     # The formation: start, scale, restart, stop.
 
@@ -149,9 +151,19 @@ class Supervisor:
         env.update(DYNO=copy.name, PYTHONUNBUFFERED="1",
                    # the Procfile's `python` is the Python running the launcher
                    PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+        if self.config.grace > 0:  # the copy's own deadline to stop (Heroku: 25 s of 30),
+            # so it hands back its work before our SIGKILL, or alone if we were SIGKILLed
+            env.setdefault("STOP_TIMEOUT", f"{self.config.grace * 5 / 6:g}")
         if copy.port is not None:
             env.update(PORT=str(copy.port), HOST=COPY_HOST)
-        copy.popen = start_child(self.config.commands[copy.process_type], env, self.config.workdir)
+        try:
+            copy.popen = start_child(self.config.commands[copy.process_type], env,
+                                     self.config.workdir)
+        except OSError as error:  # no descriptor or process left: the machine's trouble
+            self.printer.system(f"cannot start {copy.name}: {error}")
+            copy.started_at = time.monotonic()
+            self.restart_with_backoff(copy)  # ... not a reason to stop the others
+            return
         os.set_blocking(copy.popen.stdout.fileno(), False)
         self.selector.register(copy.popen.stdout, selectors.EVENT_READ,
                                partial(self.read_output, copy.name, copy.popen.stdout))
@@ -372,7 +384,8 @@ class Supervisor:
         if not chunk:
             self.selector.unregister(stdin)  # end of input: run on, without commands
             return
-        lines, self.unfinished_command = split_lines(self.unfinished_command + chunk)
+        lines, unfinished = split_lines(self.unfinished_command + chunk)
+        self.unfinished_command = unfinished[:4096]  # no command is longer: memory stays bounded
         for line in lines:
             self.run_command(line.decode(errors="replace").split())
 
@@ -394,8 +407,8 @@ class Supervisor:
         except UsageError as error:
             self.printer.system(str(error))
 
-# --- Starting a copy ---------------------------------------------------------------------
 
+# --- Starting a copy ---------------------------------------------------------------------
 
 # When the launcher dies, even by SIGKILL, its copies must not live on holding their ports
 # (foreman's oldest complaint). On Linux a child can ask for SIGTERM when its parent dies
@@ -451,6 +464,7 @@ SCALE_ITEM = re.compile(r"^([A-Za-z0-9_-]+)=(.*)$")
 MAX_COPIES = 100         # of one type: this is one machine
 LAST_FRONT_PORT = 65000  # the copies take the ports after the front port
 BACKLOG = 128            # a backlog of 5 overflows under a burst of clients: slow SYN retries
+MAX_SECONDS = 3600       # for every duration: more is a typo (and select() overflows at 24 days)
 
 
 class UsageError(Exception):
@@ -483,15 +497,17 @@ def read_config(argv: list[str]) -> Config:
                         help="copies of a type, e.g. web=4 worker=2 (unnamed types: 1)")
     parser.add_argument("--procfile", type=Path, default=Path("Procfile"))
     parser.add_argument("--port", help="the front port (default: $PORT, else 5000)")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds a stopping copy gets before SIGKILL (default: 10)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds a stopping copy gets before SIGKILL (default: 30, as "
+                             "Heroku; the copies get 5/6 of it as STOP_TIMEOUT, unless set)")
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
                         help="seconds the router keeps a silent connection (default: 60)")
     args = parser.parse_args(argv)
-    if not 0 <= args.grace < math.inf:  # NaN fails every comparison, so it lands here too
-        raise UsageError(f"--grace must be 0 or more seconds, got {args.grace:g}")
-    if not 0 < args.idle_timeout < math.inf:
-        raise UsageError(f"--idle-timeout must be more than 0 seconds, got {args.idle_timeout:g}")
+    for option, least in (("grace", 0), ("idle_timeout", 0.1)):
+        value = getattr(args, option)
+        if not least <= value <= MAX_SECONDS:  # NaN fails every comparison: it lands here too
+            raise UsageError(f"--{option.replace('_', '-')} must be from {least:g} to "
+                             f"{MAX_SECONDS} seconds, got {value:.10g}")
     commands = read_procfile(args.procfile)
     formation = dict.fromkeys(commands, 1)
     formation.update(parse_scale(args.scale, commands))

@@ -293,6 +293,10 @@ class LogPrinter:
     router) and keeps each pipe's unfinished line until its end arrives. Colour only on a
     terminal, and never with NO_COLOR set. The lock is for the router's rare error line:
     every other line is printed by the main thread.
+
+    When the reader of our stdout goes away (`launcher.py | head -3`), `reader_gone` says
+    so, and what is printed after that goes to /dev/null, quietly: the supervisor then
+    stops every copy, as a program in a pipeline ends once its reader has.
     """
     COLOURS = ("36", "33", "32", "35", "34", "31")
 
@@ -302,6 +306,7 @@ class LogPrinter:
         self.colours: dict[str, str] = {"system": "1"}
         self.unfinished: dict[int, bytes] = {}  # pipe -> the start of its next line
         self.lock = threading.Lock()
+        self.reader_gone = False
 
     def make_room(self, name: str) -> None:
         self.width = max(self.width, len(name))
@@ -312,8 +317,14 @@ class LogPrinter:
             colour = self.colours.setdefault(name, self.COLOURS[len(self.colours) % 6])
             prefix = f"\033[{colour}m{prefix}\033[0m"
         with self.lock:  # one write for all the lines of a chunk
-            sys.stdout.write("".join(prefix + text + "\n" for text in texts))
-            sys.stdout.flush()
+            try:
+                sys.stdout.write("".join(prefix + text + "\n" for text in texts))
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.reader_gone = True
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # the next flush, or Python's at exit
+                os.close(devnull)
 
     def system(self, text: str) -> None:
         self.lines("system", [text])

@@ -10,11 +10,12 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from contextlib import suppress
 
 import pytest
 
 from conftest import REPO, Launcher, alive, app_env, free_port, get, wait_until
-from launcher import signal_name
+from launcher import read_config, signal_name
 
 WEBAPP = REPO / "webapp.py"
 WEB = f"web: python {WEBAPP}\n"
@@ -195,9 +196,12 @@ def assert_refused(launcher: Launcher, problem: str) -> None:
     (WEB, ["web=101"], "from 0 to 100"),
     (WEB, ["--port", "\u00b2"], "the front port must be a number"),  # '²'.isdigit() is True
     (WEB, ["--port", "65535"], "the front port must be a number from 1 to 65000"),
-    (WEB, ["--grace", "inf"], "--grace must be"),
+    (WEB, ["--grace", "inf"], "--grace must be from 0 to 3600 seconds, got inf"),
     (WEB, ["--grace", "nan"], "--grace must be"),
-    (WEB, ["--idle-timeout", "0"], "--idle-timeout must be"),
+    (WEB, ["--grace", "3000000"], "--grace must be from 0 to 3600 seconds"),  # select() overflows
+    (WEB, ["--idle-timeout", "0"], "--idle-timeout must be from 0.1 to 3600 seconds"),
+    (WEB, ["--idle-timeout", "1e300"], "--idle-timeout must be"),
+    (WEB, ["--grace", "x"], "invalid float value: 'x'"),
 ])
 def test_bad_input_exits_2_with_one_line_before_any_copy_starts(launch, procfile, args,
                                                                  problem):
@@ -239,3 +243,57 @@ def test_a_crash_loop_backs_off_instead_of_spinning(launch):
     assert launcher.output().count("crash.1 exited with code 1") == 3
     assert "restarting crash.1 now" in launcher.output()
     assert "restarting crash.1 in 1s" in launcher.output()
+
+
+def test_each_copy_is_told_its_own_deadline_to_stop_within_the_grace(launch, tmp_path):
+    show = 'python -c "import os, time; print(os.environ[\'STOP_TIMEOUT\']); time.sleep(60)"'
+    launcher = launch(f"show: {show}\n", "--grace", "6")
+    launcher.wait_for("show.1 | 5")  # 5/6 of the grace: Heroku's 25 s of 30
+    launcher = launch(None, env=app_env(tmp_path, STOP_TIMEOUT="2"))
+    launcher.wait_for("show.1 | 2")  # set by the operator: kept
+    # By default, the copies' own default (25 s) fits in the grace, as on Heroku.
+    assert read_config(["--procfile", str(tmp_path / "Procfile")]).grace == 30
+
+
+def test_a_launcher_whose_reader_goes_away_stops_its_copies_without_a_traceback(tmp_path):
+    # `python launcher.py | head -3`: head reads three lines and exits.
+    (tmp_path / "ticker.py").write_text(
+        "import signal, sys, time\n"
+        "def stop(signum, frame):\n"
+        "    open('stopped', 'w').write('by SIGTERM')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "while True:\n"
+        "    print('tick', flush=True)\n"
+        "    time.sleep(0.05)\n")
+    (tmp_path / "Procfile").write_text("ticker: python ticker.py\n")
+    with open(tmp_path / "stderr", "wb") as stderr:
+        launcher = subprocess.Popen(
+            [sys.executable, str(REPO / "launcher.py"), "--port", str(free_port())],
+            cwd=tmp_path, env=app_env(tmp_path), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+    pid = None
+    try:
+        lines = [launcher.stdout.readline() for _ in range(3)]
+        pid = int(lines[1].split(b"pid=")[1].split(b")")[0])  # `ticker.1 started (pid=…)`
+        launcher.stdout.close()  # the reader goes away; the launcher's next line breaks
+        assert launcher.wait(10) == 1
+        assert (tmp_path / "stderr").read_text() == ""  # no traceback
+        assert (tmp_path / "stopped").read_text() == "by SIGTERM"
+        assert not alive(pid)
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        if pid is not None and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        launcher.wait(5)
+
+
+def test_a_copy_that_cannot_start_for_lack_of_descriptors_waits_and_the_rest_run(launch):
+    launcher = launch("nap: sleep 60\n", "nap=1", ulimit="-n 24", stdin=subprocess.PIPE)
+    launcher.wait_for("nap.1 started")
+    launcher.send("nap=30")  # a pipe each: more than 24 descriptors
+    launcher.wait_for("Too many open files")
+    launcher.wait_for("restarting nap.", 2)  # after 1 s, not in a loop
+    assert launcher.proc.popen.poll() is None
+    assert launcher.ps()["nap.1"][5] == "up"
