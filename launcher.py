@@ -9,18 +9,20 @@ What a platform (Heroku, foreman, Kubernetes) does for a stateless app, and so w
 `python launcher.py web=4 worker=2` does: it runs each Procfile type as N children named
 by `DYNO` (web.1, worker.2), each web copy on a `PORT` of its own, behind one front port
 (`router.py`); prints all their output as one stream; restarts a copy that dies, with
-backoff; scales and restarts copies from stdin (`web=6`, `ps`, `restart`, `quit`); and on
-SIGINT or SIGTERM, or once nobody reads its output (`launcher.py | head`), stops them:
-SIGTERM, grace, SIGKILL. It never imports the app, never daemonizes, and runs on one
-machine. The app in turn binds $PORT, logs to stdout, keeps its state in a backing
-service, and exits on SIGTERM, within STOP_TIMEOUT.
+backoff, and replaces a web copy that stops answering `GET /healthz`; scales and restarts
+copies from stdin (`web=6`, `ps`, `restart`, `quit`); and on SIGINT or SIGTERM, or once
+nobody reads its output (`launcher.py | head`), stops them: SIGTERM, grace, SIGKILL. It
+never imports the app, never daemonizes, and runs on one machine. The app in turn binds
+$PORT, answers `/healthz`, logs to stdout, keeps its state in a backing service, and exits
+on SIGTERM, within STOP_TIMEOUT.
 
 This file reads in that order: the `Supervisor` keeps the formation (start, scale,
 restart, stop) in one loop on the main thread; that loop waits in one `selectors` call
-for signals, the copies' output and commands, and runs its timers (restarts, start-up
-probes, grace periods) through its timeout. Then how a copy is started, and last `main()`,
-which reads the command line, the Procfile and `.env` and binds the front port, so that
-bad input ends with one line and exit code 2 before any child starts.
+for signals, the copies' output, their health checks and commands, and runs its timers
+(restarts, health checks, grace periods) through its timeout. Then how a copy is
+started, and last `main()`, which reads the command line, the Procfile and `.env` and
+binds the front port, so that bad input ends with one line and exit code 2 before any
+child starts.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ import os
 import re
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,12 +41,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from router import (COPY_HOST, IDLE_TIMEOUT, LogPrinter, Router, port_accepts, port_is_free,
-                    split_lines)
+from router import (CHECK_EVERY, CHECKS_FAILED, COPY_HOST, IDLE_TIMEOUT, UPSTREAM_TIMEOUT,
+                    HealthCheck, LogPrinter, Router, bind_front_port, connection_limit,
+                    port_is_free, split_lines)
 
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0      # a copy up this long that crashes starts its backoff again
-PROBE_EVERY = 0.05
 DRAIN_PAUSE = 0.1        # out of the rotation this long before SIGTERM: see stop_copy
 HELP = "commands: TYPE=N (scale, e.g. web=3), ps, restart [TYPE], quit"
 
@@ -61,11 +62,12 @@ class Copy:
     popen: subprocess.Popen | None = None
     started_at: float = 0.0
     restarts: int = 0
-    state: str = "starting"           # starting, up, backoff (waiting to restart), stopping
+    state: str = "starting"           # starting, up, unresponsive, backoff, stopping
     backoff: float = 0.0              # the wait before the next restart after a crash
     restart_at: float | None = None
     term_at: float | None = None      # while stopping: when to send SIGTERM,
     kill_at: float | None = None      # ... and SIGKILL if it is still running then
+    health: HealthCheck | None = None  # web copies, while running: is it up, still alive?
 
     @property
     def name(self) -> str:
@@ -170,6 +172,9 @@ class Supervisor:
         self.printer.make_room(copy.name)
         copy.started_at = time.monotonic()
         copy.state = "starting" if copy.port is not None else "up"
+        if copy.port is not None:
+            copy.health = HealthCheck(copy.port, self.config.check_every, self.selector,
+                                      partial(self.on_up, copy), partial(self.on_dead, copy))
         port = f", port={copy.port}" if copy.port is not None else ""
         self.printer.system(f"{copy.name} started (pid={copy.popen.pid}{port})")
 
@@ -182,6 +187,7 @@ class Supervisor:
         while self.read_output(copy.name, copy.popen.stdout):
             pass  # its last lines come before the news of its end
         self.close_output(copy.name, copy.popen.stdout)
+        self.stop_checking(copy)
         code = copy.popen.returncode
         self.printer.system(f"{copy.name} killed by {signal_name(-code)}" if code < 0
                             else f"{copy.name} exited with code {code}")
@@ -227,6 +233,7 @@ class Supervisor:
             return
         if copy not in self.retiring:
             self.retiring.append(copy)
+        self.stop_checking(copy)
         copy.state = "stopping"
         self.publish_rotation()
         copy.term_at, copy.kill_at = now + DRAIN_PAUSE, kill_at
@@ -284,19 +291,16 @@ class Supervisor:
     # Timers, the rotation and the table.
 
     def seconds_to_next_timer(self) -> float | None:
-        if any(c.state == "starting" and c.port is not None for c in self.everyone()):
-            return PROBE_EVERY
         times = [when for copy in self.everyone()
-                 for when in (copy.restart_at, copy.term_at, copy.kill_at) if when is not None]
+                 for when in (copy.restart_at, copy.term_at, copy.kill_at,
+                              copy.health and copy.health.due) if when is not None]
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def run_timers(self) -> None:
         now = time.monotonic()
         for copy in self.everyone():
-            if copy.state == "starting" and copy.port is not None and port_accepts(copy.port):
-                copy.state = "up"
-                self.printer.system(f"{copy.name} is up on port {copy.port}")
-                self.publish_rotation()
+            if copy.health is not None:
+                copy.health.run_timer(now)
             if copy.restart_at is not None and now >= copy.restart_at:
                 copy.restart_at = None
                 self.start_process(copy)
@@ -307,6 +311,28 @@ class Supervisor:
                 copy.kill_at = None
                 self.signal_group(copy, signal.SIGKILL)
         self.continue_rolling_restart()
+
+    # Health: a web copy is up once it answers `GET /healthz`, and dead once it stops.
+
+    def on_up(self, copy: Copy) -> None:
+        copy.state = "up"
+        self.printer.system(f"{copy.name} is up on port {copy.port}")
+        self.publish_rotation()
+
+    def on_dead(self, copy: Copy) -> None:
+        """Alive but not answering is dead: a frozen or deadlocked copy would hold every
+        request the router gives it. A stopped process never acts on SIGTERM, so SIGKILL;
+        reap() then restarts it, as after a crash."""
+        self.printer.system(f"{copy.name} failed {CHECKS_FAILED} health checks in a row: "
+                            f"replacing it (SIGKILL: a frozen copy cannot act on SIGTERM)")
+        copy.state = "unresponsive"
+        self.publish_rotation()
+        self.signal_group(copy, signal.SIGKILL)
+
+    def stop_checking(self, copy: Copy) -> None:
+        if copy.health is not None:
+            copy.health.stop()
+            copy.health = None
 
     def signal_group(self, copy: Copy, signum: signal.Signals) -> None:
         with suppress(ProcessLookupError, PermissionError):  # gone already: reap() will tell
@@ -463,7 +489,6 @@ PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")
 SCALE_ITEM = re.compile(r"^([A-Za-z0-9_-]+)=(.*)$")
 MAX_COPIES = 100         # of one type: this is one machine
 LAST_FRONT_PORT = 65000  # the copies take the ports after the front port
-BACKLOG = 128            # a backlog of 5 overflows under a burst of clients: slow SYN retries
 MAX_SECONDS = 3600       # for every duration: more is a typo (and select() overflows at 24 days)
 
 
@@ -481,6 +506,8 @@ class Config:
     port: int
     grace: float
     idle_timeout: float
+    upstream_timeout: float
+    check_every: float
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -502,8 +529,14 @@ def read_config(argv: list[str]) -> Config:
                              "Heroku; the copies get 5/6 of it as STOP_TIMEOUT, unless set)")
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
                         help="seconds the router keeps a silent connection (default: 60)")
+    parser.add_argument("--upstream-timeout", type=float, default=UPSTREAM_TIMEOUT,
+                        help="seconds a copy has to begin its answer, else 504 (default: 30)")
+    parser.add_argument("--check-every", type=float, default=CHECK_EVERY,
+                        help=f"seconds between GET /healthz to each web copy, and to answer; "
+                             f"{CHECKS_FAILED} failed in a row replace it (default: 1)")
     args = parser.parse_args(argv)
-    for option, least in (("grace", 0), ("idle_timeout", 0.1)):
+    for option, least in (("grace", 0), ("idle_timeout", 0.1), ("upstream_timeout", 0.1),
+                          ("check_every", 0.1)):
         value = getattr(args, option)
         if not least <= value <= MAX_SECONDS:  # NaN fails every comparison: it lands here too
             raise UsageError(f"--{option.replace('_', '-')} must be from {least:g} to "
@@ -517,7 +550,8 @@ def read_config(argv: list[str]) -> Config:
                          f"got {port!r}")
     return Config(commands, formation, read_dotenv(args.procfile.parent / ".env"),
                   args.procfile.resolve().parent, os.environ.get("HOST", "127.0.0.1"),
-                  int(port), args.grace, args.idle_timeout)
+                  int(port), args.grace, args.idle_timeout, args.upstream_timeout,
+                  args.check_every)
 
 
 def read_text(path: Path, what: str) -> str:
@@ -583,29 +617,16 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-def bind_front_port(host: str, port: int) -> socket.socket:
-    """Listen on the front port before any child starts, so that a busy port costs nothing."""
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as error:
-        listener.close()
-        raise UsageError(f"cannot listen on the front port {host}:{port}: {error.strerror} "
-                         f"(choose another with --port)") from None
-    listener.listen(BACKLOG)
-    return listener
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         config = read_config(sys.argv[1:] if argv is None else argv)
         listener = bind_front_port(config.host, config.port)
-    except UsageError as error:
+    except (UsageError, OSError) as error:  # OSError: the front port, said in one line
         print(f"launcher.py: error: {error}", file=sys.stderr)
         return 2
     printer = LogPrinter()
-    router = Router(listener, printer.system, config.idle_timeout)
+    router = Router(listener, printer.system, config.idle_timeout, config.upstream_timeout,
+                    connection_limit())
     router.start()
     return Supervisor(config, router, printer).run()
 

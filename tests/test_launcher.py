@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 
 import pytest
 
-from conftest import REPO, Launcher, alive, app_env, free_port, get, wait_until
+from conftest import REPO, Launcher, alive, app_env, free_port, get, http, wait_until
 from launcher import read_config, signal_name
 
 WEBAPP = REPO / "webapp.py"
@@ -201,7 +202,9 @@ def assert_refused(launcher: Launcher, problem: str) -> None:
     (WEB, ["--grace", "3000000"], "--grace must be from 0 to 3600 seconds"),  # select() overflows
     (WEB, ["--idle-timeout", "0"], "--idle-timeout must be from 0.1 to 3600 seconds"),
     (WEB, ["--idle-timeout", "1e300"], "--idle-timeout must be"),
-    (WEB, ["--grace", "x"], "invalid float value: 'x'"),
+    (WEB, ["--upstream-timeout", "-1"], "--upstream-timeout must be"),
+    (WEB, ["--check-every", "0.001"], "--check-every must be from 0.1"),
+    (WEB, ["--check-every", "x"], "invalid float value: 'x'"),
 ])
 def test_bad_input_exits_2_with_one_line_before_any_copy_starts(launch, procfile, args,
                                                                  problem):
@@ -243,6 +246,33 @@ def test_a_crash_loop_backs_off_instead_of_spinning(launch):
     assert launcher.output().count("crash.1 exited with code 1") == 3
     assert "restarting crash.1 now" in launcher.output()
     assert "restarting crash.1 in 1s" in launcher.output()
+
+
+@contextmanager
+def frozen(pid: int):
+    """SIGSTOP a copy: alive, its port still accepting, answering nothing (a deadlock or a
+    long pause looks the same from outside). It is SIGKILLed at the end, whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # a stopped process dies of it too
+
+
+def test_a_frozen_web_copy_is_replaced_and_the_front_keeps_answering(launch):
+    launcher = launch(WEB, "web=2", "--check-every", "0.2")
+    launcher.wait_for(" is up on port", 2)
+    pid = launcher.pids("web.2")[-1]
+    with frozen(pid):
+        launcher.wait_for("web.2 failed 3 health checks in a row: replacing it", timeout=5)
+        launcher.wait_for("web.2 killed by SIGKILL")
+        launcher.wait_for("web.2 is up on port", 2)
+        assert launcher.pids("web.2")[-1] != pid
+        began = time.monotonic()
+        assert [http("GET", launcher.url, timeout=2).status for _ in range(10)] == [200] * 10
+        assert time.monotonic() - began < 5
+        assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
 
 
 def test_each_copy_is_told_its_own_deadline_to_stop_within_the_grace(launch, tmp_path):
