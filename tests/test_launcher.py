@@ -261,11 +261,11 @@ def frozen(pid: int):
 
 
 def test_a_frozen_web_copy_is_replaced_and_the_front_keeps_answering(launch):
-    launcher = launch(WEB, "web=2", "--check-every", "0.2")
+    launcher = launch(WEB, "web=2", "--check-every", "0.4")  # replaced within 2.4 s
     launcher.wait_for(" is up on port", 2)
     pid = launcher.pids("web.2")[-1]
     with frozen(pid):
-        launcher.wait_for("web.2 failed 3 health checks in a row: replacing it", timeout=5)
+        launcher.wait_for("web.2 failed 3 health checks in a row: replacing it", timeout=8)
         launcher.wait_for("web.2 killed by SIGKILL")
         launcher.wait_for("web.2 is up on port", 2)
         assert launcher.pids("web.2")[-1] != pid
