@@ -9,28 +9,29 @@ What a platform (Heroku, foreman, Kubernetes) does for a stateless app, and so w
 `python launcher.py web=4 worker=2` does: it runs each Procfile type as N children named
 by `DYNO` (web.1, worker.2), each web copy on a `PORT` of its own, behind one front port
 (`router.py`); prints all their output as one stream; restarts a copy that dies, with
-backoff; scales and restarts copies from stdin (`web=6`, `ps`, `restart`, `quit`); and on
-SIGINT or SIGTERM stops them: SIGTERM, grace, SIGKILL. It never imports the app, never
-daemonizes, and runs on one machine. The app in turn binds $PORT, logs to stdout, keeps
-its state in a backing service, and exits on SIGTERM.
+backoff, and replaces a web copy that stops answering `GET /healthz`; scales and restarts
+copies from stdin (`web=6`, `ps`, `restart`, `quit`); and on SIGINT or SIGTERM, or once
+nobody reads its output (`launcher.py | head`), stops them: SIGTERM, grace, SIGKILL. It
+never imports the app, never daemonizes, and runs on one machine. The app in turn binds
+$PORT, answers `/healthz`, logs to stdout, keeps its state in a backing service, and exits
+on SIGTERM, within STOP_TIMEOUT.
 
 This file reads in that order: the `Supervisor` keeps the formation (start, scale,
 restart, stop) in one loop on the main thread; that loop waits in one `selectors` call
-for signals, the copies' output and commands, and runs its timers (restarts, start-up
-probes, grace periods) through its timeout. Then how a copy is started, and last `main()`,
-which reads the command line, the Procfile and `.env` and binds the front port, so that
-bad input ends with one line and exit code 2 before any child starts.
+for signals, the copies' output, their health checks and commands, and runs its timers
+(restarts, health checks, grace periods) through its timeout. Then how a copy is
+started, and last `main()`, which reads the command line, the Procfile and `.env` and
+binds the front port, so that bad input ends with one line and exit code 2 before any
+child starts.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import os
 import re
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,12 +41,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from router import (COPY_HOST, IDLE_TIMEOUT, LogPrinter, Router, port_accepts, port_is_free,
-                    split_lines)
+from router import (CHECK_EVERY, CHECKS_FAILED, COPY_HOST, IDLE_TIMEOUT, UPSTREAM_TIMEOUT,
+                    HealthCheck, LogPrinter, Router, bind_front_port, connection_limit,
+                    port_is_free, split_lines)
 
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0      # a copy up this long that crashes starts its backoff again
-PROBE_EVERY = 0.05
 DRAIN_PAUSE = 0.1        # out of the rotation this long before SIGTERM: see stop_copy
 HELP = "commands: TYPE=N (scale, e.g. web=3), ps, restart [TYPE], quit"
 
@@ -61,11 +62,12 @@ class Copy:
     popen: subprocess.Popen | None = None
     started_at: float = 0.0
     restarts: int = 0
-    state: str = "starting"           # starting, up, backoff (waiting to restart), stopping
+    state: str = "starting"           # starting, up, unresponsive, backoff, stopping
     backoff: float = 0.0              # the wait before the next restart after a crash
     restart_at: float | None = None
     term_at: float | None = None      # while stopping: when to send SIGTERM,
     kill_at: float | None = None      # ... and SIGKILL if it is still running then
+    health: HealthCheck | None = None  # web copies, while running: is it up, still alive?
 
     @property
     def name(self) -> str:
@@ -107,8 +109,10 @@ class Supervisor:
             for key, _ in self.selector.select(self.seconds_to_next_timer()):
                 key.data()
             self.run_timers()
+            if self.printer.reader_gone:
+                self.shut_down()  # `launcher.py | head`: nobody can read the logs any more
         self.printer.system("every copy has stopped")
-        return 0
+        return 1 if self.printer.reader_gone else 0
 
     # The formation: start, scale, restart, stop.
 
@@ -149,15 +153,28 @@ class Supervisor:
         env.update(DYNO=copy.name, PYTHONUNBUFFERED="1",
                    # the Procfile's `python` is the Python running the launcher
                    PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+        if self.config.grace > 0:  # the copy's own deadline to stop (Heroku: 25 s of 30),
+            # so it hands back its work before our SIGKILL, or alone if we were SIGKILLed
+            env.setdefault("STOP_TIMEOUT", f"{self.config.grace * 5 / 6:g}")
         if copy.port is not None:
             env.update(PORT=str(copy.port), HOST=COPY_HOST)
-        copy.popen = start_child(self.config.commands[copy.process_type], env, self.config.workdir)
+        try:
+            copy.popen = start_child(self.config.commands[copy.process_type], env,
+                                     self.config.workdir)
+        except OSError as error:  # no descriptor or process left: the machine's trouble
+            self.printer.system(f"cannot start {copy.name}: {error}")
+            copy.started_at = time.monotonic()
+            self.restart_with_backoff(copy)  # ... not a reason to stop the others
+            return
         os.set_blocking(copy.popen.stdout.fileno(), False)
         self.selector.register(copy.popen.stdout, selectors.EVENT_READ,
                                partial(self.read_output, copy.name, copy.popen.stdout))
         self.printer.make_room(copy.name)
         copy.started_at = time.monotonic()
         copy.state = "starting" if copy.port is not None else "up"
+        if copy.port is not None:
+            copy.health = HealthCheck(copy.port, self.config.check_every, self.selector,
+                                      partial(self.on_up, copy), partial(self.on_dead, copy))
         port = f", port={copy.port}" if copy.port is not None else ""
         self.printer.system(f"{copy.name} started (pid={copy.popen.pid}{port})")
 
@@ -170,6 +187,7 @@ class Supervisor:
         while self.read_output(copy.name, copy.popen.stdout):
             pass  # its last lines come before the news of its end
         self.close_output(copy.name, copy.popen.stdout)
+        self.stop_checking(copy)
         code = copy.popen.returncode
         self.printer.system(f"{copy.name} killed by {signal_name(-code)}" if code < 0
                             else f"{copy.name} exited with code {code}")
@@ -215,6 +233,7 @@ class Supervisor:
             return
         if copy not in self.retiring:
             self.retiring.append(copy)
+        self.stop_checking(copy)
         copy.state = "stopping"
         self.publish_rotation()
         copy.term_at, copy.kill_at = now + DRAIN_PAUSE, kill_at
@@ -272,19 +291,16 @@ class Supervisor:
     # Timers, the rotation and the table.
 
     def seconds_to_next_timer(self) -> float | None:
-        if any(c.state == "starting" and c.port is not None for c in self.everyone()):
-            return PROBE_EVERY
         times = [when for copy in self.everyone()
-                 for when in (copy.restart_at, copy.term_at, copy.kill_at) if when is not None]
+                 for when in (copy.restart_at, copy.term_at, copy.kill_at,
+                              copy.health and copy.health.due) if when is not None]
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def run_timers(self) -> None:
         now = time.monotonic()
         for copy in self.everyone():
-            if copy.state == "starting" and copy.port is not None and port_accepts(copy.port):
-                copy.state = "up"
-                self.printer.system(f"{copy.name} is up on port {copy.port}")
-                self.publish_rotation()
+            if copy.health is not None:
+                copy.health.run_timer(now)
             if copy.restart_at is not None and now >= copy.restart_at:
                 copy.restart_at = None
                 self.start_process(copy)
@@ -295,6 +311,28 @@ class Supervisor:
                 copy.kill_at = None
                 self.signal_group(copy, signal.SIGKILL)
         self.continue_rolling_restart()
+
+    # Health: a web copy is up once it answers `GET /healthz`, and dead once it stops.
+
+    def on_up(self, copy: Copy) -> None:
+        copy.state = "up"
+        self.printer.system(f"{copy.name} is up on port {copy.port}")
+        self.publish_rotation()
+
+    def on_dead(self, copy: Copy) -> None:
+        """Alive but not answering is dead: a frozen or deadlocked copy would hold every
+        request the router gives it. A stopped process never acts on SIGTERM, so SIGKILL;
+        reap() then restarts it, as after a crash."""
+        self.printer.system(f"{copy.name} failed {CHECKS_FAILED} health checks in a row: "
+                            f"replacing it (SIGKILL: a frozen copy cannot act on SIGTERM)")
+        copy.state = "unresponsive"
+        self.publish_rotation()
+        self.signal_group(copy, signal.SIGKILL)
+
+    def stop_checking(self, copy: Copy) -> None:
+        if copy.health is not None:
+            copy.health.stop()
+            copy.health = None
 
     def signal_group(self, copy: Copy, signum: signal.Signals) -> None:
         with suppress(ProcessLookupError, PermissionError):  # gone already: reap() will tell
@@ -372,7 +410,8 @@ class Supervisor:
         if not chunk:
             self.selector.unregister(stdin)  # end of input: run on, without commands
             return
-        lines, self.unfinished_command = split_lines(self.unfinished_command + chunk)
+        lines, unfinished = split_lines(self.unfinished_command + chunk)
+        self.unfinished_command = unfinished[:4096]  # no command is longer: memory stays bounded
         for line in lines:
             self.run_command(line.decode(errors="replace").split())
 
@@ -394,8 +433,8 @@ class Supervisor:
         except UsageError as error:
             self.printer.system(str(error))
 
-# --- Starting a copy ---------------------------------------------------------------------
 
+# --- Starting a copy ---------------------------------------------------------------------
 
 # When the launcher dies, even by SIGKILL, its copies must not live on holding their ports
 # (foreman's oldest complaint). On Linux a child can ask for SIGTERM when its parent dies
@@ -450,7 +489,7 @@ PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")
 SCALE_ITEM = re.compile(r"^([A-Za-z0-9_-]+)=(.*)$")
 MAX_COPIES = 100         # of one type: this is one machine
 LAST_FRONT_PORT = 65000  # the copies take the ports after the front port
-BACKLOG = 128            # a backlog of 5 overflows under a burst of clients: slow SYN retries
+MAX_SECONDS = 3600       # for every duration: more is a typo (and select() overflows at 24 days)
 
 
 class UsageError(Exception):
@@ -467,6 +506,8 @@ class Config:
     port: int
     grace: float
     idle_timeout: float
+    upstream_timeout: float
+    check_every: float
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -483,15 +524,23 @@ def read_config(argv: list[str]) -> Config:
                         help="copies of a type, e.g. web=4 worker=2 (unnamed types: 1)")
     parser.add_argument("--procfile", type=Path, default=Path("Procfile"))
     parser.add_argument("--port", help="the front port (default: $PORT, else 5000)")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds a stopping copy gets before SIGKILL (default: 10)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds a stopping copy gets before SIGKILL (default: 30, as "
+                             "Heroku; the copies get 5/6 of it as STOP_TIMEOUT, unless set)")
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
                         help="seconds the router keeps a silent connection (default: 60)")
+    parser.add_argument("--upstream-timeout", type=float, default=UPSTREAM_TIMEOUT,
+                        help="seconds a copy has to begin its answer, else 504 (default: 30)")
+    parser.add_argument("--check-every", type=float, default=CHECK_EVERY,
+                        help=f"seconds between GET /healthz to each web copy, and to answer; "
+                             f"{CHECKS_FAILED} failed in a row replace it (default: 1)")
     args = parser.parse_args(argv)
-    if not 0 <= args.grace < math.inf:  # NaN fails every comparison, so it lands here too
-        raise UsageError(f"--grace must be 0 or more seconds, got {args.grace:g}")
-    if not 0 < args.idle_timeout < math.inf:
-        raise UsageError(f"--idle-timeout must be more than 0 seconds, got {args.idle_timeout:g}")
+    for option, least in (("grace", 0), ("idle_timeout", 0.1), ("upstream_timeout", 0.1),
+                          ("check_every", 0.1)):
+        value = getattr(args, option)
+        if not least <= value <= MAX_SECONDS:  # NaN fails every comparison: it lands here too
+            raise UsageError(f"--{option.replace('_', '-')} must be from {least:g} to "
+                             f"{MAX_SECONDS} seconds, got {value:.10g}")
     commands = read_procfile(args.procfile)
     formation = dict.fromkeys(commands, 1)
     formation.update(parse_scale(args.scale, commands))
@@ -501,7 +550,8 @@ def read_config(argv: list[str]) -> Config:
                          f"got {port!r}")
     return Config(commands, formation, read_dotenv(args.procfile.parent / ".env"),
                   args.procfile.resolve().parent, os.environ.get("HOST", "127.0.0.1"),
-                  int(port), args.grace, args.idle_timeout)
+                  int(port), args.grace, args.idle_timeout, args.upstream_timeout,
+                  args.check_every)
 
 
 def read_text(path: Path, what: str) -> str:
@@ -567,29 +617,16 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-def bind_front_port(host: str, port: int) -> socket.socket:
-    """Listen on the front port before any child starts, so that a busy port costs nothing."""
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as error:
-        listener.close()
-        raise UsageError(f"cannot listen on the front port {host}:{port}: {error.strerror} "
-                         f"(choose another with --port)") from None
-    listener.listen(BACKLOG)
-    return listener
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         config = read_config(sys.argv[1:] if argv is None else argv)
         listener = bind_front_port(config.host, config.port)
-    except UsageError as error:
+    except (UsageError, OSError) as error:  # OSError: the front port, said in one line
         print(f"launcher.py: error: {error}", file=sys.stderr)
         return 2
     printer = LogPrinter()
-    router = Router(listener, printer.system, config.idle_timeout)
+    router = Router(listener, printer.system, config.idle_timeout, config.upstream_timeout,
+                    connection_limit())
     router.start()
     return Supervisor(config, router, printer).run()
 

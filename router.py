@@ -9,7 +9,8 @@ others take the traffic; with none live, the client gets a 503 at once, not a ha
 
 It moves bytes and reads no HTTP: each TCP connection is relayed to one copy, both ways,
 until both sides have finished. The supervisor in `launcher.py` decides which copies are
-live and hands the router their ports; the router never starts or stops anything.
+live, by asking each for `GET /healthz` (`HealthCheck`, below), and hands the router their
+ports; the router never starts or stops anything.
 
 The other way out of the copies is their output (Factor XI: logs are event streams), and
 Heroku routes that too, with its log router. Here `LogPrinter` merges every copy's
@@ -20,35 +21,53 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import resource
 import selectors
 import socket
 import sys
 import threading
 import time
+from contextlib import suppress
 from typing import Callable
 
 COPY_HOST = "127.0.0.1"  # copies are reached only through the router, on loopback
+BACKLOG = 128            # a backlog of 5 overflows under a burst of clients: slow SYN retries
 CHUNK = 65536            # bytes read at once, and held per direction (backpressure)
 IDLE_TIMEOUT = 60.0      # a connection with no byte either way this long is closed (nginx: 60)
-SWEEP_EVERY = 1.0        # how often the router looks for idle connections
-PROBE_TIMEOUT = 0.05     # loopback answers at once, or not at all
-NO_COPY_BODY = b"503: no web copy is running; try again in a moment\n"
-NO_COPY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-           % (len(NO_COPY_BODY), NO_COPY_BODY))
+UPSTREAM_TIMEOUT = 30.0  # a request its copy has not begun to answer by then gets a 504
+CONNECT_TIMEOUT = 3.0    # a copy that has not taken the connection by then is skipped
+SWEEP_EVERY = 1.0        # how often the router looks for connections past a deadline
+MAX_CONNECTIONS = 4096   # clients held at once; the next ones wait in the listen backlog
+RESERVED_DESCRIPTORS = 256  # left to the supervisor: copies' pipes, health checks, stdio
+
+
+def plain_answer(status: str, body: str) -> bytes:
+    """An HTTP answer of the router's own, for when no copy can give one."""
+    return (f"HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n{body}").encode()
+
+
+NO_COPY = plain_answer("503 Service Unavailable",
+                       "503: no web copy is running; try again in a moment\n")
+BAD_GATEWAY = plain_answer("502 Bad Gateway",
+                           "502: the web copy hung up without answering\n")
+GATEWAY_TIMEOUT = plain_answer("504 Gateway Timeout",
+                               "504: the web copy did not begin to answer in time\n")
 
 
 class Flow:
     """One direction of a connection: bytes read from `source`, held in `pending` until
-    `target` takes them. When no copy is live, the client's request becomes a flow with
-    no target (read, then dropped), and the 503 answer a flow with no source, whose
-    bytes are pending from the start."""
+    `target` takes them. When the router answers a client itself (503, 504), the client's
+    request becomes a flow with no target (read, then dropped), and the answer a flow with
+    no source, whose bytes are pending from the start."""
 
     def __init__(self, source, target, pending: bytes = b"", ended: bool = False):
         self.source, self.target = source, target
         self.pending = bytearray(pending)
-        self.ended = ended   # the source has sent its end of file
-        self.done = False    # ... and it was passed on: the target is shut for writing
+        self.received = False  # a byte came from the source: for a copy, its answer began
+        self.ended = ended     # the source has sent its end of file
+        self.done = False      # ... and it was passed on: the target is shut for writing
 
 
 class Connection:
@@ -58,38 +77,56 @@ class Connection:
         self.client = client
         self.candidates = candidates
         self.upstream: socket.socket | None = None
+        self.port = 0                      # the copy's, once one is chosen (for the log)
         self.flows: tuple[Flow, ...] = ()  # empty while connecting to a copy
         self.last_active = time.monotonic()
 
     def sockets(self) -> list[socket.socket]:
         return [sock for sock in (self.client, self.upstream) if sock is not None]
 
+    def awaits_answer(self) -> bool:
+        """The client has sent something to its copy, and the copy nothing back yet: the
+        one moment the router may still answer in its place (502, 504)."""
+        request, reply = self.flows
+        return self.upstream is not None and request.received and not reply.received
+
 
 class Router:
     """The front door: one thread, one `selectors` loop, plain non-blocking sockets.
 
-    Each client goes to the next port of `rotation` (round-robin). A copy that refuses is
-    skipped and the next one tried, each at most once; with none left the client gets a 503,
-    not a hang. Then bytes are relayed both ways. A side is not read while the other side's
-    buffer is full (backpressure: a slow client slows its copy, it does not fill our memory),
-    and an end of file is passed on as a half-close, as HTTP/1.0 reads until the close.
-    A connection idle for `idle_timeout` is closed: a client that never hangs up must not
-    hold two sockets forever, and a router out of descriptors must not stop for good.
+    Each client goes to the next port of `rotation` (round-robin). A copy that refuses, or
+    has not taken the connection within CONNECT_TIMEOUT (frozen, its backlog full), is
+    skipped and the next one tried, each at most once; with none left the client gets a
+    503, not a hang. Then bytes are relayed both ways. A side is not read while the other
+    side's buffer is full (backpressure: a slow client slows its copy, it does not fill our
+    memory), and an end of file is passed on as a half-close, as HTTP/1.0 reads until the
+    close.
+
+    Deadlines, checked once a second by `sweep`, so that the relay itself never looks at a
+    clock: a copy that has not begun to answer `upstream_timeout` after the client's last
+    byte gets its client a 504 (as Heroku's router does at 30 s); a connection with no byte
+    either way for `idle_timeout` is closed, and that includes a client that never sends
+    its request. At most `max_connections` clients are held at once (HAProxy's maxconn):
+    the next ones wait in the listen backlog, and the descriptors the supervisor needs are
+    never taken. A copy that hangs up without answering gets its client a 502.
 
     The supervisor replaces `rotation` whole (storing a tuple is atomic), so no lock.
     """
 
     def __init__(self, listener: socket.socket, log: Callable[[str], None],
-                 idle_timeout: float = IDLE_TIMEOUT):
+                 idle_timeout: float = IDLE_TIMEOUT, upstream_timeout: float = UPSTREAM_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS):
         self.listener = listener
-        self.log = log  # one line in the platform's output, for the router's rare errors
+        self.log = log  # one line in the platform's output, for the router's rare events
         self.idle_timeout = idle_timeout
+        self.upstream_timeout = upstream_timeout
+        self.max_connections = max_connections
         self.rotation: tuple[int, ...] = ()
         self.turn = 0
         self.selector = selectors.DefaultSelector()
         self.watching: dict[socket.socket, int] = {}  # socket -> the events it waits for
         self.connections: set[Connection] = set()
-        self.listening = True
+        self.listening = False
         self.next_sweep = 0.0
 
     def start(self) -> None:
@@ -97,7 +134,7 @@ class Router:
 
     def serve(self) -> None:
         self.listener.setblocking(False)
-        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.listen(True)
         while True:
             for key, events in self.selector.select(SWEEP_EVERY):
                 if key.fileobj is self.listener:
@@ -106,22 +143,30 @@ class Router:
                     self.handle(key.data, key.fileobj, events)
             self.sweep()
 
+    def listen(self, on: bool) -> None:
+        """Watch the listener, or stop: clients then wait in the backlog, and the loop does
+        not spin on a listener that stays readable while it cannot take anyone."""
+        if on != self.listening:
+            if on:
+                self.selector.register(self.listener, selectors.EVENT_READ)
+            else:
+                self.selector.unregister(self.listener)
+            self.listening = on
+
     def accept(self) -> None:
         """Take every client waiting in the backlog: under load, one wake-up brings many."""
-        while True:
+        while len(self.connections) < self.max_connections:
             try:
                 client, _ = self.listener.accept()
             except OSError as error:  # none left (EAGAIN), or one gave up already
                 if error.errno in (errno.EMFILE, errno.ENFILE):
-                    # Out of descriptors: the listener stays readable, so stop watching it
-                    # until the next sweep rather than spin. Clients wait in the backlog.
-                    self.selector.unregister(self.listener)
-                    self.listening = False
+                    self.listen(False)  # out of descriptors: until the next sweep
                 return
             try:
                 self.forward(client)
             except OSError:  # no descriptor left for its copy's side: this client only
                 client.close()
+        self.listen(False)  # full: until a connection closes
 
     def forward(self, client: socket.socket) -> None:
         client.setblocking(False)
@@ -138,25 +183,35 @@ class Router:
         while conn.candidates:
             upstream = socket.socket()
             upstream.setblocking(False)
-            code = upstream.connect_ex((COPY_HOST, conn.candidates.pop(0)))
+            conn.port = conn.candidates.pop(0)
+            code = upstream.connect_ex((COPY_HOST, conn.port))
             if code in (0, errno.EINPROGRESS):
                 conn.upstream = upstream
                 self.watch(upstream, selectors.EVENT_WRITE, conn)  # writable: connect ended
                 return
             upstream.close()  # refused at once: a copy that is gone or restarting
-        conn.flows = (Flow(conn.client, None), Flow(None, conn.client, NO_COPY, ended=True))
-        self.update(conn)
+        self.answer(conn, NO_COPY)
 
     def finish_connect(self, conn: Connection) -> None:
         upstream = conn.upstream
         if upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            self.watch(upstream, 0, conn)
-            upstream.close()
-            conn.upstream = None
+            self.drop_upstream(conn)
             self.connect_next(conn)
             return
         upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.flows = (Flow(conn.client, upstream), Flow(upstream, conn.client))
+        self.update(conn)
+
+    def drop_upstream(self, conn: Connection) -> None:
+        self.watch(conn.upstream, 0, conn)
+        conn.upstream.close()
+        conn.upstream = None
+
+    def answer(self, conn: Connection, response: bytes) -> None:
+        """Answer the client in the copy's place; what it sends from now on is dropped."""
+        if conn.upstream is not None:
+            self.drop_upstream(conn)
+        conn.flows = (Flow(conn.client, None), Flow(None, conn.client, response, ended=True))
         self.update(conn)
 
     def handle(self, conn: Connection, sock: socket.socket, events: int) -> None:
@@ -168,7 +223,7 @@ class Router:
                 return
             for flow in conn.flows:
                 if flow.source is sock and events & selectors.EVENT_READ:
-                    self.receive(flow)
+                    self.receive(conn, flow)
                 self.send(flow)
             self.update(conn)
         except OSError:  # a peer reset or vanished: an ordinary event in TCP
@@ -177,15 +232,23 @@ class Router:
             self.log(f"router: closed a connection after {error!r}")
             self.close(conn)
 
-    def receive(self, flow: Flow) -> None:
+    def receive(self, conn: Connection, flow: Flow) -> None:
         try:
             data = flow.source.recv(CHUNK)
         except ConnectionResetError:  # an end too, abrupt: what came before it is passed on
             data = b""
-        if not data:
-            flow.ended = True
-        elif flow.target is not None:
-            flow.pending += data
+        if data:
+            flow.received = True
+            if flow.target is not None:
+                flow.pending += data
+            return
+        if flow.source is conn.upstream and conn.awaits_answer():
+            # The copy hung up, or died, before a byte of its answer: say so (nginx: 502),
+            # rather than leave the client an empty reply it cannot tell from a bug.
+            self.log(f"router: the copy on port {conn.port} hung up without answering: "
+                     f"502 to its client")
+            flow.pending += BAD_GATEWAY
+        flow.ended = True
 
     def send(self, flow: Flow) -> None:
         if flow.pending and flow.target is not None:
@@ -240,22 +303,37 @@ class Router:
                 self.selector.unregister(sock)
             sock.close()
         self.connections.discard(conn)
+        self.listen(True)  # a place is free (and descriptors): take the next client
 
     def sweep(self) -> None:
-        """Once a second: close the connections idle too long, and listen again if running
-        out of descriptors made us stop."""
+        """Once a second: act on the connections past a deadline, and listen again if
+        running out of descriptors made us stop."""
         now = time.monotonic()
         if now < self.next_sweep:
             return
         self.next_sweep = now + SWEEP_EVERY
-        for conn in [c for c in self.connections if now - c.last_active > self.idle_timeout]:
+        for conn in list(self.connections):
+            try:
+                self.enforce_deadlines(conn, now - conn.last_active)
+            except OSError:  # no descriptor left to try the next copy: this client only
+                self.close(conn)
+        self.listen(True)
+
+    def enforce_deadlines(self, conn: Connection, idle: float) -> None:
+        if not conn.flows:
+            if idle > CONNECT_TIMEOUT:  # a frozen copy's full backlog: try the next one
+                conn.last_active = time.monotonic()
+                self.drop_upstream(conn)
+                self.connect_next(conn)
+        elif idle > self.upstream_timeout and conn.awaits_answer():
+            self.log(f"router: the copy on port {conn.port} sent no answer in "
+                     f"{self.upstream_timeout:g}s: 504 to its client")
+            self.answer(conn, GATEWAY_TIMEOUT)
+        elif idle > self.idle_timeout:
             self.close(conn)
-        if not self.listening:
-            self.selector.register(self.listener, selectors.EVENT_READ)
-            self.listening = True
 
 
-# --- The copies' ports -------------------------------------------------------------------
+# --- The copies' ports and health ---------------------------------------------------------
 
 def port_is_free(port: int) -> bool:
     """Could a copy bind this port? Asked as servers bind (SO_REUSEADDR), so that the old
@@ -269,13 +347,131 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def port_accepts(port: int) -> bool:
-    """A copy is live once its port accepts a connection (loopback answers at once)."""
+HEALTH_REQUEST = (b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                  b"User-Agent: launcher.py health check\r\n\r\n")
+HEALTHY = re.compile(rb"HTTP/1\.[01] [23][0-9][0-9] ")  # 2xx or 3xx, as a Kubernetes probe
+PROBE_EVERY = 0.05  # a starting copy is asked this often, until its first answer
+CHECK_EVERY = 1.0   # then this often, with as long to answer,
+CHECKS_FAILED = 3   # ... and this many misses in a row make it dead
+
+
+class HealthCheck:
+    """Asks one web copy `GET /healthz` again and again, as Kubernetes probes a pod: its
+    first answer (2xx or 3xx) makes it ready (`on_up`); then CHECKS_FAILED misses in a
+    row, each a wrong answer or none within `every` seconds, make it dead (`on_dead`).
+
+    A port that accepts proves nothing: the kernel completes the handshake of a frozen or
+    deadlocked copy into its backlog, and a request then waits there forever. Each
+    question is a non-blocking socket in the supervisor's own `selectors` loop, so that a
+    copy that never answers cannot stall the supervisor; `due` is the supervisor's timer:
+    when to ask next, or, with a question in flight, when to give up waiting.
+    """
+
+    def __init__(self, port: int, every: float, selector: selectors.BaseSelector,
+                 on_up: Callable[[], None], on_dead: Callable[[], None]):
+        self.port, self.every, self.selector = port, every, selector
+        self.on_up, self.on_dead = on_up, on_dead
+        self.up = False
+        self.failed = 0                           # misses in a row, once up
+        self.sock: socket.socket | None = None    # the question in flight
+        self.sent = False
+        self.answer = b""                         # the start of its answer, so far
+        self.due: float | None = time.monotonic()
+
+    def run_timer(self, now: float) -> None:
+        if self.due is None or now < self.due:
+            return
+        if self.sock is not None:
+            self.answered(False)  # no answer in time
+            return
+        try:
+            self.sock = socket.socket()
+        except OSError:  # no descriptor left: the launcher's trouble, not the copy's
+            self.due = now + self.every
+            return
+        self.sock.setblocking(False)
+        self.sock.connect_ex((COPY_HOST, self.port))  # refused or in progress: `step` sees
+        self.selector.register(self.sock, selectors.EVENT_WRITE, self.step)
+        self.sent, self.answer, self.due = False, b"", now + self.every
+
+    def step(self) -> None:
+        if self.sock is None:
+            return  # stopped earlier in this round of events
+        try:
+            if self.sent:
+                # Read to the end, which HTTP/1.0 marks by closing: hanging up on a copy
+                # still writing its answer would reset its connection, an error in its log.
+                data = self.sock.recv(4096)
+                self.answer = (self.answer + data)[:64]  # the status line is all we judge
+                if not data:
+                    self.answered(bool(HEALTHY.match(self.answer)))
+            elif self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.answered(False)  # refused: not listening (yet, or any more)
+            else:
+                self.sock.send(HEALTH_REQUEST)  # small: a new socket's buffer takes it whole
+                self.sent = True
+                self.selector.modify(self.sock, selectors.EVENT_READ, self.step)
+        except OSError:
+            self.answered(False)
+
+    def answered(self, healthy: bool) -> None:
+        self.close()
+        # Until a starting copy listens, ask again soon; once it answers, at the usual pace.
+        soon = not (self.up or healthy or self.answer)
+        self.due = time.monotonic() + (PROBE_EVERY if soon else self.every)
+        if not self.up:
+            self.up = healthy
+            if healthy:
+                self.on_up()
+            return
+        self.failed = 0 if healthy else self.failed + 1
+        if self.failed == CHECKS_FAILED:
+            self.due = None
+            self.on_dead()
+
+    def stop(self) -> None:
+        self.close()
+        self.due = None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.selector.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+
+
+# --- The front port -----------------------------------------------------------------------
+
+def bind_front_port(host: str, port: int) -> socket.socket:
+    """Listen on the front port before any child starts, so that a busy port costs nothing.
+    Raises OSError with a message that says what to do."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        socket.create_connection((COPY_HOST, port), timeout=PROBE_TIMEOUT).close()
-    except OSError:
-        return False
-    return True
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise OSError(f"cannot listen on the front port {host}:{port}: {error.strerror} "
+                      f"(choose another with --port)") from None
+    listener.listen(BACKLOG)
+    return listener
+
+
+def connection_limit() -> int:
+    """How many clients the router may hold at once: two descriptors each, less a reserve
+    for the supervisor. The soft limit is raised first to what MAX_CONNECTIONS needs, as
+    HAProxy does for its maxconn: its usual default, 1024, dates from select(), which
+    nothing here uses, and would let about 500 slow clients fill the front door. The
+    copies inherit the raised limit, which serves their own clients too."""
+    wanted = 2 * MAX_CONNECTIONS + RESERVED_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        ceiling = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with suppress(ValueError, OSError):  # macOS may allow less still
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    descriptors = wanted if soft == resource.RLIM_INFINITY else soft
+    return min(MAX_CONNECTIONS, (descriptors - min(RESERVED_DESCRIPTORS, descriptors // 2)) // 2)
 
 
 # --- The log router -----------------------------------------------------------------------
@@ -293,6 +489,10 @@ class LogPrinter:
     router) and keeps each pipe's unfinished line until its end arrives. Colour only on a
     terminal, and never with NO_COLOR set. The lock is for the router's rare error line:
     every other line is printed by the main thread.
+
+    When the reader of our stdout goes away (`launcher.py | head -3`), `reader_gone` says
+    so, and what is printed after that goes to /dev/null, quietly: the supervisor then
+    stops every copy, as a program in a pipeline ends once its reader has.
     """
     COLOURS = ("36", "33", "32", "35", "34", "31")
 
@@ -302,6 +502,7 @@ class LogPrinter:
         self.colours: dict[str, str] = {"system": "1"}
         self.unfinished: dict[int, bytes] = {}  # pipe -> the start of its next line
         self.lock = threading.Lock()
+        self.reader_gone = False
 
     def make_room(self, name: str) -> None:
         self.width = max(self.width, len(name))
@@ -312,8 +513,14 @@ class LogPrinter:
             colour = self.colours.setdefault(name, self.COLOURS[len(self.colours) % 6])
             prefix = f"\033[{colour}m{prefix}\033[0m"
         with self.lock:  # one write for all the lines of a chunk
-            sys.stdout.write("".join(prefix + text + "\n" for text in texts))
-            sys.stdout.flush()
+            try:
+                sys.stdout.write("".join(prefix + text + "\n" for text in texts))
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.reader_gone = True
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # the next flush, or Python's at exit
+                os.close(devnull)
 
     def system(self, text: str) -> None:
         self.lines("system", [text])

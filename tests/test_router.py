@@ -1,0 +1,212 @@
+"""The router, tested through a real launcher: it spreads connections, answers for a copy
+that cannot (503, 502, 504), keeps its deadlines, and bounds what it takes on at once, so
+that slow clients cannot hold the front door."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from conftest import http, responds, wait_until
+from test_launcher import SLEEPER, WEB, frozen, launch, served_by  # noqa: F401 (a fixture)
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="reads /proc; sets limits with bash's ulimit")
+
+
+def test_front_port_spreads_requests_round_robin(launch):
+    launcher = launch(WEB, "web=3")
+    launcher.wait_for(" is up on port", 3)
+    served = served_by(launcher, 30)
+    assert set(served) == {"web.1", "web.2", "web.3"}
+    assert all(9 <= count <= 11 for count in served.values()), served
+
+
+def test_no_web_copy_means_503_not_a_hang(launch):
+    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=0")
+
+    def answer():
+        try:
+            return http("GET", launcher.url, timeout=2)
+        except OSError:
+            return None
+
+    response = wait_until(answer, what="the front port to answer")
+    assert response.status == 503
+    assert b"no web copy" in response.body
+
+
+def post_too_big(port: int, size: int = 8 << 20) -> bytes:
+    """POST a body over webapp.py's limit, sending and reading at once as a browser does;
+    the status line of the answer."""
+    head = (b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n" % size)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        def send_all():
+            try:
+                sock.sendall(head + bytes(size))
+            except OSError:
+                pass  # the other side may hang up before it has taken everything
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        try:
+            return sock.makefile("rb").readline().strip()
+        finally:
+            sender.join()
+
+
+def test_an_answer_sent_before_the_body_is_read_reaches_the_client(launch):
+    # webapp.py answers 413 from the headers alone and closes with the body unread, which
+    # resets the router's side: the router must still pass the 413 on, not a reset.
+    launcher = launch(WEB, "web=1")
+    launcher.wait_for("web.1 is up on port")
+    statuses = [post_too_big(launcher.port).split()[:2] for _ in range(3)]
+    assert statuses == [[b"HTTP/1.0", b"413"]] * 3  # the reason phrase varies by Python
+
+
+def test_a_silent_connection_is_closed_after_the_idle_timeout(launch):
+    launcher = launch(WEB, "web=1", "--idle-timeout", "0.5")
+    launcher.wait_for("web.1 is up on port")
+    with socket.create_connection(("127.0.0.1", launcher.port), timeout=10) as silent:
+        began = time.monotonic()
+        assert silent.recv(1) == b""  # the router hung up: a silent client holds nothing
+        assert time.monotonic() - began < 5
+
+
+# --- A copy that takes a request and never answers ------------------------------------------
+
+def status_line(port: int, timeout: float = 10) -> tuple[bytes, float]:
+    """GET /healthz through the front port: the answer's status line, and how long it took."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        return sock.makefile("rb").readline().strip(), time.monotonic() - began
+
+
+def test_a_request_stuck_on_a_frozen_copy_gets_a_504_after_the_upstream_timeout(launch):
+    # Health checks every 2 s: the copy is replaced only after three misses, long after
+    # the 504, which comes from the router's own deadline.
+    launcher = launch(WEB, "web=1", "--upstream-timeout", "0.5", "--check-every", "2")
+    launcher.wait_for("web.1 is up on port")
+    with frozen(launcher.pids("web.1")[-1]):
+        status, took = status_line(launcher.port)
+    assert status.split()[1:2] == [b"504"], status
+    assert took < 3  # 0.5 s, checked by a sweep once a second
+    assert "sent no answer in 0.5s: 504 to its client" in launcher.output()
+
+
+def test_a_copy_that_dies_before_answering_gets_its_client_a_502(launch):
+    launcher = launch(WEB, "web=1", "--check-every", "2")
+    launcher.wait_for("web.1 is up on port")
+    pid = launcher.pids("web.1")[-1]
+    with frozen(pid):
+        stuck = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))  # once the request waits
+        stuck.start()
+        status, took = status_line(launcher.port)
+        stuck.join()
+    assert status.split()[1:2] == [b"502"], status  # not an empty reply
+    assert took < 3
+
+
+@contextmanager
+def full_backlog(port: int):
+    """Fill a frozen copy's listen backlog (128) and more: the next connect hangs, its SYN
+    dropped. Non-blocking, so that the test does not wait for those that never complete."""
+    waiting = [socket.socket() for _ in range(200)]
+    try:
+        for sock in waiting:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        yield
+    finally:
+        for sock in waiting:
+            sock.close()
+
+
+def test_a_copy_that_does_not_take_the_connection_is_skipped_for_the_next(launch):
+    launcher = launch(WEB, "web=2", "--check-every", "10")  # no health check in time
+    launcher.wait_for(" is up on port", 2)
+    [(pid, port)] = [(pid, port) for name, pid, port in launcher.started() if name == "web.2"]
+    with frozen(pid), full_backlog(port):
+        answers = [status_line(launcher.port) for _ in range(2)]  # one goes to web.2 first
+    assert [status.split()[1] for status, _ in answers] == [b"200", b"200"]
+    assert max(took for _, took in answers) < 8  # 3 s to give up on web.2, by a 1 s sweep
+
+
+# --- Many clients, slow clients, and running out of descriptors -----------------------------
+
+@contextmanager
+def clients(port: int, count: int, first_bytes: bytes = b""):
+    """Up to `count` connections to `port` (fewer if a connect times out: the backlog is
+    full, nobody takes connections any more), each having sent `first_bytes`. All are
+    closed at the end, whatever happens."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break
+            held[-1].sendall(first_bytes)
+        yield held
+    finally:
+        for sock in held:
+            sock.close()
+
+
+# The start of a request head, and then nothing, as a slowloris client that sends a byte
+# now and then: each holds a connection of the router and a thread of a copy.
+SLOW_START = b"GET /healthz HTTP/1.1\r\nX-Slow: a"
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@linux_only
+def test_300_slow_clients_do_not_stop_healthz_through_the_router(launch):
+    # A soft limit of 256 descriptors, as a cautious system hands out (1024 is common):
+    # the launcher raises it towards the hard limit for the router's clients.
+    launcher = launch(WEB, "web=2", ulimit="-Sn 256")
+    launcher.wait_for(" is up on port", 2)
+    with clients(launcher.port, 300, SLOW_START) as slow:
+        status, took = status_line(launcher.port, timeout=2)
+        assert status.split()[1:2] == [b"200"] and took < 2
+        assert len(slow) == 300
+
+
+@linux_only
+def test_past_its_limit_the_router_lets_clients_wait_and_does_not_spin(launch):
+    # 64 descriptors: room for 16 clients (two descriptors each, half kept for the
+    # supervisor). The 17th waits in the listen backlog, as past HAProxy's maxconn, and
+    # is served as soon as one of the 16 leaves.
+    launcher = launch(WEB, "web=1", ulimit="-n 64")
+    launcher.wait_for("web.1 is up on port")
+    with clients(launcher.port, 16, SLOW_START) as slow, \
+            socket.create_connection(("127.0.0.1", launcher.port), timeout=1) as waiting:
+        waiting.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        cpu_before = cpu_seconds(launcher.proc.pid)
+        with pytest.raises(TimeoutError):
+            waiting.recv(1)  # not taken: the router holds its 16 clients
+        assert cpu_seconds(launcher.proc.pid) - cpu_before < 0.3  # it waited, it did not spin
+        slow.pop().close()
+        waiting.settimeout(5)
+        assert waiting.makefile("rb").readline().split()[1:2] == [b"200"]
+
+
+@linux_only
+def test_running_out_of_descriptors_pauses_the_router_but_does_not_stop_it(launch):
+    launcher = launch(WEB, "web=1", ulimit="-n 48")
+    launcher.wait_for("web.1 is up on port")
+    with clients(launcher.port, 40):  # and their copies' sides: more than 48 descriptors
+        pass
+    wait_until(lambda: responds(launcher.url), what="the router answering again")
