@@ -61,6 +61,7 @@ MAX_QUEUED = 1000          # whole requests waiting for a worker; beyond that, 5
 MAX_WAITING = 1000         # connections whose head is still arriving
 RESPONSE_BUFFER_BYTES = 64 << 10
 ACCEPT_PAUSE = 0.1         # seconds without accepting, out of descriptors with none to drop
+HEALTH_PROBES = ("launcher.py health check", "kube-probe/")  # User-Agents not logged
 HEAD_END = re.compile(rb"\n\r?\n")  # the blank line; BaseHTTPRequestHandler takes a bare \n
 
 
@@ -359,6 +360,14 @@ class Handler(BaseHTTPRequestHandler):
         # Every response, errors included, says which copy answered.
         self.send_header("X-Served-By", self.server.dyno)
         super().end_headers()
+
+    def log_request(self, code="-", size="-") -> None:
+        # The platform asks every copy for /healthz every second: a line each would bury
+        # the requests people made. Apps behind Kubernetes skip `kube-probe` the same way.
+        # (A request whose head could not be parsed has no headers: it is logged.)
+        headers = getattr(self, "headers", None)
+        if headers is None or not headers.get("User-Agent", "").startswith(HEALTH_PROBES):
+            super().log_request(code, size)
 
     def log_message(self, format: str, *args) -> None:  # stdout, not stderr
         log(f"{self.address_string()} {format % args}")

@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 import urllib.parse
-from contextlib import contextmanager
+from collections import Counter
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -319,3 +320,50 @@ def write_lock_held(path: Path, at_most: float = 5.0):
     finally:
         release.set()
         holder.join()
+
+
+# --- Launchers and their copies, for the launcher and router tests -----------------------
+
+WEBAPP = REPO / "webapp.py"
+WEB = f"web: python {WEBAPP}\n"
+SLEEPER = 'python -c "import time; time.sleep(60)"'
+
+
+def served_by(launcher: Launcher, requests: int) -> Counter:
+    return Counter(get(launcher.url).headers["x-served-by"] for _ in range(requests))
+
+
+@pytest.fixture
+def launch(spawn, tmp_path):
+    """launch(procfile_text, *args) runs the launcher on a free front port (None: no Procfile)."""
+    launched: list[Launcher] = []
+
+    def start(procfile: str | None, *args: str, env: dict | None = None,
+              stdin=subprocess.DEVNULL, port: int | None = None,
+              ulimit: str | None = None) -> Launcher:
+        if procfile is not None:
+            (tmp_path / "Procfile").write_text(procfile)
+        port = port or free_port()
+        command = [sys.executable, str(REPO / "launcher.py"), "--port", str(port),
+                   "--grace", "5", *args]
+        if ulimit:  # a descriptor limit, e.g. "-n 48", set by the shell that execs the launcher
+            command = ["bash", "-c", f'ulimit {ulimit} && exec "$@"', "bash", *command]
+        proc = spawn(command, env or app_env(tmp_path), cwd=tmp_path, stdin=stdin)
+        launched.append(Launcher(proc, port))
+        return launched[-1]
+
+    yield start
+    for launcher in launched:
+        launcher.end()
+
+
+@contextmanager
+def frozen(pid: int):
+    """SIGSTOP a copy: alive, its port still accepting, answering nothing (a deadlock or a
+    long pause looks the same from outside). It is SIGKILLed at the end, whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # a stopped process dies of it too

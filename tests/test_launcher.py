@@ -11,44 +11,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 
 import pytest
 
-from conftest import REPO, Launcher, alive, app_env, free_port, get, http, wait_until
+from conftest import (REPO, SLEEPER, WEB, Launcher, alive, app_env, free_port, frozen, get, http,
+                      served_by, wait_until)
 from launcher import read_config, signal_name
-
-WEBAPP = REPO / "webapp.py"
-WEB = f"web: python {WEBAPP}\n"
-SLEEPER = 'python -c "import time; time.sleep(60)"'
-
-
-def served_by(launcher: Launcher, requests: int) -> Counter:
-    return Counter(get(launcher.url).headers["x-served-by"] for _ in range(requests))
-
-
-@pytest.fixture
-def launch(spawn, tmp_path):
-    """launch(procfile_text, *args) runs the launcher on a free front port (None: no Procfile)."""
-    launched: list[Launcher] = []
-
-    def start(procfile: str | None, *args: str, env: dict | None = None,
-              stdin=subprocess.DEVNULL, port: int | None = None,
-              ulimit: str | None = None) -> Launcher:
-        if procfile is not None:
-            (tmp_path / "Procfile").write_text(procfile)
-        port = port or free_port()
-        command = [sys.executable, str(REPO / "launcher.py"), "--port", str(port),
-                   "--grace", "5", *args]
-        if ulimit:  # a descriptor limit, e.g. "-n 48", set by the shell that execs the launcher
-            command = ["bash", "-c", f'ulimit {ulimit} && exec "$@"', "bash", *command]
-        proc = spawn(command, env or app_env(tmp_path), cwd=tmp_path, stdin=stdin)
-        launched.append(Launcher(proc, port))
-        return launched[-1]
-
-    yield start
-    for launcher in launched:
-        launcher.end()
 
 
 def test_formation_starts_the_asked_copies_with_names_and_ports(launch):
@@ -246,18 +215,6 @@ def test_a_crash_loop_backs_off_instead_of_spinning(launch):
     assert launcher.output().count("crash.1 exited with code 1") == 3
     assert "restarting crash.1 now" in launcher.output()
     assert "restarting crash.1 in 1s" in launcher.output()
-
-
-@contextmanager
-def frozen(pid: int):
-    """SIGSTOP a copy: alive, its port still accepting, answering nothing (a deadlock or a
-    long pause looks the same from outside). It is SIGKILLed at the end, whatever happens."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # a stopped process dies of it too
 
 
 def test_a_frozen_web_copy_is_replaced_and_the_front_keeps_answering(launch):

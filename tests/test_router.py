@@ -4,6 +4,7 @@ that slow clients cannot hold the front door."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import sys
@@ -13,8 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import http, responds, wait_until
-from test_launcher import SLEEPER, WEB, frozen, launch, served_by  # noqa: F401 (a fixture)
+from conftest import SLEEPER, WEB, frozen, http, responds, served_by, wait_until
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc; sets limits with bash's ulimit")
@@ -124,6 +124,10 @@ def full_backlog(port: int):
         for sock in waiting:
             sock.setblocking(False)
             sock.connect_ex(("127.0.0.1", port))
+        # The handshakes finish in the kernel a moment later: until 129 have (the backlog,
+        # plus one on Linux), the router's own connect could still get in.
+        wait_until(lambda: len(select.select([], waiting, [], 0)[1]) >= 129,
+                   what="the frozen copy's backlog to fill")
         yield
     finally:
         for sock in waiting:

@@ -424,6 +424,16 @@ def test_what_a_client_sends_cannot_forge_or_garble_a_log_line(start_web):
     assert len(new_lines) >= 3 and all(line.startswith("127.0.0.1 ") for line in new_lines)
 
 
+def test_the_platforms_health_checks_are_answered_but_not_logged(start_web):
+    web = start_web()
+    logged_before = web.proc.output().count("GET /healthz")  # the fixture's own checks
+    probe = http("GET", web.url + "/healthz", headers={"User-Agent": "launcher.py health check"})
+    person = http("GET", web.url + "/healthz?from=a-person")
+    assert probe.status == person.status == 200
+    wait_until(lambda: "from=a-person" in web.proc.output(), what="the person's log line")
+    assert web.proc.output().count("GET /healthz") == logged_before + 1
+
+
 @pytest.mark.parametrize("head, trickle", [
     (b"", b"GET /healthz HTTP/1.0\r\nX-Slow: " + b"a" * 100),
     (b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
