@@ -124,11 +124,10 @@ class Database:
       first read. Python's default starts the transaction at the first write, so a
       read-modify-write would read outside it and silently lose updates.
     * Writes (`write()`, `execute()`) share one connection per process, used by one
-      thread at a time behind `self.lock`. `ThreadingHTTPServer` starts a thread per
-      request, so "a connection per thread" would mean a connection per request. Threads
-      of one process would only queue for SQLite's single write lock anyway, and queueing
-      on a Python lock is cheaper than SQLite's sleep-and-retry (measured: higher
-      throughput, far lower p99).
+      thread at a time behind `self.lock`. A web copy answers on 32 threads, and threads
+      of one process would only queue for SQLite's single write lock anyway: queueing on
+      a Python lock is cheaper than SQLite's sleep-and-retry (measured when a thread
+      served each request: higher throughput, far lower p99).
     * Reads (`query()`) do not queue there. In WAL a reader never waits for the writer,
       but a read behind `self.lock` waited for whichever thread held it, and that thread
       may itself be waiting for another process's write lock: a `GET /session` took 9.7 s
