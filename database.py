@@ -13,11 +13,12 @@ lock for longer than the busy timeout (a long purge, a copy frozen mid-transacti
 `keep_trying` is how a worker or a clock waits that out: it logs one line and tries
 again, so a result is recorded once and a tick enqueued once, later rather than never.
 
-It also holds the small helpers every process uses to read its configuration from the
-environment (Factor III): `ConfigError`, which a process turns into one line on stderr
+It also holds the small helpers every process uses, most of them to read its
+configuration from the environment (Factor III): `ConfigError`, which a process turns into one line on stderr
 and exit code 2, `positive_number` and `whole_seconds` (each with a sane maximum, so
 that `POLL_INTERVAL=1e10` is refused at start instead of crashing `time.sleep` later),
-and `process_name` (which copy am I: web.1, worker.2).
+`process_name` (which copy am I: web.1, worker.2), and `log`, one line to stdout with
+everything a client may have sent escaped.
 
 SQLite suits processes on one machine with a local disk; several machines need a
 networked database (Postgres), which is where this toy ends.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -45,18 +47,21 @@ class ConfigError(Exception):
 
 
 def positive_number(environ: Mapping[str, str], name: str, default: float,
-                    maximum: float) -> float:
-    """Read a number of seconds above 0 and at most `maximum`, or say which variable is wrong.
+                    maximum: float, minimum: float = 0.0) -> float:
+    """Read a number of seconds above 0 (and at least `minimum`, if one is given) and at
+    most `maximum`, or say which variable is wrong.
 
     The maximum keeps a typo (`1e10`) from reaching `time.sleep` or SQLite, which would
-    overflow, and from making a process wait for centuries."""
+    overflow, and from making a process wait for centuries. A minimum keeps a loop that
+    waits this long from turning into a busy loop (`POLL_INTERVAL=1e-9`)."""
     text = environ.get(name, str(default))
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 < value <= maximum:  # false for `nan` too, which parses as a float
-        raise ConfigError(f"{name} must be a number of seconds above 0 and at most "
+    if not (0 < value <= maximum and value >= minimum):  # false for `nan` too
+        least = f"at least {minimum:g}" if minimum else "above 0"
+        raise ConfigError(f"{name} must be a number of seconds {least} and at most "
                           f"{maximum:g}, got {text!r}")
     return value
 
@@ -77,6 +82,28 @@ def process_name(environ: Mapping[str, str], default: str) -> str:
         if environ.get(variable):
             return environ[variable]
     return default
+
+
+# Control characters become \xNN in the log: a client's bytes can neither move the
+# operator's cursor, retitle their terminal, nor start a line of their own. A backslash
+# is doubled, so that an escape cannot be faked. (BaseHTTPRequestHandler.log_message
+# escapes the same way; overriding it loses that.) Every process logs through it: a job's
+# error, in the worker's log, may quote what a client put in its args.
+LOG_ESCAPES = str.maketrans({code: f"\\x{code:02x}"
+                             for code in [*range(0x20), *range(0x7f, 0xa0)]})
+# A lone surrogate (JSON's "\ud800") cannot even be written as UTF-8: escaped too.
+LOG_ESCAPES.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
+LOG_ESCAPES[ord("\\")] = "\\\\"
+
+
+def log(*lines: str) -> None:
+    """Lines to stdout, each escaped. A single write, so lines from many threads never
+    interleave."""
+    try:
+        sys.stdout.write("".join(line.translate(LOG_ESCAPES) + "\n" for line in lines))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader (the launcher) is gone; keep working, then stop
+        pass
 
 
 def is_locked(error: sqlite3.Error) -> bool:
@@ -108,7 +135,7 @@ def keep_trying(action: Callable[[], T], what: str,
             if stopping():
                 raise StillLocked(f"{what}: {error}") from None
             if not logged:
-                print(f"{what}: {error}; trying again until it is free", flush=True)
+                log(f"{what}: {error}; trying again until it is free")
                 logged = True
         time.sleep(RETRY_PAUSE)
 
@@ -234,10 +261,17 @@ class Database:
         conn.close()
 
     def create_tables(self, script: str) -> None:
-        with self.write() as conn:
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+        """Create what is missing. A file that is not a database, or holds tables of the
+        same names laid out otherwise, is a configuration error: one line, exit 2."""
+        try:
+            with self.write() as conn:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+        except sqlite3.DatabaseError as error:
+            if is_locked(error):  # busy, not wrong: the caller's usual handling applies
+                raise
+            raise ConfigError(f"{self.path} is not a database of this app: {error}") from None
 
     def close(self) -> None:
         """Close this process's connections, except a writer still in use: a worker that
@@ -262,7 +296,13 @@ def database_path(url: str) -> Path:
     prefix = "sqlite:///"
     if not url.startswith(prefix) or len(url) == len(prefix):
         raise ConfigError(f"DATABASE_URL must look like sqlite:///path/to/file.db, got {url!r}")
-    return Path(url[len(prefix):])
+    path = url[len(prefix):]
+    if path == ":memory:" or path.startswith("file:"):
+        # Each connection would get a database of its own, shared with no other process:
+        # the memory store's failure, hidden behind the SQLite store's name.
+        raise ConfigError(f"DATABASE_URL must name a file that every process can open, "
+                          f"got {url!r}")
+    return Path(path)
 
 
 def database_from_env(environ: Mapping[str, str]) -> Database:

@@ -545,7 +545,7 @@ def read_config(argv: list[str]) -> Config:
     formation = dict.fromkeys(commands, 1)
     formation.update(parse_scale(args.scale, commands))
     port = args.port or os.environ.get("PORT", "5000")
-    if not (re.fullmatch(r"[0-9]+", port) and 0 < int(port) <= LAST_FRONT_PORT):
+    if not (re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) <= LAST_FRONT_PORT):
         raise UsageError(f"the front port must be a number from 1 to {LAST_FRONT_PORT}, "
                          f"got {port!r}")
     return Config(commands, formation, read_dotenv(args.procfile.parent / ".env"),
@@ -594,7 +594,7 @@ def parse_scale(words: list[str], commands: dict[str, str]) -> dict[str, int]:
         if name not in commands:
             raise UsageError(f"process type {name!r} is not in the Procfile "
                              f"(it declares {', '.join(commands)})")
-        if not (re.fullmatch(r"[0-9]+", count) and int(count) <= MAX_COPIES):
+        if not (re.fullmatch(r"[0-9]{1,3}", count) and int(count) <= MAX_COPIES):
             raise UsageError(f"{item!r}: the number of copies must be a whole number "
                              f"from 0 to {MAX_COPIES}")
         counts[name] = int(count)

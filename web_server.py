@@ -28,7 +28,6 @@ import re
 import selectors
 import socket
 import sqlite3
-import sys
 import threading
 import time
 import traceback
@@ -44,9 +43,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Callable, Iterator, Protocol
 
+from database import log
+
 MAX_FORM_BYTES = 1 << 20      # a form is a few fields; refuse anything bigger unread
 MAX_FIELD_CHARS = 200
 MAX_FORM_FIELDS = 100
+MAX_PART_HEAD_BYTES = 8 << 10  # the headers of one part of a multipart upload
 # A media type as RFC 6838 spells one (type/subtype, plain parameters), nothing more.
 MEDIA_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+( ?; ?[\w!#$&^.+-]+=[\w!#$&^.+-]+)*",
                         re.ASCII)
@@ -82,9 +84,9 @@ class Request:
 
     def body(self, limit: int) -> bytes:
         """The body, at most `limit` bytes, refused before a byte of it is read if bigger."""
-        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+        if self.headers.get("Transfer-Encoding"):  # chunked, Chunked, gzip: none is read
             raise ClientError(411, "send a Content-Length; chunked bodies are not accepted")
-        lengths = set(self.headers.get_all("Content-Length", ["0"]))
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length", ["0"])}
         declared = whole_number(lengths.pop()) if len(lengths) == 1 else None
         if declared is None:
             raise ClientError(400, "Content-Length is not one number")
@@ -231,6 +233,8 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FilePart]:
     for piece in pieces[1:-1]:  # pieces[0] is the preamble, pieces[-1] the epilogue
         _, _, rest = piece.partition(b"\r\n")
         head, blank_line, data = rest.partition(b"\r\n\r\n")
+        if len(head) > MAX_PART_HEAD_BYTES:  # a browser sends two short lines
+            raise ClientError(400, f"a part's headers are over {MAX_PART_HEAD_BYTES >> 10} KiB")
         headers = HeaderParser().parsestr(head.decode("utf-8", "replace") + "\r\n\r\n")
         name = headers.get_param("name", header="content-disposition")
         if not blank_line or not isinstance(name, str):
@@ -364,9 +368,14 @@ class Handler(BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-") -> None:
         # The platform asks every copy for /healthz every second: a line each would bury
         # the requests people made. Apps behind Kubernetes skip `kube-probe` the same way.
+        # Only a probe's own request, answered well, goes unlogged: anything else sent
+        # with a probe's User-Agent is logged, so that no client can hide its requests.
         # (A request whose head could not be parsed has no headers: it is logged.)
         headers = getattr(self, "headers", None)
-        if headers is None or not headers.get("User-Agent", "").startswith(HEALTH_PROBES):
+        probe = (headers is not None and self.command == "GET" and self.path == "/healthz"
+                 and isinstance(code, int) and 200 <= code < 300
+                 and headers.get("User-Agent", "").startswith(HEALTH_PROBES))
+        if not probe:
             super().log_request(code, size)
 
     def log_message(self, format: str, *args) -> None:  # stdout, not stderr
@@ -606,25 +615,6 @@ class Server(HTTPServer):
             log_bug(error)
         finally:
             self.shutdown_request(connection.sock)
-
-
-# Control characters become \xNN in the log: a client's bytes can neither move the
-# operator's cursor, retitle their terminal, nor start a line of their own. A backslash
-# is doubled, so that an escape cannot be faked. (BaseHTTPRequestHandler.log_message
-# escapes the same way; overriding it loses that.)
-LOG_ESCAPES = str.maketrans({code: f"\\x{code:02x}"
-                             for code in [*range(0x20), *range(0x7f, 0xa0)]})
-LOG_ESCAPES[ord("\\")] = "\\\\"
-
-
-def log(*lines: str) -> None:
-    """Lines to stdout, each escaped. A single write, so lines from many threads never
-    interleave."""
-    try:
-        sys.stdout.write("".join(line.translate(LOG_ESCAPES) + "\n" for line in lines))
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader (the launcher) is gone; keep serving, then stop
-        pass
 
 
 def log_bug(error: Exception) -> None:

@@ -51,6 +51,11 @@ from web_server import (COOKIE_NAME, ClientError, FilePart, Handler, Request, Re
                         Server, as_json, log, parse_multipart, redirect, required_field, text,
                         whole_number)
 MAX_UPLOAD_BYTES = 10 << 20
+# A session is read and rewritten whole on every change, under the one write lock of
+# the shared file: what one session may hold is bounded, so that no user slows everyone.
+MAX_CART_ITEMS = 2000
+MAX_UPLOADS = 100
+MAX_OWN_JOBS = 100            # job ids kept in a session; older jobs go on, unlisted
 MAX_ARGS_BYTES = 64 << 10     # a job's args are read back by every list that shows the job
 MAX_ARGS_DEPTH = 16
 MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader carries exactly
@@ -167,6 +172,8 @@ class App:
         form = request.form()
         item = required_field(form, "item")
         with self.store.edit(request.sid) as session:
+            if len(session.data["cart"]) >= MAX_CART_ITEMS:  # raising here writes nothing
+                raise ClientError(400, f"the cart is full ({MAX_CART_ITEMS:,} items)")
             session.data["cart"].append(item)
             session.data["notice"] = self.did(f"added '{item}' to your cart")
         return self.set_cookie(redirect(return_path(form.get("next")) or "/"), session,
@@ -180,6 +187,9 @@ class App:
         part = parts.get("file")
         if part is None or not part.data:
             raise ClientError(400, "the multipart field 'file' is missing or empty")
+        known = self.store.load(request.sid) or empty_session()
+        if len(known["uploads"]) >= MAX_UPLOADS:  # checked before the bytes are stored
+            raise ClientError(400, f"this session holds {MAX_UPLOADS} uploads already")
         upload_id = self.store.save_upload(part.filename, part.content_type, part.data)
         with self.store.edit(request.sid) as session:
             session.data["uploads"].append(upload_id)
@@ -216,7 +226,9 @@ class App:
             return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
         with self.store.edit(request.sid) as session:
             job_id = self.queue.enqueue(task, args, private=True)
-            session.data.setdefault("jobs", []).append(job_id)
+            # The newest only: the session would grow with every job, and be rewritten whole
+            # on every change.
+            session.data["jobs"] = (session.data.get("jobs", []) + [job_id])[-MAX_OWN_JOBS:]
             session.data["notice"] = (f"{self.config.dyno} put job {job_id} ({task}) in the "
                                       f"queue; a worker will take it")
         return self.set_cookie(redirect(back or f"/jobs/{job_id}"), session, request.sid)
@@ -312,6 +324,11 @@ def job_args(text: str) -> dict:
         raise ClientError(400, f"'args' nests deeper than {MAX_ARGS_DEPTH} levels")
     if not isinstance(args, dict):
         raise ClientError(400, "'args' must be a JSON object, like {\"seconds\": 2}")
+    try:  # "\ud800" is valid JSON, but half a character: no log or database can hold it
+        json.dumps(args, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ClientError(400, "'args' holds a lone surrogate (like \\ud800), which is not "
+                               "text") from None
     return args
 
 
@@ -326,7 +343,8 @@ def json_integer(text: str) -> int:
 def json_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ClientError(400, f"'args' holds {text}, too large for a 64-bit float")
+        shown = text if len(text) <= 20 else text[:20] + "..."  # not 60 KB of digits back
+        raise ClientError(400, f"'args' holds {shown}, too large for a 64-bit float")
     return value
 
 

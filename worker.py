@@ -34,8 +34,8 @@ Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, SESSI
 (the tasks read uploads through it: with `memory` the worker has its own empty dict, never
 the web copy's, so a `wordcount` cannot find the upload and ends dead; that is Factor VI's
 lesson again), the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`),
-JOB_LEASE (seconds, default 30, at most 3600), POLL_INTERVAL (idle sleep, default 0.5, at
-most 60), RETRY_BACKOFF (base seconds, default 2, at most 300), STOP_TIMEOUT (default 25,
+JOB_LEASE (seconds, default 30, from 1 to 3600), POLL_INTERVAL (idle sleep, default 0.5, from 0.01 to
+60), RETRY_BACKOFF (base seconds, default 2, at most 300), STOP_TIMEOUT (default 25,
 under Heroku's 30 s before SIGKILL; at most 3600), WORKER_BURST=1 (exit 0 when nothing is
 ready, like rq's burst mode).
 """
@@ -53,7 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
-from database import (ConfigError, StillLocked, database_from_env, keep_trying,
+from database import (ConfigError, StillLocked, database_from_env, keep_trying, log,
                       positive_number, process_name)
 from job_queue import Job, JobQueue, decoded
 from session_store import SessionStore, store_from_env
@@ -75,15 +75,11 @@ class Config:
 
 def config_from_env(environ: Mapping[str, str]) -> Config:
     return Config(dyno=process_name(environ, "worker.1"),
-                  lease=positive_number(environ, "JOB_LEASE", 30, 3600),
-                  poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60),
+                  lease=positive_number(environ, "JOB_LEASE", 30, 3600, minimum=1),
+                  poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60, minimum=0.01),
                   retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2, MAX_RETRY_DELAY),
                   stop_timeout=positive_number(environ, "STOP_TIMEOUT", 25, 3600),
                   burst=environ.get("WORKER_BURST", "") == "1")
-
-
-def log(line: str) -> None:
-    print(line, flush=True)
 
 
 class StopRequest:

@@ -10,8 +10,10 @@ import time
 import pytest
 
 from conftest import REPO, get, post_form, session_cookie, write_lock_held
-from database import (ConfigError, Database, StillLocked, keep_trying, positive_number,
-                      process_name, whole_seconds)
+from database import (ConfigError, Database, StillLocked, database_path, keep_trying,
+                      positive_number, process_name, whole_seconds)
+from job_queue import JobQueue
+from session_store import SQLiteStore
 
 
 # --- Opening a brand-new file ---------------------------------------------------------
@@ -146,3 +148,19 @@ def test_the_process_name_comes_from_whichever_manager_started_us():
     assert process_name({"HONCHO_PROCESS_NAME": "web.2", "PS": "web.3"}, "web.1") == "web.2"
     assert process_name({"DYNO": "web.4", "HONCHO_PROCESS_NAME": "web.2"}, "web.1") == "web.4"
     assert process_name({"DYNO": ""}, "web.1") == "web.1"
+
+
+def test_a_database_url_that_is_not_one_shared_file_is_refused():
+    for url in ("sqlite:///:memory:", "sqlite:///file:app.db?mode=memory"):
+        with pytest.raises(ConfigError, match="DATABASE_URL must name a file"):
+            database_path(url)
+
+
+def test_a_file_that_is_not_this_apps_database_is_a_configuration_error(tmp_path):
+    foreign = Database(tmp_path / "other.db")
+    foreign.execute("CREATE TABLE sessions (who TEXT)")  # another app's table of that name
+    with pytest.raises(ConfigError, match="not a database of this app"):
+        SQLiteStore(foreign, 60)
+    (tmp_path / "notes.txt").write_text("not SQLite at all\n" * 100)
+    with pytest.raises(ConfigError, match="not a database of this app"):
+        JobQueue(Database(tmp_path / "notes.txt"))

@@ -164,6 +164,8 @@ def assert_refused(launcher: Launcher, problem: str) -> None:
     (WEB, ["db=1"], "'db' is not in the Procfile"),
     (WEB, ["web"], "expected TYPE=N"),
     (WEB, ["web=101"], "from 0 to 100"),
+    (WEB, ["web=" + "9" * 5000], "from 0 to 100"),  # int() refuses over 4,300 digits
+    (WEB, ["--port", "9" * 5000], "the front port must be a number"),
     (WEB, ["--port", "\u00b2"], "the front port must be a number"),  # '²'.isdigit() is True
     (WEB, ["--port", "65535"], "the front port must be a number from 1 to 65000"),
     (WEB, ["--grace", "inf"], "--grace must be from 0 to 3600 seconds, got inf"),

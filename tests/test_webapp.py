@@ -334,6 +334,7 @@ def test_sigterm_during_a_slow_request_lets_it_finish(start_web):
     ({"STOP_TIMEOUT": "soon"}, "STOP_TIMEOUT"),
     ({"STOP_TIMEOUT": "1e10"}, "STOP_TIMEOUT"),
     ({"CLIENT_TIMEOUT": "0"}, "CLIENT_TIMEOUT"),
+    ({"DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL"),  # a database per connection
 ])
 def test_bad_configuration_exits_2_with_one_line_naming_the_variable(spawn, tmp_path, env,
                                                                      variable):
@@ -571,3 +572,52 @@ def test_a_client_that_hangs_up_early_leaves_no_traceback(start_web):
                what="three hang-ups in the log")
     assert "Traceback" not in web.proc.output()
     assert get(web.url + "/healthz").status == 200
+
+
+def test_a_lone_surrogate_in_job_args_is_refused_where_it_comes_in(start_web):
+    response = post_form(start_web().url + "/jobs",
+                         {"task": "wordcount", "args": '{"upload": "\\ud800"}'})
+    assert response.status == 400 and b"surrogate" in response.body
+
+
+def test_what_one_session_may_hold_is_bounded(start_web, tmp_path):
+    web = start_web()
+    sid = login(web.url, "ada")
+    store = store_from_env(app_env(tmp_path), database_from_env(app_env(tmp_path)))
+    with store.edit(sid) as session:
+        session.data["cart"] = ["tea"] * 1999
+    assert post_form(web.url + "/cart", {"item": "one more"}, sid).status == 303
+    refused = post_form(web.url + "/cart", {"item": "and another"}, sid)
+    assert refused.status == 400 and b"the cart is full" in refused.body
+    assert len(get(web.url + "/session", sid).json()["cart"]) == 2000
+
+
+def test_a_probes_user_agent_hides_nothing_but_the_probe_itself(start_web):
+    web = start_web()
+    response = http("POST", web.url + "/cart", b"item=hidden", {
+        "User-Agent": "kube-probe/1.29",
+        "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status == 303
+    wait_until(lambda: "POST /cart" in web.proc.output(), what="the POST's log line")
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Transfer-Encoding": "Chunked"}, 411),   # any spelling: the body is not read
+    ({"Content-Length": "9 "}, 303),           # whitespace around a value is allowed
+])
+def test_body_headers_are_read_as_rfc_9110_says(start_web, headers, status):
+    web = start_web()
+    sent = {"Content-Type": "application/x-www-form-urlencoded", **headers}
+    with socket.create_connection(("127.0.0.1", web.port), timeout=5) as sock:
+        sock.sendall(b"POST /cart HTTP/1.0\r\n" + "".join(f"{name}: {value}\r\n" for name, value
+                     in sent.items()).encode() + b"\r\nitem=mint")
+        assert sock.recv(100).split()[1] == str(status).encode()
+
+
+def test_a_multipart_part_with_kilobytes_of_headers_is_refused(start_web):
+    web = start_web()
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n"
+            + b"X: a\r\n" * 4000 + b"\r\ndata\r\n--B--\r\n")
+    response = http("POST", web.url + "/uploads", body,
+                    {"Content-Type": "multipart/form-data; boundary=B"})
+    assert response.status == 400 and b"headers are over" in response.body

@@ -281,7 +281,8 @@ def test_a_jobs_table_made_before_private_jobs_gains_the_column_once(tmp_path):
 
 
 @pytest.mark.parametrize("variable, value", [
-    ("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10"), ("STOP_TIMEOUT", "0"),
+    ("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10"), ("POLL_INTERVAL", "1e-9"),
+    ("JOB_LEASE", "0.001"), ("STOP_TIMEOUT", "0"),
     ("DATABASE_BUSY_TIMEOUT", "3600"),
 ])
 def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker, variable, value):
@@ -318,3 +319,15 @@ def test_with_the_memory_store_the_worker_cannot_see_the_upload(queue, start_web
     job = wait_for_state(queue, job_id, "dead", "done")
     assert job["state"] == "dead"
     assert f"no upload {upload_id} in the memory store" in job["error"]
+
+
+def test_what_a_client_put_in_a_jobs_args_reaches_the_log_escaped(queue, start_worker):
+    # A wordcount of an upload that does not exist: its error quotes the id it was given.
+    forged = "x\n08:00:00 system   | web.1 killed by SIGKILL\x1b]0;owned\x07"
+    job_id = queue.enqueue("wordcount", {"upload": forged}, max_attempts=1)
+    worker = start_worker()
+    wait_for_state(queue, job_id, "dead")
+    wait_until(lambda: f"job {job_id} wordcount dead" in worker.output(), what="its log line")
+    output = worker.output()
+    assert not {"\x1b", "\x07"} & set(output)
+    assert not any(line.startswith("08:00:00 system") for line in output.splitlines())
