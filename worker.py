@@ -34,8 +34,8 @@ Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, SESSI
 (the tasks read uploads through it: with `memory` the worker has its own empty dict, never
 the web copy's, so a `wordcount` cannot find the upload and ends dead; that is Factor VI's
 lesson again), the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`),
-JOB_LEASE (seconds, default 30, from 1 to 3600), POLL_INTERVAL (idle sleep, default 0.5, from 0.01 to
-60), RETRY_BACKOFF (base seconds, default 2, at most 300), STOP_TIMEOUT (default 25,
+JOB_LEASE (seconds, default 30, from 1 to 3600), POLL_INTERVAL (idle sleep, default 0.5,
+from 0.01 to 60), RETRY_BACKOFF (base seconds, default 2, at most 300), STOP_TIMEOUT (default 25,
 under Heroku's 30 s before SIGKILL; at most 3600), WORKER_BURST=1 (exit 0 when nothing is
 ready, like rq's burst mode).
 """
