@@ -15,8 +15,9 @@ again, so a result is recorded once and a tick enqueued once, later rather than 
 
 It also holds the small helpers every process uses, most of them to read its
 configuration from the environment (Factor III): `ConfigError`, which a process turns
-into one line on stderr and exit code 2, `positive_number` and `whole_seconds` (each with a sane maximum, so
-that `POLL_INTERVAL=1e10` is refused at start instead of crashing `time.sleep` later),
+into one line on stderr and exit code 2, `positive_number` and `whole_seconds` (each
+with a sane maximum, so that `POLL_INTERVAL=1e10` is refused at start instead of
+crashing `time.sleep` later),
 `process_name` (which copy am I: web.1, worker.2), and `log`, one line to stdout with
 everything a client may have sent escaped.
 

@@ -66,6 +66,7 @@ ACCEPT_PAUSE = 0.1         # seconds without accepting, out of descriptors with 
 HEALTH_PROBES = ("launcher.py health check", "kube-probe/")  # User-Agents not logged
 HEAD_END = re.compile(rb"\n\r?\n")  # the blank line; BaseHTTPRequestHandler takes a bare \n
 
+
 # --- What a route gets, and what it gives back -------------------------------------
 
 @dataclass
