@@ -534,7 +534,13 @@ class LogPrinter:
             chunk = os.read(pipe, CHUNK)
         except BlockingIOError:
             return None
-        lines, self.unfinished[pipe] = split_lines(self.unfinished.get(pipe, b"") + chunk)
+        lines, rest = split_lines(self.unfinished.get(pipe, b"") + chunk)
+        if len(rest) >= CHUNK:
+            # A line this long is printed as it stands, in pieces: held until its end, it
+            # would grow without bound, and be copied again with every chunk that came.
+            lines.append(rest)
+            rest = b""
+        self.unfinished[pipe] = rest
         if lines:
             self.lines(name, [line.decode(errors="replace").rstrip("\r") for line in lines])
         return len(chunk)

@@ -237,7 +237,7 @@ def start_web(spawn, tmp_path):
     return start
 
 
-STARTED = re.compile(r"(\S+) started \(pid=(\d+)(?:, port=(\d+))?\)")
+STARTED = re.compile(r"\| (\S+) started \(pid=(\d+)(?:, port=(\d+))?\)")  # system lines
 
 
 @dataclass

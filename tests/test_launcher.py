@@ -286,3 +286,14 @@ def test_a_copy_that_cannot_start_for_lack_of_descriptors_waits_and_the_rest_run
     launcher.wait_for("restarting nap.", 2)  # after 1 s, not in a loop
     assert launcher.proc.popen.poll() is None
     assert launcher.ps()["nap.1"][5] == "up"
+
+
+def test_a_line_without_end_is_printed_in_pieces_not_held_without_bound(launch):
+    spew = ('spew: python -c "import sys, time; sys.stdout.write(\'x\' * 300000); '
+            'sys.stdout.flush(); time.sleep(60)"\n')
+    launcher = launch(spew)
+    # Still running, its line unfinished: what it wrote is printed all the same, in
+    # pieces of 64 KiB (the rest, under that, waits for the line's end as any line does).
+    wait_until(lambda: launcher.output().count("x") >= 4 * 65536, what="the spew printed")
+    longest = max(len(line) for line in launcher.output().splitlines())
+    assert longest < 2 * 65536 + 100  # at most what was held, and one chunk read after it
