@@ -15,6 +15,7 @@ import pytest
 
 from conftest import (Web, app_env, free_port, get, http, multipart, post_form, responds,
                       session_cookie, upload, wait_until)
+import web_server
 from database import database_from_env
 from session_store import store_from_env
 
@@ -479,6 +480,25 @@ def test_three_hundred_slow_clients_do_not_stop_healthz(spawn, tmp_path):
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_a_copy_whose_workers_are_far_behind_answers_503_at_once(monkeypatch):
+    """In-process: a Server never started has no worker, so its queue only grows."""
+    monkeypatch.setattr(web_server, "MAX_QUEUED", 2)
+    server = web_server.Server(("127.0.0.1", 0), web_server.Handler, 10, "web.1")
+    clients = []
+    try:
+        for _ in range(3):
+            clients.append(socket.create_connection(server.server_address))
+            sock, address = server.socket.accept()
+            server.hand_over(web_server.Connection(sock, address, time.monotonic() + 10))
+        clients[-1].settimeout(5)
+        assert clients[-1].recv(100).startswith(b"HTTP/1.0 503 ")
+        assert server.requests.qsize() == 2
+    finally:
+        for sock in clients:
+            sock.close()
+        server.server_close()
 
 
 def test_a_copy_told_to_stop_exits_within_stop_timeout_whatever_its_clients_do(start_web):
