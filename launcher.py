@@ -48,6 +48,7 @@ from router import (CHECK_EVERY, CHECKS_FAILED, COPY_HOST, IDLE_TIMEOUT, UPSTREA
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0      # a copy up this long that crashes starts its backoff again
 DRAIN_PAUSE = 0.1        # out of the rotation this long before SIGTERM: see stop_copy
+OUTPUT_PAUSE = 0.01      # after printing the copies' output, let more gather: see run
 HELP = "commands: TYPE=N (scale, e.g. web=3), ps, restart [TYPE], quit"
 
 
@@ -92,6 +93,7 @@ class Supervisor:
         self.handover: tuple[Copy, Copy] | None = None  # rolling restart: (old, new)
         self.restart_queue: list[str] = []  # rolling restart: the copies still to replace
         self.shutting_down = False
+        self.printed_output = False  # in this round of events
         self.unfinished_command = b""
         self.selector = selectors.DefaultSelector()
 
@@ -106,11 +108,19 @@ class Supervisor:
         for process_type, count in self.config.formation.items():
             self.scale(process_type, count)
         while not (self.shutting_down and not self.retiring):
+            self.printed_output = False
             for key, _ in self.selector.select(self.seconds_to_next_timer()):
                 key.data()
             self.run_timers()
             if self.printer.reader_gone:
                 self.shut_down()  # `launcher.py | head`: nobody can read the logs any more
+            if self.printed_output:
+                # Under load, each request's log line alone would wake this loop, and each
+                # wake-up takes the GIL from the router's thread: measured, 30-60 us of the
+                # launcher's CPU per request. Pausing a moment lets the next wake-up bring
+                # the lines of dozens of requests (a copy's pipe holds them meanwhile), at
+                # the price of a log line printed up to OUTPUT_PAUSE later.
+                time.sleep(OUTPUT_PAUSE)
         self.printer.system("every copy has stopped")
         return 1 if self.printer.reader_gone else 0
 
@@ -385,6 +395,8 @@ class Supervisor:
         count = self.printer.print_output(name, pipe.fileno())
         if count == 0:
             self.close_output(name, pipe)
+        if count:
+            self.printed_output = True
         return count is not None
 
     def close_output(self, name: str, pipe) -> None:

@@ -13,8 +13,8 @@ workloads: `session` (each client logs in once, keeps its cookie, then every req
 (the cheapest request: what the front door itself costs). Errors (refused, reset or
 timed-out connections, statuses of 400 and more, a session the server forgot) are counted
 apart from the answers. A cart grows by an item a request and every round logs in anew,
-so in a 3 s round a cart reaches a few hundred items: what costs by the item (copying,
-comparing, encoding the session) weighs more in longer rounds.
+so in a 3 s round a cart reaches a few hundred items: what costs by the item (decoding,
+encoding and storing the session) weighs more in longer rounds.
 
 The load generator is wrk when it is installed (`apt-get install wrk`), with `wrk.lua`:
 written in C, it leaves the cores to the servers it measures. Its p99 is "corrected" for

@@ -5,11 +5,12 @@
 
 The profiler is the standard library's cProfile, in every thread. `python -m cProfile
 webapp.py` would profile the main thread only, and webapp.py's main thread only waits for
-SIGTERM: requests run on the serving thread (accept, start a thread) and on a thread per
-connection. So the copy runs here as `profile_copy.py --copy OUT`: before webapp.main()
-starts, `threading.Thread.run` is wrapped so that each thread runs under a profiler of its
-own, and each finished thread's figures are added to one `pstats.Stats`, written to OUT
-when webapp.py returns from main() on SIGTERM.
+SIGTERM: requests run on the server's threads (one accepts and reads request heads, a
+pool of workers answers them; see web_server.Server). So the copy runs here as
+`profile_copy.py --copy OUT`: before webapp.main() starts, `threading.Thread.run` is
+wrapped so that each thread runs under a profiler of its own, and each finished thread's
+figures are added to one `pstats.Stats`, written to OUT when webapp.py returns from main()
+on SIGTERM.
 
 The clock is each thread's CPU time (`time.thread_time`), not the wall clock: time spent
 waiting for the GIL, a lock, SQLite or a CPU that another process holds does not count,
@@ -59,7 +60,8 @@ def run_copy(out: str) -> None:
     sys.path.insert(0, str(REPO))
     import webapp  # only now: webapp.py is in the folder above this one
     total = profile_every_thread()
-    # atexit runs after the interpreter has joined the last request thread (none is a daemon)
+    # atexit runs after main() has returned, and main() returns once server.stop() has
+    # joined every server thread: each has added its figures to `total` by then.
     atexit.register(total.dump_stats, out)
     webapp.main()
 

@@ -16,13 +16,13 @@ the very same webapp.py, in two ways:
   That is gunicorn's model (its arbiter binds, its workers inherit the socket by fork).
 
 How, without a line of webapp.py changed: in this process only, before webapp.py runs,
-`socketserver.TCPServer.server_bind` (which webapp's ThreadingHTTPServer calls from its
-constructor) is replaced by one that sets SO_REUSEPORT before binding, or that swaps the
-server's fresh socket for the inherited one. Then webapp.py runs as `__main__`, exactly as
-`python webapp.py` would: same configuration, same log, same SIGTERM. The inherited socket
-is made non-blocking, as gunicorn makes its own: every idle copy wakes for a new
-connection, and those that lose the race must get "nothing to accept" (socketserver then
-waits again) rather than block in accept(), where a SIGTERM would find them stuck.
+`socketserver.TCPServer.server_bind` (which web_server.Server, an HTTPServer, calls from
+its constructor) is replaced by one that sets SO_REUSEPORT before binding, or that swaps
+the server's fresh socket for the inherited one. Then webapp.py runs as `__main__`,
+exactly as `python webapp.py` would: same configuration, same log, same SIGTERM. The
+inherited socket is non-blocking, as gunicorn makes its own (and as the Server makes its
+own listening socket): every idle copy wakes for a new connection, and those that lose
+the race get "nothing to accept" and wait again, rather than block in accept().
 
 What the lesson would lose by running copies so (bench.py measures only what it gains):
 the router's round-robin that you can watch in `X-Served-By`, and taking one copy out of

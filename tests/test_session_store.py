@@ -111,6 +111,15 @@ def test_an_unchanged_session_is_not_written_again(tmp_path):
     assert store.db.query(expiry, (sid,))[0][0] == before
 
 
+def test_a_change_that_compares_equal_is_still_written(make_store):
+    """1 and True are equal in Python, but a JSON reader (the page's script) tells them apart."""
+    store = make_store()
+    sid = new_session(store, count=1)
+    with store.edit(sid) as session:
+        session.data["count"] = True
+    assert store.load(sid)["count"] is True
+
+
 EDITOR = textwrap.dedent("""
     import sys
     from pathlib import Path

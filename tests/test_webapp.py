@@ -15,6 +15,7 @@ import pytest
 
 from conftest import (Web, app_env, free_port, get, http, multipart, post_form, responds,
                       session_cookie, upload, wait_until)
+import web_server
 from database import database_from_env
 from session_store import store_from_env
 
@@ -287,6 +288,26 @@ def test_only_a_few_ascii_digits_make_a_number(start_web, head, status):
     assert get(web.url + "/healthz").status == 200
 
 
+HEADERS = b"".join(b"X-Header-%d: %d\r\n" % (number, number) for number in range(99))
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GET /healthz HTTP/1.0\r\nHost: a\r\n" + HEADERS + b"\r\n", 200),  # 100 headers
+    (b"GET /healthz HTTP/1.0\r\nHost: a\r\nX: 1\r\n" + HEADERS + b"\r\n", 431),
+    (b"GET /healthz HTTP/1.0\r\nX-Folded: a\r\n b\r\n\r\n", 400),  # obs-fold
+    (b"GET /healthz HTTP/1.0\r\nNo colon here\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.0\r\nX-Space : 1\r\n\r\n", 400),  # RFC 9112 5.1: a 400
+    (b"GET /healthz HTTP/2.0\r\n\r\n", 505),
+    (b"GET\r\n\r\n", 400),
+    (b"POST /cart HTTP/1.1\r\ncontent-type: application/x-www-form-urlencoded\r\n"
+     b"CONTENT-length:8 \r\n\r\nitem=tea", 303),
+], ids=["100 headers", "101 headers", "folded", "no colon", "space before colon",
+        "HTTP/2", "no version", "any case"])
+def test_a_request_head_is_read_within_http_clients_limits(start_web, head, status):
+    web = start_web()
+    assert raw_request(web.port, head).startswith(b"HTTP/1.0 %d " % status)
+
+
 @pytest.mark.parametrize("body, content_type", [
     (b"no boundaries here", "multipart/form-data; boundary=b0undary"),
     (b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nunterminated",
@@ -490,6 +511,25 @@ def test_three_hundred_slow_clients_do_not_stop_healthz(spawn, tmp_path):
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_a_copy_whose_workers_are_far_behind_answers_503_at_once(monkeypatch):
+    """In-process: a Server never started has no worker, so its queue only grows."""
+    monkeypatch.setattr(web_server, "MAX_QUEUED", 2)
+    server = web_server.Server(("127.0.0.1", 0), web_server.Handler, 10, "web.1")
+    clients = []
+    try:
+        for _ in range(3):
+            clients.append(socket.create_connection(server.server_address))
+            sock, address = server.socket.accept()
+            server.hand_over(web_server.Connection(sock, address, time.monotonic() + 10))
+        clients[-1].settimeout(5)
+        assert clients[-1].recv(100).startswith(b"HTTP/1.0 503 ")
+        assert server.requests.qsize() == 2
+    finally:
+        for sock in clients:
+            sock.close()
+        server.server_close()
 
 
 def test_a_copy_told_to_stop_exits_within_stop_timeout_whatever_its_clients_do(start_web):
