@@ -516,7 +516,7 @@ def test_three_hundred_slow_clients_do_not_stop_healthz(spawn, tmp_path):
 def test_a_copy_whose_workers_are_far_behind_answers_503_at_once(monkeypatch):
     """In-process: a Server never started has no worker, so its queue only grows."""
     monkeypatch.setattr(web_server, "MAX_QUEUED", 2)
-    server = web_server.Server(("127.0.0.1", 0), web_server.Handler, 10, "web.1")
+    server = web_server.Server(("127.0.0.1", free_port()), web_server.Handler, 10, "web.1")
     clients = []
     try:
         for _ in range(3):
