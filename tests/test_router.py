@@ -4,7 +4,6 @@ that slow clients cannot hold the front door."""
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import sys
@@ -124,10 +123,21 @@ def full_backlog(port: int):
         for sock in waiting:
             sock.setblocking(False)
             sock.connect_ex(("127.0.0.1", port))
-        # The handshakes finish in the kernel a moment later: until 129 have (the backlog,
-        # plus one on Linux), the router's own connect could still get in.
-        wait_until(lambda: len(select.select([], waiting, [], 0)[1]) >= 129,
-                   what="the frozen copy's backlog to fill")
+
+        def next_connect_is_not_taken() -> bool:
+            # Only a connect that goes unanswered proves it: a client counts itself
+            # connected at the SYN-ACK, before the kernel has queued it for accept().
+            probe = socket.socket()
+            probe.settimeout(0.5)
+            try:
+                probe.connect(("127.0.0.1", port))
+            except TimeoutError:
+                probe.close()
+                return True
+            waiting.append(probe)  # it got in: one more place taken, try again
+            return False
+
+        wait_until(next_connect_is_not_taken, what="the frozen copy's backlog to fill")
         yield
     finally:
         for sock in waiting:
