@@ -11,12 +11,14 @@ for, against a size limit and a deadline), a `Response` to return, `ClientError`
 input (a 4xx with a one-line message, never a traceback), the input parsers (forms,
 multipart uploads, the session cookie), and `Server`, which accepts connections, waits
 for request heads on one thread and answers whole requests on a fixed pool of threads
-(see its docstring for the bounds). `log` writes one escaped line per request to stdout,
-so that nothing a client sends can forge a line of the platform's log.
+(see its docstring for the bounds). Each request gets one log line, through
+`database.log`, which escapes it, so that nothing a client sends can forge a line of the
+platform's log.
 
 It knows nothing of sessions, jobs or the page: `webapp.py` holds the routes and binds
-the port (`serve`), and that is where this toy app lives. The standard library does the
-HTTP: `BaseHTTPRequestHandler` parses and answers, `socketserver` binds and accepts.
+the port (`serve`), and that is where this toy app lives. The standard library does most
+of the HTTP: `BaseHTTPRequestHandler` answers, `socketserver` binds and accepts; only the
+request head is read here (`Handler.parse_request`), as cheaply as its grammar allows.
 """
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ SESSION_STORE, DATABASE_URL, DATABASE_BUSY_TIMEOUT, SESSION_TTL, DYNO (or honcho
 HONCHO_PROCESS_NAME, or foreman's PS), COOKIE_SECURE, STOP_TIMEOUT (25 s), CLIENT_TIMEOUT
 (10 s). SIGTERM stops accepting and lets the requests in flight finish for at most
 STOP_TIMEOUT seconds, then exits 0. Input is bounded where it comes in (`web_server.py`)
-and where it is stored (`job_args`, `required_field`, the upload limit).
+and where it is stored (`job_args`, `required_field`, the upload limit, and what one
+session may hold: `MAX_CART_ITEMS`, `MAX_UPLOADS`, `MAX_OWN_JOBS`).
 """
 from __future__ import annotations
 
