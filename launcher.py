@@ -7,27 +7,31 @@ kept sessions in its own memory. Here `web=4` is a number you type, from the fir
 
 What a platform (Heroku, foreman, Kubernetes) does for a stateless app, and so what
 `python launcher.py web=4 worker=2` does: it runs each Procfile type as N children named
-by `DYNO` (web.1, worker.2), each web copy on a `PORT` of its own, behind one front port
-(`router.py`); prints all their output as one stream; restarts a copy that dies, with
-backoff, and replaces a web copy that stops answering `GET /healthz`; scales and restarts
-copies from stdin (`web=6`, `ps`, `restart`, `quit`); and on SIGINT or SIGTERM, or once
-nobody reads its output (`launcher.py | head`), stops them: SIGTERM, grace, SIGKILL. It
-never imports the app, never daemonizes, and runs on one machine. The app in turn binds
-$PORT, answers `/healthz`, logs to stdout, keeps its state in a backing service, and exits
-on SIGTERM, within STOP_TIMEOUT.
+by `DYNO` (web.1, worker.2; a.web.1 with `--name a`), each web copy on a `PORT` of its
+own, behind one front port (`router.py`); prints all their output as one stream; restarts
+a copy that dies, with backoff, and replaces a web copy that stops answering
+`GET /healthz`; takes commands at its prompt (`web=6`, `ps`, `restart`, `kill web.2`,
+`freeze web.2`, `chaos 2`, `quit`); and on SIGINT or SIGTERM, or once nobody reads its
+output (`launcher.py | head`), stops them: SIGTERM, grace, SIGKILL. It never imports the
+app, never daemonizes, and runs on one machine. The app in turn binds $PORT, answers
+`/healthz`, logs to stdout, keeps its state in a backing service, and exits on SIGTERM,
+within STOP_TIMEOUT.
 
-This file reads in that order: the `Supervisor` keeps the formation (start, scale,
-restart, stop) in one loop on the main thread; that loop waits in one `selectors` call
-for signals, the copies' output, their health checks and commands, and runs its timers
-(restarts, health checks, grace periods) through its timeout. Then how a copy is
-started, and last `main()`, which reads the command line, the Procfile and `.env` and
-binds the front port, so that bad input ends with one line and exit code 2 before any
-child starts.
+The rules (what a crash, a missed health check, `web=2` or `restart` lead to) are not
+here: they are a table of states and events in `formation.py`, tested without a process.
+This file is the shell around them, and reads in that order: the `Supervisor` turns
+signals, exits, output and health checks into events for the formation and carries out
+the actions it returns (start a child, signal one, print a line), in one `selectors` loop
+on the main thread; the `Prompt` turns typed commands into the formation's methods; then
+how a copy is started, and last `main()`, which reads the command line, the Procfile and
+`.env` and binds the front port, so that bad input ends with one line and exit code 2
+before any child starts.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
 import re
 import selectors
@@ -35,84 +39,73 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from router import (CHECK_EVERY, CHECKS_FAILED, COPY_HOST, IDLE_TIMEOUT, UPSTREAM_TIMEOUT,
-                    HealthCheck, LogPrinter, Router, bind_front_port, connection_limit,
-                    port_is_free, split_lines)
+from formation import (CHECKS_FAILED, SERVING, Action, Answered, Copy, Event, Exited,
+                       Formation, Missed, Say, Signal, Spawn, Spawned, SpawnFailed, State)
+from router import (CHECK_EVERY, COPY_HOST, IDLE_TIMEOUT, UPSTREAM_TIMEOUT, HealthCheck,
+                    LogPrinter, Router, bind_front_port, connection_limit, port_is_free,
+                    split_lines)
 
-MAX_BACKOFF = 30.0
-STABLE_AFTER = 10.0      # a copy up this long that crashes starts its backoff again
-DRAIN_PAUSE = 0.1        # out of the rotation this long before SIGTERM: see stop_copy
-OUTPUT_PAUSE = 0.01      # after printing the copies' output, let more gather: see run
-HELP = "commands: TYPE=N (scale, e.g. web=3), ps, restart [TYPE], quit"
+OUTPUT_PAUSE = 0.01        # after printing the copies' output, let more gather: see run
+COPY_SHARE_OF_GRACE = 5 / 6  # a copy's own STOP_TIMEOUT: Heroku gives 25 s of its 30
+MAX_COMMAND = 4096         # bytes: a longer line at the prompt is cut, memory stays bounded
+MIN_CHAOS_EVERY = 0.1      # seconds between chaos's kills, at the least
+HELP = ("commands: TYPE=N (scale, e.g. web=3), ps, restart [TYPE], kill NAME, freeze NAME, "
+        "chaos [TYPE] SECONDS, chaos off, quit")
 
 
-# --- The supervisor ------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class Copy:
-    """One copy of a process type (web.3): its process, its port, its place in the cycle."""
-    process_type: str
-    number: int
-    port: int | None                  # web copies only; kept when it is restarted
-    popen: subprocess.Popen | None = None
-    started_at: float = 0.0
-    restarts: int = 0
-    state: str = "starting"           # starting, up, unresponsive, backoff, stopping
-    backoff: float = 0.0              # the wait before the next restart after a crash
-    restart_at: float | None = None
-    term_at: float | None = None      # while stopping: when to send SIGTERM,
-    kill_at: float | None = None      # ... and SIGKILL if it is still running then
-    health: HealthCheck | None = None  # web copies, while running: is it up, still alive?
-
-    @property
-    def name(self) -> str:
-        return f"{self.process_type}.{self.number}"
-
+# --- The supervisor: the shell around the formation ----------------------------------------
 
 class Supervisor:
-    """The arbiter: one loop on the main thread, the only place where decisions are made.
+    """The arbiter's shell: it forks, signals, reads pipes and sockets, keeps the time, and
+    decides nothing. Every decision is the formation's (`formation.py`): the supervisor
+    turns what happens into events for it, and carries out the actions it returns.
 
-    Signal handlers do nothing: `signal.set_wakeup_fd` writes each signal's number to a
-    pipe that wakes the loop, and the loop acts on it (logging inside a handler deadlocked
-    gunicorn: #3198). The loop waits for that pipe, the copies' output and stdin; its
-    timers run through the wait's timeout.
+    One loop on the main thread waits in one `selectors` call for signals, the copies'
+    output, their health checks and commands; the timers run through the wait's timeout.
+    What happens becomes an event in `events`, one queue, which the loop hands to the
+    formation in order: one place where decisions are made (honcho's manager has the same
+    shape). Signal handlers do nothing: `signal.set_wakeup_fd` writes each signal's number
+    to a pipe that wakes the loop, and the loop acts on it (logging inside a handler
+    deadlocked gunicorn: #3198).
     """
 
-    def __init__(self, config: Config, router: Router, printer: LogPrinter):
+    def __init__(self, config: LauncherConfig, router: Router, printer: LogPrinter):
         self.config = config
         self.router = router
         self.printer = printer
-        self.copies: list[Copy] = []    # the formation: restarted when they die
-        self.retiring: list[Copy] = []  # out of the formation, running until they stop
-        self.handover: tuple[Copy, Copy] | None = None  # rolling restart: (old, new)
-        self.restart_queue: list[str] = []  # rolling restart: the copies still to replace
-        self.shutting_down = False
-        self.printed_output = False  # in this round of events
-        self.unfinished_command = b""
+        self.formation = Formation(list(config.commands), config.grace, config.prefix)
+        self.events: deque[tuple[int, Event]] = deque()  # (a copy's serial, what happened)
+        self.processes: dict[int, subprocess.Popen] = {}  # serial -> its running process
+        self.checks: dict[int, tuple[int, HealthCheck]] = {}  # serial -> (pid, its check)
         self.selector = selectors.DefaultSelector()
+        self.printed_output = False  # in this round of events
 
     def run(self) -> int:
         self.catch_signals()
         for process_type, count in self.config.formation.items():
-            self.printer.make_room(f"{process_type}.{count}")  # the longest name of each type
+            self.printer.make_room(f"{self.config.prefix}{process_type}.{count}")
         formation = ", ".join(f"{name}={count}" for name, count in self.config.formation.items())
         self.printer.system(f"front port http://{self.config.host}:{self.config.port}, "
                             f"formation {formation}")
-        self.listen_to_stdin()
+        Prompt(self).listen()
         for process_type, count in self.config.formation.items():
-            self.scale(process_type, count)
-        while not (self.shutting_down and not self.retiring):
+            self.carry_out(self.formation.scale(process_type, count, time.monotonic()))
+        while not self.formation.stopped:
             self.printed_output = False
             for key, _ in self.selector.select(self.seconds_to_next_timer()):
                 key.data()
-            self.run_timers()
-            if self.printer.reader_gone:
+            now = time.monotonic()
+            for _, check in list(self.checks.values()):
+                check.run_timer(now)
+            self.carry_out(self.formation.run_timers(now))
+            if self.printer.reader_gone and not self.formation.shutting_down:
                 self.shut_down()  # `launcher.py | head`: nobody can read the logs any more
             if self.printed_output:
                 # Under load, each request's log line alone would wake this loop, and each
@@ -124,249 +117,111 @@ class Supervisor:
         self.printer.system("every copy has stopped")
         return 1 if self.printer.reader_gone else 0
 
-    # The formation: start, scale, restart, stop.
+    # Decisions in, actions out.
 
-    def everyone(self) -> list[Copy]:
-        return self.copies + self.retiring
+    def carry_out(self, actions: list[Action]) -> None:
+        """Do what the formation decided, one action at a time, handing it what happened
+        before the next (a spawned copy's port is known before the next copy needs one),
+        until nothing is left; then bring the health checks and the rotation up to date."""
+        pending = deque(actions)
+        while pending or self.events:
+            if not self.events:
+                self.act(pending.popleft())
+                continue
+            serial, event = self.events.popleft()
+            if serial in self.formation.copies:  # else: gone meanwhile, nothing to decide
+                pending.extendleft(reversed(self.formation.handle(serial, event,
+                                                                  time.monotonic())))
+        self.update_health_checks()
+        self.router.rotation = self.formation.rotation()  # one atomic store: no lock
 
-    def scale(self, process_type: str, count: int) -> None:
-        """Keep the `count` lowest-numbered copies of a type, adding or stopping the rest."""
-        current = sorted((c for c in self.copies if c.process_type == process_type),
-                         key=lambda c: c.number)
-        for copy in current[count:]:
-            self.stop_copy(copy)
-        numbers = {copy.number for copy in current[:count]}
-        number = 1
-        while len(numbers) < count:
-            if number not in numbers:
-                numbers.add(number)
-                port = self.free_port() if process_type == "web" else None
-                self.copies.append(Copy(process_type, number, port))
-                self.start_process(self.copies[-1])
-            number += 1
+    def act(self, action: Action) -> None:
+        if isinstance(action, Spawn):
+            self.spawn(action.copy)
+        elif isinstance(action, Signal):
+            self.signal_group(action.copy, action.signum)
+        else:
+            self.printer.system(action.text)
 
-    def free_port(self) -> int:
-        """The first port after the front port that no copy holds and nothing listens on."""
-        held = {copy.port for copy in self.everyone()}
+    def spawn(self, copy: Copy) -> None:
+        try:
+            port = self.port_for(copy) if copy.is_web else None
+            popen = start_child(self.config.commands[copy.process_type],
+                                self.environment(copy.name, port), self.config.workdir)
+        except OSError as error:  # no descriptor, process or port left: not the copy's fault
+            self.events.append((copy.serial, SpawnFailed(str(error))))
+            return
+        self.processes[copy.serial] = popen
+        os.set_blocking(popen.stdout.fileno(), False)
+        self.selector.register(popen.stdout, selectors.EVENT_READ,
+                               partial(self.read_output, copy.name, popen.stdout))
+        self.printer.make_room(copy.name)
+        self.events.append((copy.serial, Spawned(popen.pid, port)))
+
+    def port_for(self, copy: Copy) -> int:
+        """Its old port, if it is still free (a restart); else the first one after the front
+        port that no copy holds and nothing listens on (an outgoing connection may take
+        any port meanwhile, and then the copy would never start again)."""
+        if copy.port is not None and port_is_free(copy.port):
+            return copy.port
+        held = {other.port for other in self.formation.copies.values()}
         port = self.config.port + 1
         while port in held or not port_is_free(port):
             port += 1
+            if port > LAST_PORT:
+                raise OSError(f"no free port left after the front port {self.config.port}")
         return port
 
-    def start_process(self, copy: Copy) -> None:
-        if copy.port is not None and not port_is_free(copy.port):
-            # A restarted copy keeps its port, unless something else took it meanwhile (an
-            # outgoing connection may use any port): then it would never start again.
-            copy.port = self.free_port()
+    def environment(self, name: str, port: int | None) -> dict[str, str]:
         env = {**self.config.dotenv, **os.environ}  # the launcher's own environment wins
         env.pop("PORT", None)                      # only web copies get a PORT, as on Heroku
-        env.update(DYNO=copy.name, PYTHONUNBUFFERED="1",
+        env.update(DYNO=name, PYTHONUNBUFFERED="1",
                    # the Procfile's `python` is the Python running the launcher
                    PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
         if self.config.grace > 0:  # the copy's own deadline to stop (Heroku: 25 s of 30),
             # so it hands back its work before our SIGKILL, or alone if we were SIGKILLed
-            env.setdefault("STOP_TIMEOUT", f"{self.config.grace * 5 / 6:g}")
-        if copy.port is not None:
-            env.update(PORT=str(copy.port), HOST=COPY_HOST)
-        try:
-            copy.popen = start_child(self.config.commands[copy.process_type], env,
-                                     self.config.workdir)
-        except OSError as error:  # no descriptor or process left: the machine's trouble
-            self.printer.system(f"cannot start {copy.name}: {error}")
-            copy.started_at = time.monotonic()
-            self.restart_with_backoff(copy)  # ... not a reason to stop the others
-            return
-        os.set_blocking(copy.popen.stdout.fileno(), False)
-        self.selector.register(copy.popen.stdout, selectors.EVENT_READ,
-                               partial(self.read_output, copy.name, copy.popen.stdout))
-        self.printer.make_room(copy.name)
-        copy.started_at = time.monotonic()
-        copy.state = "starting" if copy.port is not None else "up"
-        if copy.port is not None:
-            copy.health = HealthCheck(copy.port, self.config.check_every, self.selector,
-                                      partial(self.on_up, copy), partial(self.on_dead, copy))
-        port = f", port={copy.port}" if copy.port is not None else ""
-        self.printer.system(f"{copy.name} started (pid={copy.popen.pid}{port})")
+            env.setdefault("STOP_TIMEOUT", f"{self.config.grace * COPY_SHARE_OF_GRACE:g}")
+        if port is not None:
+            env.update(PORT=str(port), HOST=COPY_HOST)
+        return env
 
-    def reap(self) -> None:
-        for copy in self.everyone():
-            if copy.popen is not None and copy.popen.poll() is not None:
-                self.on_exit(copy)
+    def signal_group(self, copy: Copy, signum: int) -> None:
+        with suppress(ProcessLookupError, PermissionError):  # gone already: reap() will tell
+            os.killpg(copy.pid, signum)
 
-    def on_exit(self, copy: Copy) -> None:
-        while self.read_output(copy.name, copy.popen.stdout):
-            pass  # its last lines come before the news of its end
-        self.close_output(copy.name, copy.popen.stdout)
-        self.stop_checking(copy)
-        code = copy.popen.returncode
-        self.printer.system(f"{copy.name} killed by {signal_name(-code)}" if code < 0
-                            else f"{copy.name} exited with code {code}")
-        copy.popen = None
-        if copy in self.retiring:
-            self.retiring.remove(copy)
-        else:
-            self.restart_with_backoff(copy)
-        self.publish_rotation()
+    def update_health_checks(self) -> None:
+        """A web copy is asked `GET /healthz` while its process runs and the formation may
+        still want it: starting (is it up yet?), up or outgoing (is it still alive?)."""
+        wanted = {copy.serial: copy for copy in self.formation.copies.values()
+                  if copy.is_web and copy.pid is not None
+                  and copy.state in (State.STARTING, *SERVING)}
+        for serial, (pid, check) in list(self.checks.items()):
+            if serial not in wanted or wanted[serial].pid != pid:
+                check.stop()
+                del self.checks[serial]
+        for serial, copy in wanted.items():
+            if serial not in self.checks:
+                report = partial(self.report_health, serial)
+                check = HealthCheck((COPY_HOST, copy.port), self.config.check_every,
+                                    self.selector, report)
+                self.checks[serial] = (copy.pid, check)
 
-    def restart_with_backoff(self, copy: Copy) -> None:
-        """The first crash restarts at once, then waits 1, 2, 4 ... 30 s: a crash loop
-        cannot spin the CPU. A copy that stayed up a while starts again from 'at once'."""
-        now = time.monotonic()
-        if now - copy.started_at >= STABLE_AFTER:
-            copy.backoff = 0.0
-        delay = copy.backoff
-        copy.backoff = 1.0 if delay == 0 else min(MAX_BACKOFF, delay * 2)
-        copy.restarts += 1
-        if delay == 0:
-            self.printer.system(f"restarting {copy.name} now")
-            self.start_process(copy)
-        else:
-            self.printer.system(f"restarting {copy.name} in {delay:g}s")
-            copy.state = "backoff"
-            copy.restart_at = now + delay
-
-    def stop_copy(self, copy: Copy, kill_at: float | None = None) -> None:
-        """Out of the formation; out of the rotation; SIGTERM a moment later; SIGKILL at kill_at.
-
-        That moment matters: the router may have just sent it a connection, and what waits
-        in its listen queue when it closes its socket is reset, a request lost.
-        """
-        now = time.monotonic()
-        if kill_at is None:
-            kill_at = now + DRAIN_PAUSE + self.config.grace
-        if copy in self.copies:
-            self.copies.remove(copy)
-        if copy.popen is None:  # waiting to restart: nothing runs, nothing to stop
-            return
-        if copy.state == "stopping":  # a second stop (shutdown): only bring SIGKILL forward
-            copy.kill_at = min(copy.kill_at or kill_at, kill_at)
-            return
-        if copy not in self.retiring:
-            self.retiring.append(copy)
-        self.stop_checking(copy)
-        copy.state = "stopping"
-        self.publish_rotation()
-        copy.term_at, copy.kill_at = now + DRAIN_PAUSE, kill_at
-
-    def rolling_restart(self, types: list[str]) -> None:
-        if types and types[0] not in self.config.commands:
-            raise UsageError(f"process type {types[0]!r} is not in the Procfile")
-        names = [copy.name for copy in self.in_order(self.copies)
-                 if not types or copy.process_type == types[0]]
-        self.printer.system(f"rolling restart, one copy at a time: {', '.join(names) or 'none'}")
-        self.restart_queue += names
-        self.continue_rolling_restart()
-
-    def continue_rolling_restart(self) -> None:
-        """Replace the copies in `restart_queue` one at a time: the new copy starts first,
-        and the old one stops only once the new one is up, so even a single web copy never
-        leaves the front door empty. Called again by the timers until the queue is empty."""
-        while self.restart_queue:
-            if self.handover is None:
-                self.handover = self.start_replacement(self.restart_queue[0])
-            if self.handover is not None:
-                old, new = self.handover
-                if new.state != "up" and new in self.copies:
-                    return  # not up yet: the old copy keeps serving
-                self.handover = None
-                self.stop_copy(old)
-            self.restart_queue.pop(0)
-            if not self.restart_queue:
-                self.printer.system("rolling restart done: the old copies are stopping")
-
-    def start_replacement(self, name: str) -> tuple[Copy, Copy] | None:
-        """Start a new copy in the place of `name`; (old, new), or None when `name` is not
-        up (crashed, restarting): it gets the new code when it starts again anyway."""
-        old = next((c for c in self.copies if c.name == name and c.state == "up"), None)
-        if old is None:
-            return None
-        new = Copy(old.process_type, old.number, self.free_port() if old.port else None)
-        self.copies[self.copies.index(old)] = new
-        self.retiring.append(old)  # still up, and in the rotation, until the new one is
-        self.start_process(new)
-        return old, new
+    def report_health(self, serial: int, healthy: bool) -> None:
+        self.events.append((serial, Answered() if healthy else Missed()))
+        self.carry_out([])
 
     def shut_down(self) -> None:
-        if self.shutting_down:
-            return
-        self.shutting_down = True
-        self.printer.system(f"stopping every copy: SIGTERM, then SIGKILL after "
-                            f"{self.config.grace:g}s")
-        self.restart_queue.clear()
-        self.handover = None
-        kill_at = time.monotonic() + self.config.grace  # the deadline runs from the signal
-        for copy in self.everyone():
-            self.stop_copy(copy, kill_at)
-
-    # Timers, the rotation and the table.
+        if not self.formation.shutting_down:
+            self.carry_out(self.formation.shut_down(time.monotonic()))
 
     def seconds_to_next_timer(self) -> float | None:
-        times = [when for copy in self.everyone()
-                 for when in (copy.restart_at, copy.term_at, copy.kill_at,
-                              copy.health and copy.health.due) if when is not None]
+        times = [check.due for _, check in self.checks.values() if check.due is not None]
+        formation_timer = self.formation.next_timer()
+        if formation_timer is not None:
+            times.append(formation_timer)
         return max(0.0, min(times) - time.monotonic()) if times else None
 
-    def run_timers(self) -> None:
-        now = time.monotonic()
-        for copy in self.everyone():
-            if copy.health is not None:
-                copy.health.run_timer(now)
-            if copy.restart_at is not None and now >= copy.restart_at:
-                copy.restart_at = None
-                self.start_process(copy)
-            if copy.term_at is not None and now >= copy.term_at:
-                copy.term_at = None
-                self.signal_group(copy, signal.SIGTERM)
-            if copy.kill_at is not None and now >= copy.kill_at:
-                copy.kill_at = None
-                self.signal_group(copy, signal.SIGKILL)
-        self.continue_rolling_restart()
-
-    # Health: a web copy is up once it answers `GET /healthz`, and dead once it stops.
-
-    def on_up(self, copy: Copy) -> None:
-        copy.state = "up"
-        self.printer.system(f"{copy.name} is up on port {copy.port}")
-        self.publish_rotation()
-
-    def on_dead(self, copy: Copy) -> None:
-        """Alive but not answering is dead: a frozen or deadlocked copy would hold every
-        request the router gives it. A stopped process never acts on SIGTERM, so SIGKILL;
-        reap() then restarts it, as after a crash."""
-        self.printer.system(f"{copy.name} failed {CHECKS_FAILED} health checks in a row: "
-                            f"replacing it (SIGKILL: a frozen copy cannot act on SIGTERM)")
-        copy.state = "unresponsive"
-        self.publish_rotation()
-        self.signal_group(copy, signal.SIGKILL)
-
-    def stop_checking(self, copy: Copy) -> None:
-        if copy.health is not None:
-            copy.health.stop()
-            copy.health = None
-
-    def signal_group(self, copy: Copy, signum: signal.Signals) -> None:
-        with suppress(ProcessLookupError, PermissionError):  # gone already: reap() will tell
-            os.killpg(copy.popen.pid, signum)
-
-    def publish_rotation(self) -> None:
-        """Hand the router the ports of the web copies that are up, in one atomic store."""
-        live = [c for c in self.in_order(self.everyone()) if c.port and c.state == "up"]
-        self.router.rotation = tuple(copy.port for copy in live)
-
-    def in_order(self, copies: list[Copy]) -> list[Copy]:
-        types = list(self.config.commands)
-        return sorted(copies, key=lambda c: (types.index(c.process_type), c.number, c.started_at))
-
-    def print_table(self) -> None:
-        now = time.monotonic()
-        self.printer.system(f"{'name':<9} {'pid':<7} {'port':<5} {'uptime':<7} restarts  state")
-        for copy in self.in_order(self.everyone()):
-            pid, uptime = ((copy.popen.pid, f"{now - copy.started_at:.0f}s") if copy.popen
-                           else ("-", "-"))
-            self.printer.system(f"{copy.name:<9} {pid:<7} {copy.port or '-':<5} {uptime:<7} "
-                                f"{copy.restarts:<9} {copy.state}")
-
-    # Events: signals, output, commands.
+    # Events: signals, exits, output, commands.
 
     def catch_signals(self) -> None:
         reader, writer = os.pipe()
@@ -381,12 +236,21 @@ class Supervisor:
         for signum in os.read(reader, 512):
             if signum == signal.SIGCHLD:
                 self.reap()
-            elif signum == signal.SIGINT and self.shutting_down:
-                self.printer.system("a second interrupt: SIGKILL to every copy now")
-                for copy in self.retiring:
-                    copy.term_at, copy.kill_at = None, 0.0
+            elif signum == signal.SIGINT and self.formation.shutting_down:
+                self.carry_out(self.formation.kill_now(time.monotonic()))
             else:
                 self.shut_down()
+
+    def reap(self) -> None:
+        for serial, popen in list(self.processes.items()):
+            if popen.poll() is not None:
+                name = self.formation.copies[serial].name
+                while self.read_output(name, popen.stdout):
+                    pass  # its last lines come before the news of its end
+                self.close_output(name, popen.stdout)
+                del self.processes[serial]
+                self.events.append((serial, Exited(popen.returncode)))
+        self.carry_out([])
 
     def read_output(self, name: str, pipe) -> bool:
         """Print what a copy wrote; True if there was something (or its end) to read."""
@@ -405,45 +269,101 @@ class Supervisor:
             self.selector.unregister(pipe)
             pipe.close()
 
-    def listen_to_stdin(self) -> None:
+
+class Prompt:
+    """The launcher's prompt: commands typed on stdin, turned into the formation's methods.
+
+    `web=3` scales (Heroku's `ps:scale`), `restart [TYPE]` replaces copies one at a time,
+    `kill NAME` and `freeze NAME` fail a copy on purpose (SIGKILL; SIGSTOP), `chaos [TYPE]
+    SECONDS` kills a random copy every SECONDS until `chaos off`, `ps` prints the table,
+    `quit` stops everything. A mistake is one line, and nothing happens.
+    """
+
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+        self.formation = supervisor.formation
+        self.unfinished = b""
+
+    def listen(self) -> None:
         """Take commands from stdin if there is one; none (closed, /dev/null, CI) is fine."""
         try:
             stdin = sys.stdin.fileno()
             if os.isatty(stdin) and os.tcgetpgrp(stdin) != os.getpgrp():
                 return  # started in the background with `&`: reading would stop us (SIGTTIN)
-            self.selector.register(stdin, selectors.EVENT_READ, partial(self.read_commands, stdin))
+            self.supervisor.selector.register(stdin, selectors.EVENT_READ,
+                                              partial(self.read, stdin))
         except (AttributeError, ValueError, OSError):
             return  # no stdin, or one that cannot be waited on (/dev/null under epoll)
         if os.isatty(stdin):
-            self.printer.system(HELP)
+            self.supervisor.printer.system(HELP)
 
-    def read_commands(self, stdin: int) -> None:
-        chunk = os.read(stdin, 4096)
-        if not chunk:
-            self.selector.unregister(stdin)  # end of input: run on, without commands
-            return
-        lines, unfinished = split_lines(self.unfinished_command + chunk)
-        self.unfinished_command = unfinished[:4096]  # no command is longer: memory stays bounded
-        for line in lines:
-            self.run_command(line.decode(errors="replace").split())
-
-    def run_command(self, words: list[str]) -> None:
-        if not words or self.shutting_down:
-            return
+    def read(self, stdin: int) -> None:
         try:
-            if words == ["ps"]:
-                self.print_table()
-            elif words == ["quit"]:
-                self.shut_down()
-            elif words[0] == "restart" and len(words) <= 2:
-                self.rolling_restart(words[1:])
-            elif "=" in words[0]:
-                for process_type, count in parse_scale(words, self.config.commands).items():
-                    self.scale(process_type, count)
-            else:
-                self.printer.system(f"unknown command {' '.join(words)!r}; {HELP}")
-        except UsageError as error:
-            self.printer.system(str(error))
+            chunk = os.read(stdin, MAX_COMMAND)
+        except OSError as error:  # the terminal went away (EIO): say so, run on without it
+            self.supervisor.printer.system(f"cannot read commands any more "
+                                           f"({error.strerror}); running on without them")
+            chunk = b""
+        if not chunk:
+            self.supervisor.selector.unregister(stdin)  # end of input: run on, without
+            return
+        lines, unfinished = split_lines(self.unfinished + chunk)
+        self.unfinished = unfinished[:MAX_COMMAND]  # no command is longer: memory stays bounded
+        for line in lines:
+            words = line.decode(errors="replace").split()
+            if words and not self.formation.shutting_down:
+                try:
+                    self.supervisor.carry_out(self.run(words, time.monotonic()))
+                except UsageError as error:
+                    self.supervisor.printer.system(str(error))
+
+    def run(self, words: list[str], now: float) -> list[Action]:
+        command, args = words[0], words[1:]
+        if words == ["ps"]:
+            return [Say(line) for line in self.table(now)]
+        if words == ["quit"]:
+            return self.formation.shut_down(now)
+        if command == "restart" and len(args) <= 1:
+            return self.formation.restart(self.known_type(args), now)
+        if command in ("kill", "freeze") and len(args) == 1:
+            strike = self.formation.kill if command == "kill" else self.formation.freeze
+            return strike(args[0])
+        if words == ["chaos", "off"]:
+            return self.formation.stop_chaos()
+        if command == "chaos" and len(args) in (1, 2):
+            return self.formation.start_chaos(self.known_type(args[:-1]),
+                                              chaos_every(args[-1]), now)
+        if "=" in command:
+            counts = parse_scale(words, self.supervisor.config.commands)
+            return [action for process_type, count in counts.items()
+                    for action in self.formation.scale(process_type, count, now)]
+        return [Say(f"unknown command {' '.join(words)!r}; {HELP}")]
+
+    def known_type(self, words: list[str]) -> str | None:
+        if words and words[0] not in self.supervisor.config.commands:
+            raise UsageError(f"process type {words[0]!r} is not in the Procfile")
+        return words[0] if words else None
+
+    def table(self, now: float) -> list[str]:
+        width = max(9, *(len(copy.name) for copy in self.formation.copies.values()))
+        lines = [f"{'name':<{width}} {'pid':<7} {'port':<5} {'uptime':<7} restarts  state"]
+        for copy in self.formation.in_order():
+            pid, uptime = ((copy.pid, f"{now - copy.started_at:.0f}s") if copy.pid
+                           else ("-", "-"))
+            lines.append(f"{copy.name:<{width}} {pid:<7} {copy.port or '-':<5} {uptime:<7} "
+                         f"{copy.restarts:<9} {copy.state.value}")
+        return lines
+
+
+def chaos_every(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not MIN_CHAOS_EVERY <= seconds <= MAX_SECONDS:  # NaN fails every comparison too
+        raise UsageError(f"chaos takes seconds from {MIN_CHAOS_EVERY:g} to {MAX_SECONDS}, "
+                         f"got {text!r}")
+    return seconds
 
 
 # --- Starting a copy ---------------------------------------------------------------------
@@ -487,19 +407,13 @@ def start_child(command: str, env: dict[str, str], cwd: Path) -> subprocess.Pope
         start_new_session=True, preexec_fn=die_with(os.getpid()))
 
 
-def signal_name(signum: int) -> str:
-    """SIGKILL, or `signal 40` for one Python has no name for (a real-time signal)."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
 # --- Command line, Procfile and .env ------------------------------------------------------
 
 PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")
 SCALE_ITEM = re.compile(r"^([A-Za-z0-9_-]+)=(.*)$")
+HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,20}")  # no dot: a.web.1 must stay readable
 MAX_COPIES = 100         # of one type: this is one machine
+LAST_PORT = 65535
 LAST_FRONT_PORT = 65000  # the copies take the ports after the front port
 MAX_SECONDS = 3600       # for every duration: more is a typo (and select() overflows at 24 days)
 
@@ -509,7 +423,7 @@ class UsageError(Exception):
 
 
 @dataclass(frozen=True)
-class Config:
+class LauncherConfig:
     commands: dict[str, str]   # process type -> shell command, in Procfile order
     formation: dict[str, int]  # process type -> copies to run at start
     dotenv: dict[str, str]
@@ -520,6 +434,7 @@ class Config:
     idle_timeout: float
     upstream_timeout: float
     check_every: float
+    prefix: str                # `a.` for --name a: its copies are a.web.1, a.worker.1
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -529,7 +444,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
 
 
-def read_config(argv: list[str]) -> Config:
+def read_config(argv: list[str]) -> LauncherConfig:
     parser = OneLineParser(prog="launcher.py",
                            description="Run the Procfile's process types, N copies each.")
     parser.add_argument("scale", nargs="*", metavar="TYPE=N",
@@ -546,7 +461,13 @@ def read_config(argv: list[str]) -> Config:
     parser.add_argument("--check-every", type=float, default=CHECK_EVERY,
                         help=f"seconds between GET /healthz to each web copy, and to answer; "
                              f"{CHECKS_FAILED} failed in a row replace it (default: 1)")
+    parser.add_argument("--name", default="",
+                        help="this host's name, before each copy's (a.web.1): for several "
+                             "hosts behind one router")
     args = parser.parse_args(argv)
+    if args.name and not HOST_NAME.fullmatch(args.name):
+        raise UsageError(f"--name must be 1 to 20 letters, digits, '_' or '-', "
+                         f"got {args.name!r}")
     for option, least in (("grace", 0), ("idle_timeout", 0.1), ("upstream_timeout", 0.1),
                           ("check_every", 0.1)):
         value = getattr(args, option)
@@ -560,10 +481,12 @@ def read_config(argv: list[str]) -> Config:
     if not (re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) <= LAST_FRONT_PORT):
         raise UsageError(f"the front port must be a number from 1 to {LAST_FRONT_PORT}, "
                          f"got {port!r}")
-    return Config(commands, formation, read_dotenv(args.procfile.parent / ".env"),
-                  args.procfile.resolve().parent, os.environ.get("HOST", "127.0.0.1"),
-                  int(port), args.grace, args.idle_timeout, args.upstream_timeout,
-                  args.check_every)
+    return LauncherConfig(
+        commands, formation, dotenv=read_dotenv(args.procfile.parent / ".env"),
+        workdir=args.procfile.resolve().parent, host=os.environ.get("HOST", "127.0.0.1"),
+        port=int(port), grace=args.grace, idle_timeout=args.idle_timeout,
+        upstream_timeout=args.upstream_timeout, check_every=args.check_every,
+        prefix=f"{args.name}." if args.name else "")
 
 
 def read_text(path: Path, what: str) -> str:

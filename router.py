@@ -350,15 +350,15 @@ def port_is_free(port: int) -> bool:
 HEALTH_REQUEST = (b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n"
                   b"User-Agent: launcher.py health check\r\n\r\n")
 HEALTHY = re.compile(rb"HTTP/1\.[01] [23][0-9][0-9] ")  # 2xx or 3xx, as a Kubernetes probe
-PROBE_EVERY = 0.05  # a starting copy is asked this often, until its first answer
-CHECK_EVERY = 1.0   # then this often, with as long to answer,
-CHECKS_FAILED = 3   # ... and this many misses in a row make it dead
+PROBE_EVERY = 0.05  # a copy that does not listen yet is asked this often, until it answers
+CHECK_EVERY = 1.0   # then this often, with as long to answer
 
 
 class HealthCheck:
-    """Asks one web copy `GET /healthz` again and again, as Kubernetes probes a pod: its
-    first answer (2xx or 3xx) makes it ready (`on_up`); then CHECKS_FAILED misses in a
-    row, each a wrong answer or none within `every` seconds, make it dead (`on_dead`).
+    """Asks one web copy `GET /healthz` again and again, as Kubernetes probes a pod, and
+    reports each outcome: `report(True)` for a 2xx or 3xx, `report(False)` for a wrong
+    answer or none within `every` seconds. What a row of them means (up, dead) is the
+    formation's rule, not this class's.
 
     A port that accepts proves nothing: the kernel completes the handshake of a frozen or
     deadlocked copy into its backlog, and a request then waits there forever. Each
@@ -367,12 +367,10 @@ class HealthCheck:
     when to ask next, or, with a question in flight, when to give up waiting.
     """
 
-    def __init__(self, port: int, every: float, selector: selectors.BaseSelector,
-                 on_up: Callable[[], None], on_dead: Callable[[], None]):
-        self.port, self.every, self.selector = port, every, selector
-        self.on_up, self.on_dead = on_up, on_dead
-        self.up = False
-        self.failed = 0                           # misses in a row, once up
+    def __init__(self, address: tuple[str, int], every: float,
+                 selector: selectors.BaseSelector, report: Callable[[bool], None]):
+        self.address, self.every, self.selector, self.report = address, every, selector, report
+        self.answered_once = False
         self.sock: socket.socket | None = None    # the question in flight
         self.sent = False
         self.answer = b""                         # the start of its answer, so far
@@ -390,7 +388,7 @@ class HealthCheck:
             self.due = now + self.every
             return
         self.sock.setblocking(False)
-        self.sock.connect_ex((COPY_HOST, self.port))  # refused or in progress: `step` sees
+        self.sock.connect_ex(self.address)  # refused or in progress: `step` sees which
         self.selector.register(self.sock, selectors.EVENT_WRITE, self.step)
         self.sent, self.answer, self.due = False, b"", now + self.every
 
@@ -417,17 +415,10 @@ class HealthCheck:
     def answered(self, healthy: bool) -> None:
         self.close()
         # Until a starting copy listens, ask again soon; once it answers, at the usual pace.
-        soon = not (self.up or healthy or self.answer)
+        soon = not (self.answered_once or healthy or self.answer)
+        self.answered_once = self.answered_once or healthy
         self.due = time.monotonic() + (PROBE_EVERY if soon else self.every)
-        if not self.up:
-            self.up = healthy
-            if healthy:
-                self.on_up()
-            return
-        self.failed = 0 if healthy else self.failed + 1
-        if self.failed == CHECKS_FAILED:
-            self.due = None
-            self.on_dead()
+        self.report(healthy)
 
     def stop(self) -> None:
         self.close()
