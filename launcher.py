@@ -48,9 +48,9 @@ from typing import Callable
 
 from formation import (CHECKS_FAILED, SERVING, Action, Answered, Copy, Event, Exited,
                        Formation, Missed, Say, Signal, Spawn, Spawned, SpawnFailed, State)
+from logs import LogPrinter, split_lines
 from router import (CHECK_EVERY, COPY_HOST, IDLE_TIMEOUT, UPSTREAM_TIMEOUT, HealthCheck,
-                    LogPrinter, Router, bind_front_port, connection_limit, port_is_free,
-                    split_lines)
+                    Router, bind_front_port, connection_limit, port_is_free)
 
 OUTPUT_PAUSE = 0.01        # after printing the copies' output, let more gather: see run
 COPY_SHARE_OF_GRACE = 5 / 6  # a copy's own STOP_TIMEOUT: Heroku gives 25 s of its 30
