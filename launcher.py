@@ -29,13 +29,13 @@ before any child starts.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import math
 import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,11 +46,13 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from formation import (CHECKS_FAILED, SERVING, Action, Answered, Copy, Event, Exited,
+from formation import (SERVING, Action, Answered, Copy, Event, Exited,
                        Formation, Missed, Say, Signal, Spawn, Spawned, SpawnFailed, State)
 from logs import LogPrinter, split_lines
-from router import (CHECK_EVERY, COPY_HOST, IDLE_TIMEOUT, UPSTREAM_TIMEOUT, HealthCheck,
-                    Router, bind_front_port, connection_limit, port_is_free)
+from health import HealthCheck
+from router import (COPY_HOST, MAX_SECONDS, ROUTING_MINIMUMS, OneLineParser, Router,
+                    UsageError, add_routing_options, bind_front_port, check_seconds,
+                    connection_limit, port_number, wake_on_signals)
 
 OUTPUT_PAUSE = 0.01        # after printing the copies' output, let more gather: see run
 COPY_SHARE_OF_GRACE = 5 / 6  # a copy's own STOP_TIMEOUT: Heroku gives 25 s of its 30
@@ -88,7 +90,8 @@ class Supervisor:
         self.printed_output = False  # in this round of events
 
     def run(self) -> int:
-        self.catch_signals()
+        wake_on_signals(self.selector, (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD),
+                        self.on_signal)
         for process_type, count in self.config.formation.items():
             self.printer.make_room(f"{self.config.prefix}{process_type}.{count}")
         formation = ", ".join(f"{name}={count}" for name, count in self.config.formation.items())
@@ -133,7 +136,7 @@ class Supervisor:
                 pending.extendleft(reversed(self.formation.handle(serial, event,
                                                                   time.monotonic())))
         self.update_health_checks()
-        self.router.rotation = self.formation.rotation()  # one atomic store: no lock
+        self.router.rotation = tuple((COPY_HOST, port) for port in self.formation.rotation())
 
     def act(self, action: Action) -> None:
         if isinstance(action, Spawn):
@@ -223,23 +226,13 @@ class Supervisor:
 
     # Events: signals, exits, output, commands.
 
-    def catch_signals(self) -> None:
-        reader, writer = os.pipe()
-        os.set_blocking(reader, False)
-        os.set_blocking(writer, False)
-        signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(signum, lambda signum, frame: None)
-        self.selector.register(reader, selectors.EVENT_READ, partial(self.read_signals, reader))
-
-    def read_signals(self, reader: int) -> None:
-        for signum in os.read(reader, 512):
-            if signum == signal.SIGCHLD:
-                self.reap()
-            elif signum == signal.SIGINT and self.formation.shutting_down:
-                self.carry_out(self.formation.kill_now(time.monotonic()))
-            else:
-                self.shut_down()
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self.reap()
+        elif signum == signal.SIGINT and self.formation.shutting_down:
+            self.carry_out(self.formation.kill_now(time.monotonic()))
+        else:
+            self.shut_down()
 
     def reap(self) -> None:
         for serial, popen in list(self.processes.items()):
@@ -392,6 +385,18 @@ def die_with(launcher_pid: int) -> Callable[[], None] | None:
     return in_child
 
 
+def port_is_free(port: int) -> bool:
+    """Could a copy bind this port? Asked as servers bind (SO_REUSEADDR), so that the old
+    connections of a copy's own last run, waiting out TIME_WAIT, do not count as in use."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((COPY_HOST, port))
+        except OSError:
+            return False
+        return True
+
+
 def start_child(command: str, env: dict[str, str], cwd: Path) -> subprocess.Popen:
     """Run one Procfile command, its stdout and stderr piped to the launcher."""
     return subprocess.Popen(
@@ -415,11 +420,6 @@ HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,20}")  # no dot: a.web.1 must stay read
 MAX_COPIES = 100         # of one type: this is one machine
 LAST_PORT = 65535
 LAST_FRONT_PORT = 65000  # the copies take the ports after the front port
-MAX_SECONDS = 3600       # for every duration: more is a typo (and select() overflows at 24 days)
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, with exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -434,14 +434,8 @@ class LauncherConfig:
     idle_timeout: float
     upstream_timeout: float
     check_every: float
+    sticky: bool               # each client to one copy, by its address: the trap, shown
     prefix: str                # `a.` for --name a: its copies are a.web.1, a.worker.1
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a mistake costs one line on stderr (the usage is one `-h` away)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
 
 
 def read_config(argv: list[str]) -> LauncherConfig:
@@ -450,17 +444,10 @@ def read_config(argv: list[str]) -> LauncherConfig:
     parser.add_argument("scale", nargs="*", metavar="TYPE=N",
                         help="copies of a type, e.g. web=4 worker=2 (unnamed types: 1)")
     parser.add_argument("--procfile", type=Path, default=Path("Procfile"))
-    parser.add_argument("--port", help="the front port (default: $PORT, else 5000)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds a stopping copy gets before SIGKILL (default: 30, as "
                              "Heroku; the copies get 5/6 of it as STOP_TIMEOUT, unless set)")
-    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
-                        help="seconds the router keeps a silent connection (default: 60)")
-    parser.add_argument("--upstream-timeout", type=float, default=UPSTREAM_TIMEOUT,
-                        help="seconds a copy has to begin its answer, else 504 (default: 30)")
-    parser.add_argument("--check-every", type=float, default=CHECK_EVERY,
-                        help=f"seconds between GET /healthz to each web copy, and to answer; "
-                             f"{CHECKS_FAILED} failed in a row replace it (default: 1)")
+    add_routing_options(parser)
     parser.add_argument("--name", default="",
                         help="this host's name, before each copy's (a.web.1): for several "
                              "hosts behind one router")
@@ -468,25 +455,18 @@ def read_config(argv: list[str]) -> LauncherConfig:
     if args.name and not HOST_NAME.fullmatch(args.name):
         raise UsageError(f"--name must be 1 to 20 letters, digits, '_' or '-', "
                          f"got {args.name!r}")
-    for option, least in (("grace", 0), ("idle_timeout", 0.1), ("upstream_timeout", 0.1),
-                          ("check_every", 0.1)):
-        value = getattr(args, option)
-        if not least <= value <= MAX_SECONDS:  # NaN fails every comparison: it lands here too
-            raise UsageError(f"--{option.replace('_', '-')} must be from {least:g} to "
-                             f"{MAX_SECONDS} seconds, got {value:.10g}")
+    check_seconds(args, {"grace": 0, **ROUTING_MINIMUMS})
     commands = read_procfile(args.procfile)
     formation = dict.fromkeys(commands, 1)
     formation.update(parse_scale(args.scale, commands))
-    port = args.port or os.environ.get("PORT", "5000")
-    if not (re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) <= LAST_FRONT_PORT):
-        raise UsageError(f"the front port must be a number from 1 to {LAST_FRONT_PORT}, "
-                         f"got {port!r}")
+    port = port_number(args.port or os.environ.get("PORT", "5000"), "the front port",
+                       LAST_FRONT_PORT)
     return LauncherConfig(
         commands, formation, dotenv=read_dotenv(args.procfile.parent / ".env"),
         workdir=args.procfile.resolve().parent, host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(port), grace=args.grace, idle_timeout=args.idle_timeout,
+        port=port, grace=args.grace, idle_timeout=args.idle_timeout,
         upstream_timeout=args.upstream_timeout, check_every=args.check_every,
-        prefix=f"{args.name}." if args.name else "")
+        sticky=args.sticky, prefix=f"{args.name}." if args.name else "")
 
 
 def read_text(path: Path, what: str) -> str:
@@ -561,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     printer = LogPrinter()
     router = Router(listener, printer.system, config.idle_timeout, config.upstream_timeout,
-                    connection_limit())
+                    connection_limit(), config.sticky)
     router.start()
     return Supervisor(config, router, printer).run()
 

@@ -17,15 +17,25 @@ anything of the app, and the app nothing of them.
 """
 from __future__ import annotations
 
+import argparse
 import errno
+import os
 import re
 import resource
 import selectors
+import signal
 import socket
+import sys
 import threading
 import time
+import traceback
+import zlib
 from contextlib import suppress
+from functools import partial
 from typing import Callable
+
+from health import CHECK_EVERY, CHECKS_FAILED, Address, Upstreams, at
+from logs import LogPrinter
 
 COPY_HOST = "127.0.0.1"  # copies are reached only through the router, on loopback
 BACKLOG = 128            # a backlog of 5 overflows under a burst of clients: slow SYN retries
@@ -69,11 +79,11 @@ class Flow:
 class Connection:
     """One client, the copies still to try for it, and once connected, its two flows."""
 
-    def __init__(self, client: socket.socket, candidates: list[int]):
+    def __init__(self, client: socket.socket, candidates: list[Address]):
         self.client = client
         self.candidates = candidates
         self.upstream: socket.socket | None = None
-        self.port = 0                      # the copy's, once one is chosen (for the log)
+        self.address: Address = ("", 0)    # the copy's, once one is chosen (for the log)
         self.flows: tuple[Flow, ...] = ()  # empty while connecting to a copy
         self.last_active = time.monotonic()
 
@@ -90,7 +100,8 @@ class Connection:
 class Router:
     """The front door: one thread, one `selectors` loop, plain non-blocking sockets.
 
-    Each client goes to the next port of `rotation` (round-robin). A copy that refuses, or
+    Each client goes to the next address of `rotation` (round-robin), or with `sticky`, to
+    the one its own address picks (see `first_choice`). A copy that refuses, or
     has not taken the connection within CONNECT_TIMEOUT (frozen, its backlog full), is
     skipped and the next one tried, each at most once; with none left the client gets a
     503, not a hang. Then bytes are relayed both ways. A side is not read while the other
@@ -111,13 +122,14 @@ class Router:
 
     def __init__(self, listener: socket.socket, log: Callable[[str], None],
                  idle_timeout: float = IDLE_TIMEOUT, upstream_timeout: float = UPSTREAM_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS, sticky: bool = False):
         self.listener = listener
         self.log = log  # one line in the platform's output, for the router's rare events
         self.idle_timeout = idle_timeout
         self.upstream_timeout = upstream_timeout
         self.max_connections = max_connections
-        self.rotation: tuple[int, ...] = ()
+        self.sticky = sticky
+        self.rotation: tuple[Address, ...] = ()
         self.turn = 0
         self.selector = selectors.DefaultSelector()
         self.watching: dict[socket.socket, int] = {}  # socket -> the events it waits for
@@ -153,34 +165,44 @@ class Router:
         """Take every client waiting in the backlog: under load, one wake-up brings many."""
         while len(self.connections) < self.max_connections:
             try:
-                client, _ = self.listener.accept()
+                client, (client_host, _) = self.listener.accept()
             except OSError as error:  # none left (EAGAIN), or one gave up already
                 if error.errno in (errno.EMFILE, errno.ENFILE):
                     self.listen(False)  # out of descriptors: until the next sweep
                 return
             try:
-                self.forward(client)
+                self.forward(client, client_host)
             except OSError:  # no descriptor left for its copy's side: this client only
                 client.close()
         self.listen(False)  # full: until a connection closes
 
-    def forward(self, client: socket.socket) -> None:
+    def forward(self, client: socket.socket, client_host: str) -> None:
         client.setblocking(False)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rotation = self.rotation
-        first = self.turn % len(rotation) if rotation else 0
-        self.turn += 1
+        first = self.first_choice(client_host, len(rotation)) if rotation else 0
         conn = Connection(client, list(rotation[first:] + rotation[:first]))
         self.connect_next(conn)
         self.connections.add(conn)
+
+    def first_choice(self, client_host: str, copies: int) -> int:
+        """Round-robin: the next copy. Sticky: the copy the client's address picks, the
+        same one for as long as the rotation is the same (nginx's `ip_hash`, HAProxy's
+        `balance source`). That is the trap of Factor VI: a session kept in one copy's
+        memory seems safe, until a restart or `web=8` changes the rotation. (And on one
+        machine every client is 127.0.0.1: they all share one copy.)"""
+        if self.sticky:
+            return zlib.crc32(client_host.encode()) % copies  # not hash(): salted per run
+        self.turn += 1
+        return (self.turn - 1) % copies
 
     def connect_next(self, conn: Connection) -> None:
         """Start connecting to the next candidate copy; with none left, answer 503."""
         while conn.candidates:
             upstream = socket.socket()
             upstream.setblocking(False)
-            conn.port = conn.candidates.pop(0)
-            code = upstream.connect_ex((COPY_HOST, conn.port))
+            conn.address = conn.candidates.pop(0)
+            code = upstream.connect_ex(conn.address)
             if code in (0, errno.EINPROGRESS):
                 conn.upstream = upstream
                 self.watch(upstream, selectors.EVENT_WRITE, conn)  # writable: connect ended
@@ -224,8 +246,9 @@ class Router:
             self.update(conn)
         except OSError:  # a peer reset or vanished: an ordinary event in TCP
             self.close(conn)
-        except Exception as error:  # a bug: say so in one line, keep the other connections
-            self.log(f"router: closed a connection after {error!r}")
+        except Exception:  # a bug: its traceback in the log; the other connections go on
+            for line in traceback.format_exc().splitlines():
+                self.log(f"router: {line}")
             self.close(conn)
 
     def receive(self, conn: Connection, flow: Flow) -> None:
@@ -241,7 +264,7 @@ class Router:
         if flow.source is conn.upstream and conn.awaits_answer():
             # The copy hung up, or died, before a byte of its answer: say so (nginx: 502),
             # rather than leave the client an empty reply it cannot tell from a bug.
-            self.log(f"router: the copy on port {conn.port} hung up without answering: "
+            self.log(f"router: the copy at {at(conn.address)} hung up without answering: "
                      f"502 to its client")
             flow.pending += BAD_GATEWAY
         flow.ended = True
@@ -322,109 +345,11 @@ class Router:
                 self.drop_upstream(conn)
                 self.connect_next(conn)
         elif idle > self.upstream_timeout and conn.awaits_answer():
-            self.log(f"router: the copy on port {conn.port} sent no answer in "
+            self.log(f"router: the copy at {at(conn.address)} sent no answer in "
                      f"{self.upstream_timeout:g}s: 504 to its client")
             self.answer(conn, GATEWAY_TIMEOUT)
         elif idle > self.idle_timeout:
             self.close(conn)
-
-
-# --- The copies' ports and health ---------------------------------------------------------
-
-def port_is_free(port: int) -> bool:
-    """Could a copy bind this port? Asked as servers bind (SO_REUSEADDR), so that the old
-    connections of a copy's own last run, waiting out TIME_WAIT, do not count as in use."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((COPY_HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-HEALTH_REQUEST = (b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n"
-                  b"User-Agent: launcher.py health check\r\n\r\n")
-HEALTHY = re.compile(rb"HTTP/1\.[01] [23][0-9][0-9] ")  # 2xx or 3xx, as a Kubernetes probe
-PROBE_EVERY = 0.05  # a copy that does not listen yet is asked this often, until it answers
-CHECK_EVERY = 1.0   # then this often, with as long to answer
-
-
-class HealthCheck:
-    """Asks one web copy `GET /healthz` again and again, as Kubernetes probes a pod, and
-    reports each outcome: `report(True)` for a 2xx or 3xx, `report(False)` for a wrong
-    answer or none within `every` seconds. What a row of them means (up, dead) is the
-    formation's rule, not this class's.
-
-    A port that accepts proves nothing: the kernel completes the handshake of a frozen or
-    deadlocked copy into its backlog, and a request then waits there forever. Each
-    question is a non-blocking socket in the supervisor's own `selectors` loop, so that a
-    copy that never answers cannot stall the supervisor; `due` is the supervisor's timer:
-    when to ask next, or, with a question in flight, when to give up waiting.
-    """
-
-    def __init__(self, address: tuple[str, int], every: float,
-                 selector: selectors.BaseSelector, report: Callable[[bool], None]):
-        self.address, self.every, self.selector, self.report = address, every, selector, report
-        self.answered_once = False
-        self.sock: socket.socket | None = None    # the question in flight
-        self.sent = False
-        self.answer = b""                         # the start of its answer, so far
-        self.due: float | None = time.monotonic()
-
-    def run_timer(self, now: float) -> None:
-        if self.due is None or now < self.due:
-            return
-        if self.sock is not None:
-            self.answered(False)  # no answer in time
-            return
-        try:
-            self.sock = socket.socket()
-        except OSError:  # no descriptor left: the launcher's trouble, not the copy's
-            self.due = now + self.every
-            return
-        self.sock.setblocking(False)
-        self.sock.connect_ex(self.address)  # refused or in progress: `step` sees which
-        self.selector.register(self.sock, selectors.EVENT_WRITE, self.step)
-        self.sent, self.answer, self.due = False, b"", now + self.every
-
-    def step(self) -> None:
-        if self.sock is None:
-            return  # stopped earlier in this round of events
-        try:
-            if self.sent:
-                # Read to the end, which HTTP/1.0 marks by closing: hanging up on a copy
-                # still writing its answer would reset its connection, an error in its log.
-                data = self.sock.recv(4096)
-                self.answer = (self.answer + data)[:64]  # the status line is all we judge
-                if not data:
-                    self.answered(bool(HEALTHY.match(self.answer)))
-            elif self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                self.answered(False)  # refused: not listening (yet, or any more)
-            else:
-                self.sock.send(HEALTH_REQUEST)  # small: a new socket's buffer takes it whole
-                self.sent = True
-                self.selector.modify(self.sock, selectors.EVENT_READ, self.step)
-        except OSError:
-            self.answered(False)
-
-    def answered(self, healthy: bool) -> None:
-        self.close()
-        # Until a starting copy listens, ask again soon; once it answers, at the usual pace.
-        soon = not (self.answered_once or healthy or self.answer)
-        self.answered_once = self.answered_once or healthy
-        self.due = time.monotonic() + (PROBE_EVERY if soon else self.every)
-        self.report(healthy)
-
-    def stop(self) -> None:
-        self.close()
-        self.due = None
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.selector.unregister(self.sock)
-            self.sock.close()
-            self.sock = None
 
 
 # --- The front port -----------------------------------------------------------------------
@@ -459,3 +384,111 @@ def connection_limit() -> int:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     descriptors = wanted if soft == resource.RLIM_INFINITY else soft
     return min(MAX_CONNECTIONS, (descriptors - min(RESERVED_DESCRIPTORS, descriptors // 2)) // 2)
+
+
+# --- The command line: the routing options, and the router on its own ---------------------
+
+MAX_SECONDS = 3600     # for every duration: more is a typo (and select() overflows at 24 days)
+ROUTING_MINIMUMS = {"idle_timeout": 0.1, "upstream_timeout": 0.1, "check_every": 0.1}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, with exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake costs one line on stderr (the usage is one `-h` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
+
+
+def add_routing_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the front door, the same for the launcher and the router alone."""
+    parser.add_argument("--port", help="the front port (default: $PORT, else 5000)")
+    parser.add_argument("--sticky", action="store_true",
+                        help="send each client to the same copy while the rotation is "
+                             "unchanged, by its address (the trap of sticky sessions)")
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
+                        help="seconds the router keeps a silent connection (default: 60)")
+    parser.add_argument("--upstream-timeout", type=float, default=UPSTREAM_TIMEOUT,
+                        help="seconds a copy has to begin its answer, else 504 (default: 30)")
+    parser.add_argument("--check-every", type=float, default=CHECK_EVERY,
+                        help=f"seconds between GET /healthz to each copy, and to answer; "
+                             f"{CHECKS_FAILED} failed in a row take it out (default: 1)")
+
+
+def check_seconds(args: argparse.Namespace, minimums: dict[str, float]) -> None:
+    for option, least in minimums.items():
+        value = getattr(args, option)
+        if not least <= value <= MAX_SECONDS:  # NaN fails every comparison: it lands here too
+            raise UsageError(f"--{option.replace('_', '-')} must be from {least:g} to "
+                             f"{MAX_SECONDS} seconds, got {value:.10g}")
+
+
+def port_number(text: str, what: str, last: int = 65535) -> int:
+    if not (re.fullmatch(r"[0-9]{1,5}", text) and 0 < int(text) <= last):
+        raise UsageError(f"{what} must be a number from 1 to {last}, got {text!r}")
+    return int(text)
+
+
+def upstream(text: str) -> Address:
+    """`HOST:PORT`, the address of one host's front port (or of a single copy)."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host:
+        raise UsageError(f"an upstream is HOST:PORT, like 10.0.0.2:5000, got {text!r}")
+    return host, port_number(port, f"the port of upstream {text!r}")
+
+
+def wake_on_signals(selector: selectors.BaseSelector, signals: tuple[int, ...],
+                    on_signal: Callable[[int], None]) -> None:
+    """Handlers that do nothing: `signal.set_wakeup_fd` writes each signal's number to a
+    pipe that wakes the loop's `select`, and the loop acts on it (logging inside a
+    handler deadlocked gunicorn: #3198)."""
+    reader, writer = os.pipe()
+    os.set_blocking(reader, False)
+    os.set_blocking(writer, False)
+    signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+    for signum in signals:
+        signal.signal(signum, lambda signum, frame: None)
+
+    def read_signals() -> None:
+        for signum in os.read(reader, 512):
+            on_signal(signum)
+
+    selector.register(reader, selectors.EVENT_READ, read_signals)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python router.py --port 5000 10.0.0.2:5000 10.0.0.3:5000`: one front door for
+    several hosts, each a launcher (or a single copy) answering on its own front port."""
+    parser = OneLineParser(prog="router.py",
+                           description="Spread connections over upstreams, round-robin.")
+    parser.add_argument("upstreams", nargs="+", metavar="HOST:PORT")
+    add_routing_options(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    host = os.environ.get("HOST", "127.0.0.1")
+    try:
+        check_seconds(args, ROUTING_MINIMUMS)
+        names = [upstream(text) for text in args.upstreams]
+        listener = bind_front_port(host, port_number(args.port or os.environ.get("PORT", "5000"),
+                                                     "the front port"))
+    except (UsageError, OSError) as error:
+        print(f"router.py: error: {error}", file=sys.stderr)
+        return 2
+    printer = LogPrinter()
+    log = partial(printer.lines, "router")
+    router = Router(listener, lambda text: log([text]), args.idle_timeout,
+                    args.upstream_timeout, connection_limit(), args.sticky)
+    router.start()
+    log([f"front port http://{host}:{listener.getsockname()[1]}, upstreams "
+         f"{' '.join(args.upstreams)}{', sticky' if args.sticky else ''}"])
+    upstreams = Upstreams(names, args.check_every, partial(setattr, router, "rotation"),
+                          lambda text: log([text]))
+    wake_on_signals(upstreams.selector, (signal.SIGINT, signal.SIGTERM), upstreams.stop)
+    upstreams.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,7 @@
 The rule makes the architecture visible in the file list. The app's process types
 (`webapp`, `worker`, `clock`) never import each other: they meet only in the backing
 services (`session_store`, `job_queue`) and the plumbing beside them (`database`,
-`tasks`, and `web_server`, the web process's HTTP). The platform (`launcher`, `formation`, `router`, `logs`) and the app never import each other:
+`tasks`, and `web_server`, the web process's HTTP). The platform (`launcher`, `formation`, `health`, `router`, `logs`) and the app never import each other:
 the platform runs the app's commands from the Procfile, as Heroku runs anyone's.
 """
 import ast
@@ -14,7 +14,7 @@ from conftest import REPO
 PROCESSES = {"webapp", "worker", "clock"}
 SHARED = {  # the backing services and the plumbing the processes share
     "session_store", "job_queue", "database", "tasks", "web_server"}
-PLATFORM = {"launcher", "router", "formation", "logs"}
+PLATFORM = {"launcher", "router", "formation", "logs", "health"}
 
 
 def imports_of(module: str) -> set[str]:

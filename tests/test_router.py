@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 import pytest
 
-from conftest import SLEEPER, WEB, frozen, http, responds, served_by, wait_until
+from conftest import (REPO, SLEEPER, WEB, Proc, Web, app_env, free_port, frozen, get, http,
+                      responds, served_by, wait_until)
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc; sets limits with bash's ulimit")
@@ -224,3 +227,87 @@ def test_running_out_of_descriptors_pauses_the_router_but_does_not_stop_it(launc
     with clients(launcher.port, 40):  # and their copies' sides: more than 48 descriptors
         pass
     wait_until(lambda: responds(launcher.url), what="the router answering again")
+
+
+# --- The router on its own, in front of several hosts ----------------------------------------
+
+ROUTER = REPO / "router.py"
+
+
+def start_router(spawn, tmp_path, *args: str) -> tuple[Proc, str]:
+    """`python router.py --port P ARGS`, once its front port is bound: (process, url)."""
+    port = free_port()
+    proc = spawn([sys.executable, str(ROUTER), "--port", str(port), *args], app_env(tmp_path))
+    wait_until(lambda: "front port" in proc.output(), what=f"router.py to start:\n{proc.output()}")
+    return proc, f"http://127.0.0.1:{port}/healthz"
+
+
+def two_hosts(start_web) -> list[Web]:
+    return [start_web(DYNO=f"{host}.web.1") for host in ("a", "b")]
+
+
+def upstreams(hosts: list[Web]) -> list[str]:
+    return [f"127.0.0.1:{host.port}" for host in hosts]
+
+
+def test_the_router_alone_spreads_over_its_upstreams_and_skips_a_frozen_one(spawn, tmp_path,
+                                                                           start_web):
+    hosts = two_hosts(start_web)
+    router, url = start_router(spawn, tmp_path, "--check-every", "0.3", *upstreams(hosts))
+    wait_until(lambda: router.output().count("in the rotation") == 2, what="both upstreams up")
+    assert Counter(get(url).headers["x-served-by"] for _ in range(8)) == {"a.web.1": 4,
+                                                                          "b.web.1": 4}
+    os.kill(hosts[0].proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: "out of the rotation" in router.output(), what="a taken out")
+        assert {get(url).headers["x-served-by"] for _ in range(6)} == {"b.web.1"}
+    finally:
+        os.kill(hosts[0].proc.pid, signal.SIGCONT)
+    wait_until(lambda: router.output().count("in the rotation") == 3, what="a back in")
+    assert {get(url).headers["x-served-by"] for _ in range(6)} == {"a.web.1", "b.web.1"}
+
+
+def test_the_router_alone_answers_503_when_no_upstream_answers(spawn, tmp_path):
+    router, url = start_router(spawn, tmp_path, f"127.0.0.1:{free_port()}")
+    response = http("GET", url)
+    assert response.status == 503 and b"no web copy" in response.body
+
+
+@pytest.mark.parametrize("args, problem", [
+    ([], "the following arguments are required: HOST:PORT"),
+    (["localhost"], "an upstream is HOST:PORT"),
+    (["localhost:0"], "the port of upstream 'localhost:0' must be a number from 1 to 65535"),
+    (["localhost:99999"], "must be a number from 1 to 65535"),
+    (["--check-every", "0", "localhost:5000"], "--check-every must be from 0.1"),
+    (["--port", "x", "localhost:5000"], "the front port must be a number"),
+])
+def test_the_router_alone_refuses_bad_arguments_in_one_line(args, problem):
+    done = subprocess.run([sys.executable, str(ROUTER), *args], capture_output=True,
+                          text=True, timeout=10)
+    assert done.returncode == 2
+    assert problem in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.stdout == ""
+
+
+@linux_only  # the whole of 127.0.0.0/8 is loopback on Linux, only 127.0.0.1 on macOS
+def test_sticky_sends_one_client_address_to_one_upstream(spawn, tmp_path, start_web):
+    hosts = two_hosts(start_web)
+    router, url = start_router(spawn, tmp_path, "--sticky", *upstreams(hosts))
+    wait_until(lambda: router.output().count("in the rotation") == 2, what="both upstreams up")
+    port = int(url.split(":")[2].split("/")[0])
+
+    def served_from(source: str) -> set[str]:
+        seen = set()
+        for _ in range(6):
+            with socket.create_connection(("127.0.0.1", port), timeout=5,
+                                          source_address=(source, 0)) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                head = sock.makefile("rb").read().decode()
+            seen.add(head.split("X-Served-By: ")[1].split("\r\n")[0])
+        return seen
+
+    # Loopback is all of 127.0.0.0/8 on Linux: each source address is another client.
+    per_client = {source: served_from(source) for source in
+                  [f"127.0.0.{n}" for n in range(1, 9)]}
+    assert all(len(seen) == 1 for seen in per_client.values()), per_client
+    assert set.union(*per_client.values()) == {"a.web.1", "b.web.1"}  # clients still spread
