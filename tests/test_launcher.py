@@ -17,7 +17,6 @@ import pytest
 
 from conftest import (REPO, SLEEPER, WEB, Launcher, alive, app_env, free_port, frozen, get, http,
                       served_by, wait_until)
-from formation import signal_name
 from launcher import UsageError, read_config
 
 
