@@ -53,7 +53,7 @@ class LogPrinter:
     def lines(self, name: str, texts: list[str]) -> None:
         prefix = f"{time.strftime('%H:%M:%S')} {name:<{self.width}} | "
         if self.colourful:
-            colour = self.colours.setdefault(name, self.COLOURS[len(self.colours) % 6])
+            colour = self.colours.setdefault(name, self.COLOURS[len(self.colours) % len(self.COLOURS)])
             prefix = f"\033[{colour}m{prefix}\033[0m"
         with self.lock:  # one write for all the lines of a chunk
             try:
