@@ -208,7 +208,8 @@ def exited(copy: Copy, event: Exited, now: float) -> Decision:
 
 
 def ended(copy: Copy, event: Exited, now: float) -> Decision:
-    return replace(copy, state=State.GONE, pid=None, timer=None), [Say(exit_line(copy, event.code))]
+    copy = replace(copy, state=State.GONE, pid=None, timer=None)
+    return copy, [Say(exit_line(copy, event.code))]
 
 
 def restart_later(copy: Copy, now: float) -> Decision:

@@ -53,7 +53,8 @@ class LogPrinter:
     def lines(self, name: str, texts: list[str]) -> None:
         prefix = f"{time.strftime('%H:%M:%S')} {name:<{self.width}} | "
         if self.colourful:
-            colour = self.colours.setdefault(name, self.COLOURS[len(self.colours) % len(self.COLOURS)])
+            next_colour = self.COLOURS[len(self.colours) % len(self.COLOURS)]
+            colour = self.colours.setdefault(name, next_colour)
             prefix = f"\033[{colour}m{prefix}\033[0m"
         with self.lock:  # one write for all the lines of a chunk
             try:

@@ -3,8 +3,9 @@
 The rule makes the architecture visible in the file list. The app's process types
 (`webapp`, `worker`, `clock`) never import each other: they meet only in the backing
 services (`session_store`, `job_queue`) and the plumbing beside them (`database`,
-`tasks`, and `web_server`, the web process's HTTP). The platform (`launcher`, `formation`, `health`, `router`, `logs`) and the app never import each other:
-the platform runs the app's commands from the Procfile, as Heroku runs anyone's.
+`tasks`, and `web_server`, the web process's HTTP). The platform (`launcher`, `formation`,
+`health`, `router`, `logs`) and the app never import each other: the platform runs the
+app's commands from the Procfile, as Heroku runs anyone's.
 """
 import ast
 import sys
