@@ -15,10 +15,16 @@ for request heads on one thread and answers whole requests on a fixed pool of th
 `database.log`, which escapes it, so that nothing a client sends can forge a line of the
 platform's log.
 
-It knows nothing of sessions, jobs or the page: `webapp.py` holds the routes and binds
-the port (`serve`), and that is where this toy app lives. The standard library does most
-of the HTTP: `BaseHTTPRequestHandler` answers, `socketserver` binds and accepts; only the
-request head is read here (`Handler.parse_request`), as cheaply as its grammar allows.
+What a route raises is answered here: a `ClientError` with its 4xx; `StoreUnavailable`
+(another process holds the database's lock: a wait) with a 503 and `Retry-After: 1`, and
+one line in the log; anything else is a bug, a 500, with its traceback in the log. Which
+backing store stands behind the routes, it does not know. Of sessions it knows only the
+cookie that carries one's id (`COOKIE_NAME`, `session_id_from`): what a session holds, and
+where, is `session_store.py`'s business. It knows nothing of jobs or the page:
+`webapp.py` holds the routes and binds the port (`serve`), and that is where this toy
+app lives. The standard library does most of the HTTP: `BaseHTTPRequestHandler` answers,
+`socketserver` binds and accepts; only the request head is read here
+(`Handler.parse_request`), as cheaply as its grammar allows.
 """
 from __future__ import annotations
 
@@ -29,7 +35,6 @@ import queue
 import re
 import selectors
 import socket
-import sqlite3
 import threading
 import time
 import traceback
@@ -46,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Callable, Iterator, Protocol
 
-from database import log
+from database import StoreUnavailable, log
 
 MAX_FORM_BYTES = 1 << 20      # a form is a few fields; refuse anything bigger unread
 MAX_FIELD_CHARS = 200
@@ -388,9 +393,11 @@ class Handler(BaseHTTPRequestHandler):
                                  dict(urllib.parse.parse_qsl(url.query))))
         except ClientError as error:
             return error.response()
-        except sqlite3.OperationalError as error:  # e.g. a disk that is full
-            log(f"backing store error: {error}")
-            return text(503, "the backing store is unavailable; try again shortly")
+        except StoreUnavailable as error:  # another process holds the lock: a wait, not a bug
+            log(f"backing store unavailable: {error}")
+            response = text(503, "the backing store is unavailable; try again shortly")
+            response.headers.append(("Retry-After", "1"))
+            return response
         except Exception as error:  # a bug: say so loudly in the log, answer 500, keep serving
             log_bug(error)
             return text(500, "internal error; the traceback is in this copy's log")

@@ -45,7 +45,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -53,8 +52,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
-from database import (ConfigError, StillLocked, database_from_env, keep_trying, log,
-                      positive_number, process_name)
+from database import (ConfigError, StillLocked, StoreUnavailable, database_from_env,
+                      keep_trying, log, positive_number, process_name)
 from job_queue import Job, JobQueue, decoded
 from session_store import SessionStore, store_from_env
 from tasks import TASKS, TaskContext
@@ -155,7 +154,7 @@ def renew_lease(queue: JobQueue, job: Job, lease: float, finished: threading.Eve
         try:
             if not queue.extend_lease(job, lease):
                 return
-        except sqlite3.OperationalError as error:  # busy past its timeout: try next time
+        except StoreUnavailable as error:  # locked past the busy timeout: try next time
             log(f"job {job.id} could not extend its lease ({error}); trying again")
 
 

@@ -1,0 +1,32 @@
+"""web_server.py: what a copy answers when a route fails, and what it logs."""
+import sqlite3
+
+from conftest import get, post_form, wait_until, write_lock_held
+
+
+def test_a_database_locked_past_the_busy_timeout_answers_503_come_back_in_a_second(
+        start_web, tmp_path):
+    web = start_web(DATABASE_BUSY_TIMEOUT="0.2")
+    with write_lock_held(tmp_path / "app.db"):  # another process, in a long write
+        refused = post_form(web.url + "/cart", {"item": "tea"})
+    assert refused.status == 503 and refused.headers["retry-after"] == "1"
+    assert b"try again shortly" in refused.body
+    wait_until(lambda: "backing store unavailable: database is locked" in web.proc.output(),
+               what="the 503's reason in the log")
+    assert "Traceback" not in web.proc.output()  # a wait, not a bug
+    assert post_form(web.url + "/cart", {"item": "tea"}).status == 303  # it came back
+
+
+def test_a_database_error_that_is_not_a_lock_is_a_500_with_its_traceback_in_the_log(
+        start_web, tmp_path):
+    web = start_web()
+    # A newer release's migration renames a column while this copy still serves: its
+    # queries name a column that is gone. Retrying will never help: it is a bug to see.
+    with sqlite3.connect(tmp_path / "app.db") as migration:
+        migration.execute("ALTER TABLE jobs RENAME COLUMN state TO status")
+    response = get(web.url + "/jobs")
+    assert response.status == 500 and "retry-after" not in response.headers
+    wait_until(lambda: "OperationalError: no such column: state" in web.proc.output(),
+               what="the bug's traceback in the log")
+    assert "Traceback (most recent call last):" in web.proc.output()
+    assert get(web.url + "/healthz").status == 200
