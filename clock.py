@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
-from database import ConfigError, database_from_env, keep_trying, process_name, whole_seconds
+from database import (ConfigError, database_from_env, keep_trying, log, process_name,
+                      whole_seconds)
 from job_queue import JobQueue
 
 MAX_INTERVAL = 86400  # a day: a longer schedule belongs to a cron, not to this clock
@@ -75,10 +76,9 @@ def enqueue_tick(queue: JobQueue, schedule: Schedule, tick: int) -> None:
     key = tick_key(schedule, tick)
     job_id = keep_trying(lambda: queue.enqueue(schedule.task, {}, key=key), f"enqueuing {key}")
     if job_id is None:
-        print(f"{key} already enqueued (by another clock, or by this one before a restart)",
-              flush=True)
+        log(f"{key} already enqueued (by another clock, or by this one before a restart)")
     else:
-        print(f"enqueued {key} as job {job_id}", flush=True)
+        log(f"enqueued {key} as job {job_id}")
 
 
 def run_clock(queue: JobQueue, schedules: tuple[Schedule, ...]) -> None:
@@ -113,11 +113,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, exit_now)
     signal.signal(signal.SIGINT, exit_now)
     every = ", ".join(f"{schedule.task} every {schedule.every}s" for schedule in config.schedules)
-    print(f"{config.dyno} ready (pid {os.getpid()}): {every}", flush=True)
+    log(f"{config.dyno} ready (pid {os.getpid()}): {every}")
     try:
         run_clock(queue, config.schedules)
     finally:
-        print(f"{config.dyno} stopped", flush=True)
+        log(f"{config.dyno} stopped")
 
 
 if __name__ == "__main__":
