@@ -24,7 +24,8 @@ Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, PURGE
 (whole seconds, default 60, at most 86400), HEARTBEAT_EVERY (default 10, at most 86400),
 the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `clock.1`). SIGTERM or SIGINT:
 exit 0 at once, or, if a statement is waiting for a locked database, as soon as it returns
-(at most DATABASE_BUSY_TIMEOUT, which is capped below the usual 25 s STOP_TIMEOUT).
+(at most DATABASE_BUSY_TIMEOUT, which is capped below the default STOP_TIMEOUT:
+`database.MAX_BUSY_TIMEOUT`).
 """
 from __future__ import annotations
 

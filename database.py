@@ -20,7 +20,7 @@ It also holds the small helpers every process uses, most of them to read its
 configuration from the environment (Factor III): `ConfigError`, which a process turns
 into one line on stderr and exit code 2, `positive_number` and `whole_seconds` (each
 with a sane maximum, so that `POLL_INTERVAL=1e10` is refused at start instead of
-crashing `time.sleep` later),
+crashing `time.sleep` later), `stop_timeout` (how long a copy may take to stop),
 `process_name` (which copy am I: web.1, worker.2), and `log`, one line to stdout with
 everything a client may have sent escaped.
 
@@ -40,10 +40,14 @@ from typing import Callable, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
 
-BUSY_TIMEOUT = 10.0      # seconds a statement waits for another process's write lock
-MAX_BUSY_TIMEOUT = 20.0  # a write in progress when SIGTERM comes ends within STOP_TIMEOUT (25)
-IDLE_READERS = 8         # read connections kept open for the next read
-RETRY_PAUSE = 0.1        # seconds between two tries of `keep_trying`, on top of the busy wait
+DEFAULT_STOP_TIMEOUT = 25  # seconds from SIGTERM to exit: under Heroku's 30 before SIGKILL
+BUSY_TIMEOUT = 10.0        # seconds a statement waits for another process's write lock
+# A statement already waiting for the lock when SIGTERM comes returns (done, or
+# StoreUnavailable) before the default stop deadline, with a fifth of it to spare: a web
+# copy still answers that request, a clock still exits in time.
+MAX_BUSY_TIMEOUT = 0.8 * DEFAULT_STOP_TIMEOUT
+IDLE_READERS = 8           # read connections kept open for the next read
+RETRY_PAUSE = 0.1          # seconds between two tries of `keep_trying`, on top of the busy wait
 
 
 class ConfigError(Exception):
@@ -77,6 +81,12 @@ def whole_seconds(environ: Mapping[str, str], name: str, default: int, maximum: 
         raise ConfigError(f"{name} must be a whole number of seconds from 1 to {maximum}, "
                           f"got {environ[name]!r}")
     return int(value)
+
+
+def stop_timeout(environ: Mapping[str, str]) -> float:
+    """STOP_TIMEOUT: seconds from SIGTERM to exit, whatever is still in flight. A thread
+    cannot usefully be waited for longer than an hour."""
+    return positive_number(environ, "STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT, 3600)
 
 
 def process_name(environ: Mapping[str, str], default: str) -> str:
@@ -172,13 +182,13 @@ class Database:
       read-modify-write would read outside it and silently lose updates.
     * Writes (`write()`, `execute()`) share one connection per process, used by one
       thread at a time behind `self.lock`. A web copy answers on 32 threads, and threads
-      of one process would only queue for SQLite's single write lock anyway: queueing on
-      a Python lock is cheaper than SQLite's sleep-and-retry (measured when a thread
-      served each request: higher throughput, far lower p99).
+      of one process would only queue for SQLite's single write lock anyway: on a Python
+      lock the next thread wakes as soon as the lock is free, where SQLite's busy handler
+      sleeps and retries, and may sleep past that moment.
     * Reads (`query()`) do not queue there. In WAL a reader never waits for the writer,
-      but a read behind `self.lock` waited for whichever thread held it, and that thread
-      may itself be waiting for another process's write lock: a `GET /session` took 9.7 s
-      while a `POST /cart` on the same copy waited (issue 10). So a read takes a
+      but a read behind `self.lock` would wait for whichever thread held it, and that
+      thread may itself be waiting for another process's write lock: a `GET /session`
+      would take as long as a `POST /cart` on the same copy that waits. So a read takes a
       connection of its own from a small pool of read-only ones (`query_only`: a write
       sent there by mistake fails loudly instead of bypassing `BEGIN IMMEDIATE`). A read
       inside `write()` stays on the writer's connection: it is part of the transaction.

@@ -43,13 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from database import ConfigError, database_from_env, positive_number, process_name
+from database import (ConfigError, database_from_env, log, positive_number, process_name,
+                      stop_timeout)
 from job_queue import JobQueue
 from session_store import (Session, SessionStore, UploadInfo, empty_session,
                            store_from_env)
 from tasks import TASKS
 from web_server import (COOKIE_NAME, ClientError, FilePart, Handler, Request, Response,
-                        Server, as_json, log, parse_multipart, redirect, required_field, text,
+                        Server, as_json, parse_multipart, redirect, required_field, text,
                         whole_number)
 MAX_UPLOAD_BYTES = 10 << 20
 # A session is read and rewritten whole on every change, under the one write lock of
@@ -395,8 +396,7 @@ def config_from_env(environ: dict) -> Config:
     return Config(host=environ.get("HOST", "127.0.0.1"), port=port,
                   dyno=process_name(environ, "web.1"),
                   cookie_secure=environ.get("COOKIE_SECURE", "") == "1",
-                  # under Heroku's 30 s; a thread cannot usefully wait longer than an hour
-                  stop_timeout=positive_number(environ, "STOP_TIMEOUT", 25, 3600),
+                  stop_timeout=stop_timeout(environ),
                   client_timeout=positive_number(environ, "CLIENT_TIMEOUT", 10, 3600))  # nginx: 60
 
 

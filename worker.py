@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
 from database import (ConfigError, StillLocked, StoreUnavailable, database_from_env,
-                      keep_trying, log, positive_number, process_name)
+                      keep_trying, log, positive_number, process_name, stop_timeout)
 from job_queue import Job, JobQueue, decoded
 from session_store import SessionStore, store_from_env
 from tasks import TASKS, TaskContext
@@ -77,7 +77,7 @@ def config_from_env(environ: Mapping[str, str]) -> Config:
                   lease=positive_number(environ, "JOB_LEASE", 30, 3600, minimum=1),
                   poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60, minimum=0.01),
                   retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2, MAX_RETRY_DELAY),
-                  stop_timeout=positive_number(environ, "STOP_TIMEOUT", 25, 3600),
+                  stop_timeout=stop_timeout(environ),
                   burst=environ.get("WORKER_BURST", "") == "1")
 
 
