@@ -65,6 +65,7 @@ SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")  # what `new_session_id` makes,
 
 MAX_HEAD_BYTES = 64 << 10  # the request line and every header, together
 MIN_BODY_RATE = 16 << 10   # bytes a second, in or out: 10 MiB may take 11 minutes
+MAX_SILENCE = 30           # seconds a client, mid-request, may send or take no byte at all
 WORKERS = 32               # threads that answer requests, started once
 MAX_TRANSFERS = 24         # of those, at most this many move a long body at once
 MAX_QUEUED = 1000          # whole requests waiting for a worker; beyond that, 503 at once
@@ -112,7 +113,7 @@ class Request:
 
     def read_body(self, size: int) -> bytes:
         """`size` bytes, or a 4xx: within `Handler.transfer_seconds` in all, and at most
-        `Handler.timeout` without a byte.
+        MAX_SILENCE seconds without a byte.
 
         A socket timeout alone bounds each wait, not the whole: a client sending a byte
         every few seconds would never trip it and could hold a worker for hours.
@@ -331,7 +332,7 @@ def whole_number(text: str) -> int | None:
 class Handler(BaseHTTPRequestHandler):
     """Turns each HTTP request into a call to the App and writes its Response."""
     protocol_version = "HTTP/1.0"  # one request per connection: simple for the router
-    timeout = 30                   # the longest wait for a client to send or take bytes
+    timeout = MAX_SILENCE          # `setup` puts it on the socket: it bounds each send, recv
     rbufsize = 0                   # `setup` puts its own buffer over the head and the socket
     app: Routes                    # set on the subclass made by `webapp.serve`
     server: Server

@@ -52,6 +52,7 @@ from tasks import TASKS
 from web_server import (COOKIE_NAME, ClientError, FilePart, Handler, Request, Response,
                         Server, as_json, parse_multipart, redirect, required_field, text,
                         whole_number)
+
 MAX_UPLOAD_BYTES = 10 << 20
 # A session is read and rewritten whole on every change, under the one write lock of
 # the shared file: what one session may hold is bounded, so that no user slows everyone.
@@ -61,6 +62,11 @@ MAX_OWN_JOBS = 100            # job ids kept in a session; older jobs go on, unl
 MAX_ARGS_BYTES = 64 << 10     # a job's args are read back by every list that shows the job
 MAX_ARGS_DEPTH = 16
 MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader carries exactly
+# The page shows the newest few of each list, and reads no more than it shows.
+PAGE_UPLOADS = 20             # of yours
+PAGE_OWN_JOBS = 10            # of yours
+PAGE_QUEUE_JOBS = 10          # of everyone's
+LISTED_JOBS = 100             # GET /jobs: the newest this many
 
 
 # --- The application: one method per route -----------------------------------------
@@ -123,16 +129,16 @@ class App:
         stranger = request.sid is not None and data is None
         data = data or empty_session()
         notice = self.take_notice(request.sid) if data.get("notice") else None
-        # The newest first, and only the last few: a page never reads more than it shows.
-        uploads = [self.store.upload_info(upload_id) for upload_id in data["uploads"][-20:]]
-        own_jobs = [self.queue.get(job_id) for job_id in data.get("jobs", [])[-10:]]
+        uploads = [self.store.upload_info(upload_id)
+                   for upload_id in data["uploads"][-PAGE_UPLOADS:]]
+        own_jobs = [self.queue.get(job_id) for job_id in data.get("jobs", [])[-PAGE_OWN_JOBS:]]
         body = render_page(
             data, self.config.dyno, self.store.kind,
             notice_line(notice, request.query, stranger, self.config.dyno),
             stranger_notice(self.store, html.escape(self.config.dyno)) if stranger else "",
             [upload for upload in reversed(uploads) if upload],
             [job for job in reversed(own_jobs) if job],
-            [public_face(job) for job in self.queue.recent(limit=10)])
+            [public_face(job) for job in self.queue.recent(limit=PAGE_QUEUE_JOBS)])
         return Response(200, body.encode(), "text/html; charset=utf-8")
 
     def take_notice(self, sid: str) -> str | None:
@@ -246,7 +252,7 @@ class App:
         task = request.query.get("task")
         session = self.store.load(request.sid)
         return as_json([job_as_seen_by(job, session)
-                        for job in self.queue.recent(task=task, limit=100)])
+                        for job in self.queue.recent(task=task, limit=LISTED_JOBS)])
 
     def healthz(self, request: Request) -> Response:
         return text(200, "ok")
