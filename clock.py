@@ -51,13 +51,13 @@ class Schedule:
 
 
 @dataclass(frozen=True)
-class Config:
+class ClockConfig:
     dyno: str
     schedules: tuple[Schedule, ...]
 
 
-def config_from_env(environ: Mapping[str, str]) -> Config:
-    return Config(dyno=process_name(environ, "clock.1"), schedules=(
+def config_from_env(environ: Mapping[str, str]) -> ClockConfig:
+    return ClockConfig(dyno=process_name(environ, "clock.1"), schedules=(
         Schedule("purge_expired_sessions",
                  whole_seconds(environ, "PURGE_EVERY", 60, MAX_INTERVAL)),
         Schedule("heartbeat", whole_seconds(environ, "HEARTBEAT_EVERY", 10, MAX_INTERVAL))))

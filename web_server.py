@@ -66,9 +66,9 @@ SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")  # what `new_session_id` makes,
 MAX_HEAD_BYTES = 64 << 10  # the request line and every header, together
 MIN_BODY_RATE = 16 << 10   # bytes a second, in or out: 10 MiB may take 11 minutes
 MAX_SILENCE = 30           # seconds a client, mid-request, may send or take no byte at all
-WORKERS = 32               # threads that answer requests, started once
+ANSWER_THREADS = 32        # threads that answer requests, started once
 MAX_TRANSFERS = 24         # of those, at most this many move a long body at once
-MAX_QUEUED = 1000          # whole requests waiting for a worker; beyond that, 503 at once
+MAX_QUEUED = 1000          # whole requests waiting to be answered; beyond that, 503 at once
 MAX_WAITING = 1000         # connections whose head is still arriving
 RESPONSE_BUFFER_BYTES = 64 << 10
 ACCEPT_PAUSE = 0.1         # seconds without accepting, out of descriptors with none to drop
@@ -116,7 +116,7 @@ class Request:
         MAX_SILENCE seconds without a byte.
 
         A socket timeout alone bounds each wait, not the whole: a client sending a byte
-        every few seconds would never trip it and could hold a worker for hours.
+        every few seconds would never trip it and could hold a thread for hours.
         """
         deadline = time.monotonic() + self.handler.transfer_seconds(size)
         chunks, received = [], 0
@@ -154,7 +154,7 @@ class ClientError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
     def response(self) -> Response:
-        response = text(self.status, self.message)
+        response = plain_text(self.status, self.message)
         response.headers.extend(self.headers)
         return response
 
@@ -167,7 +167,7 @@ class Response:
     headers: list = field(default_factory=list)
 
 
-def text(status: int, message: str) -> Response:
+def plain_text(status: int, message: str) -> Response:
     return Response(status, (message + "\n").encode())
 
 
@@ -338,13 +338,13 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
 
     def setup(self) -> None:
-        # The server hands over a Connection whose head it has already read, so that no
-        # thread waited for it: put those bytes back in front of the socket's, and
+        # The server hands over a PendingRequest whose head it has already read, so that
+        # no thread waited for it: put those bytes back in front of the socket's, and
         # BaseHTTPRequestHandler reads the request as it always does.
-        connection: Connection = self.request
-        self.request = connection.sock
+        pending: PendingRequest = self.request
+        self.request = pending.sock
         super().setup()
-        self.rfile = io.BufferedReader(HeadFirst(bytes(connection.head), self.rfile))
+        self.rfile = io.BufferedReader(HeadFirst(bytes(pending.head), self.rfile))
         # The head and a small body leave in one write (at `finish`), not one each.
         self.wfile = io.BufferedWriter(self.wfile, RESPONSE_BUFFER_BYTES)
 
@@ -396,12 +396,12 @@ class Handler(BaseHTTPRequestHandler):
             return error.response()
         except StoreUnavailable as error:  # another process holds the lock: a wait, not a bug
             log(f"backing store unavailable: {error}")
-            response = text(503, "the backing store is unavailable; try again shortly")
+            response = plain_text(503, "the backing store is unavailable; try again shortly")
             response.headers.append(("Retry-After", "1"))
             return response
         except Exception as error:  # a bug: say so loudly in the log, answer 500, keep serving
             log_bug(error)
-            return text(500, "internal error; the traceback is in this copy's log")
+            return plain_text(500, "internal error; the traceback is in this copy's log")
 
     def transfer_seconds(self, size: int) -> float:
         """How long a body of `size` bytes may take to arrive, or to leave."""
@@ -464,8 +464,9 @@ class HeadFirst(io.RawIOBase):
 
 
 @dataclass(eq=False)  # compared by identity: each is a key of `Server.waiting`
-class Connection:
-    """A client's connection, from its accept until its request head has arrived."""
+class PendingRequest:
+    """A client's connection, from its accept until it is answered: the socket, and the
+    request's head as far as it has arrived."""
     sock: socket.socket
     address: tuple
     deadline: float  # for the whole head
@@ -487,8 +488,8 @@ class Server(HTTPServer):
       whole within CLIENT_TIMEOUT (else 408) and MAX_HEAD_BYTES (else 431). When MAX_WAITING
       are waiting and one more comes, or descriptors run out, the oldest is dropped: a
       browser sends its head in milliseconds, so the oldest is the likeliest to be slow.
-    * WORKERS threads, started once, answer the whole heads from a queue of at most
-      MAX_QUEUED (beyond that, 503 at once). A worker reads a request's body, and
+    * ANSWER_THREADS threads, started once, answer the whole heads from a queue of at
+      most MAX_QUEUED (beyond that, 503 at once). Each reads a request's body, and
       writes a long response, against a deadline (`Handler.transfer_seconds`).
     * `start()` and `stop(deadline)` run and end it all; `stop` stops accepting and
       lets what has begun finish, until the deadline.
@@ -503,17 +504,18 @@ class Server(HTTPServer):
         self.client_timeout = client_timeout  # seconds for a whole request head
         self.dyno = dyno                      # this copy's name, on every answer
         self.selector = selectors.DefaultSelector()
-        self.waiting: OrderedDict[Connection, None] = OrderedDict()  # the oldest first
+        self.waiting: OrderedDict[PendingRequest, None] = OrderedDict()  # the oldest first
         # A SimpleQueue, not a Queue(MAX_QUEUED): its put and get are a call into C each,
         # where a Queue's wait on a Condition built of Python locks (about 20 µs of CPU a
         # request, measured). `hand_over` keeps the bound: it is the only thread that puts.
-        self.requests: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[PendingRequest | None] = queue.SimpleQueue()
         self.transfers = threading.BoundedSemaphore(MAX_TRANSFERS)
         self.stopping = threading.Event()
         # Daemon threads: `stop` waits for them itself, until its deadline, and no longer.
         self.threads = [threading.Thread(target=self.serve_forever, name="accept", daemon=True)]
-        self.threads += [threading.Thread(target=self.work, name=f"worker-{number}",
-                                          daemon=True) for number in range(WORKERS)]
+        self.threads += [threading.Thread(target=self.answer_requests, daemon=True,
+                                          name=f"answer-{number}")
+                         for number in range(ANSWER_THREADS)]
 
     def start(self) -> None:
         for thread in self.threads:
@@ -521,9 +523,9 @@ class Server(HTTPServer):
 
     @contextmanager
     def transfer_slot(self) -> Iterator[None]:
-        """Held by a worker while it moves a body a slow client can stretch out (a
-        request's; a response's over the buffer). At most MAX_TRANSFERS at once, so that
-        the other workers always answer the rest (/healthz, the page); beyond, 503."""
+        """Held by an answering thread while it moves a body a slow client can stretch
+        out (a request's; a response's over the buffer). At most MAX_TRANSFERS at once, so
+        that the other threads always answer the rest (/healthz, the page); beyond, 503."""
         if not self.transfers.acquire(blocking=False):
             raise ClientError(503, "too many transfers at once; try again shortly",
                               (("Retry-After", "1"),))
@@ -549,8 +551,8 @@ class Server(HTTPServer):
         self.stop_accepting()
         while self.waiting:
             self.wait_for_events(poll_interval)
-        for _ in range(WORKERS):
-            self.requests.put(None)  # each worker's last item
+        for _ in range(ANSWER_THREADS):
+            self.requests.put(None)  # each answering thread's last item
 
     def wait_for_events(self, timeout: float) -> None:
         for key, _ in self.selector.select(timeout):
@@ -575,45 +577,46 @@ class Server(HTTPServer):
                 return
             sock.setblocking(False)
             deadline = time.monotonic() + self.client_timeout
-            self.read_head(Connection(sock, address, deadline))
+            self.read_head(PendingRequest(sock, address, deadline))
 
     def make_room(self) -> None:
-        """Drop the connection that has waited longest; with none, pause accepting, as
+        """Drop the request that has waited longest; with none, pause accepting, as
         the listening socket stays readable and every accept would fail at once: a spin."""
         if self.waiting:
             self.answer_early(next(iter(self.waiting)), 503, "too many clients waiting")
         else:
             time.sleep(ACCEPT_PAUSE)
 
-    def read_head(self, connection: Connection) -> None:
-        """Read what has arrived; hand the request to a worker once its head is whole."""
+    def read_head(self, pending: PendingRequest) -> None:
+        """Read what has arrived; hand the request over to be answered once its head is
+        whole."""
         try:
-            data = connection.sock.recv(MAX_HEAD_BYTES)
+            data = pending.sock.recv(MAX_HEAD_BYTES)
         except BlockingIOError:  # nothing yet
-            self.wait_for_more(connection)
+            self.wait_for_more(pending)
             return
         except OSError:  # reset by the client
-            self.close(connection)
+            self.close(pending)
             return
-        searched = max(0, len(connection.head) - 2)  # the blank line may straddle two reads
-        connection.head += data
-        if HEAD_END.search(connection.head, searched):
-            self.hand_over(connection)
+        searched = max(0, len(pending.head) - 2)  # the blank line may straddle two reads
+        pending.head += data
+        if HEAD_END.search(pending.head, searched):
+            self.hand_over(pending)
         elif not data:  # the client is done sending: its head ends here, if it sent one
-            if connection.head:
-                self.hand_over(connection)
+            if pending.head:
+                self.hand_over(pending)
             else:  # connected and closed: a probe of the port, no request, no log line
-                self.close(connection)
-        elif len(connection.head) > MAX_HEAD_BYTES:
-            self.answer_early(connection, 431, f"the request head is over "
+                self.close(pending)
+        elif len(pending.head) > MAX_HEAD_BYTES:
+            self.answer_early(pending, 431, f"the request head is over "
                                                f"{MAX_HEAD_BYTES >> 10} KiB")
         else:
-            self.wait_for_more(connection)
+            self.wait_for_more(pending)
 
-    def wait_for_more(self, connection: Connection) -> None:
-        if connection not in self.waiting:
-            self.waiting[connection] = None
-            self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+    def wait_for_more(self, pending: PendingRequest) -> None:
+        if pending not in self.waiting:
+            self.waiting[pending] = None
+            self.selector.register(pending.sock, selectors.EVENT_READ, pending)
 
     def drop_expired(self) -> None:
         now = time.monotonic()
@@ -627,56 +630,57 @@ class Server(HTTPServer):
             else:  # connected, never sent a byte (a browser's preconnect): no line
                 self.close(oldest)
 
-    def hand_over(self, connection: Connection) -> None:
-        self.stop_waiting(connection)
-        if self.requests.qsize() >= MAX_QUEUED:  # the workers are far behind: say so now,
-            self.answer_early(connection, 503, "this copy is busy; try again shortly")
+    def hand_over(self, pending: PendingRequest) -> None:
+        self.stop_waiting(pending)
+        if self.requests.qsize() >= MAX_QUEUED:  # the answering is far behind: say so now,
+            self.answer_early(pending, 503, "this copy is busy; try again shortly")
         else:  # ... not after a long wait
-            self.requests.put(connection)
+            self.requests.put(pending)
 
-    def answer_early(self, connection: Connection, status: int, message: str) -> None:
-        """Answer from this thread, without a worker, and close: at most one small send."""
+    def answer_early(self, pending: PendingRequest, status: int, message: str) -> None:
+        """Answer from this thread, not an answering one, and close: at most one small send."""
         body = f"{message}\n".encode()
         head = (f"HTTP/1.0 {status} {HTTPStatus(status).phrase}\r\nContent-Type: text/plain; "
                 f"charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                 f"X-Served-By: {self.dyno}\r\n\r\n").encode()
         try:
-            connection.sock.send(head + body)
+            pending.sock.send(head + body)
         except OSError:  # gone, or not reading: there is no more to do for it
             pass
-        log(f"{connection.address[0]} {status} {message}")
-        self.close(connection)
+        log(f"{pending.address[0]} {status} {message}")
+        self.close(pending)
 
     def stop_accepting(self) -> None:
         """Close the listening socket; close the connections that have not begun a request."""
         self.selector.unregister(self.socket)
         self.socket.close()
-        for connection in [waiting for waiting in self.waiting if not waiting.head]:
-            self.close(connection)
+        for pending in [waiting for waiting in self.waiting if not waiting.head]:
+            self.close(pending)
 
-    def stop_waiting(self, connection: Connection) -> None:
-        if connection in self.waiting:
-            del self.waiting[connection]
-            self.selector.unregister(connection.sock)
+    def stop_waiting(self, pending: PendingRequest) -> None:
+        if pending in self.waiting:
+            del self.waiting[pending]
+            self.selector.unregister(pending.sock)
 
-    def close(self, connection: Connection) -> None:
-        self.stop_waiting(connection)
-        self.close_request(connection.sock)
+    def close(self, pending: PendingRequest) -> None:
+        self.stop_waiting(pending)
+        self.close_request(pending.sock)
 
-    def work(self) -> None:
-        while (connection := self.requests.get()) is not None:
-            self.answer(connection)
+    def answer_requests(self) -> None:
+        """Answer the requests handed over, until the None that `serve_forever` puts last."""
+        while (pending := self.requests.get()) is not None:
+            self.answer(pending)
 
-    def answer(self, connection: Connection) -> None:
+    def answer(self, pending: PendingRequest) -> None:
         try:
-            self.finish_request(connection, connection.address)  # runs the Handler
+            self.finish_request(pending, pending.address)  # runs the Handler
         except (ConnectionError, TimeoutError) as error:  # hung up, or stopped reading
-            log(f"{connection.address[0]} left before the answer was sent "
+            log(f"{pending.address[0]} left before the answer was sent "
                 f"({type(error).__name__})")
         except Exception as error:
             log_bug(error)
         finally:
-            self.shutdown_request(connection.sock)
+            self.shutdown_request(pending.sock)
 
 
 def log_bug(error: Exception) -> None:

@@ -50,7 +50,7 @@ from session_store import (Session, SessionStore, UploadInfo, empty_session,
                            store_from_env)
 from tasks import TASKS
 from web_server import (COOKIE_NAME, ClientError, FilePart, Handler, Request, Response,
-                        Server, as_json, parse_multipart, redirect, required_field, text,
+                        Server, as_json, parse_multipart, plain_text, redirect, required_field,
                         whole_number)
 
 MAX_UPLOAD_BYTES = 10 << 20
@@ -74,7 +74,7 @@ LISTED_JOBS = 100             # GET /jobs: the newest this many
 class App:
     """The routes. Each takes the request and returns a Response; none keeps state."""
 
-    def __init__(self, store: SessionStore, queue: JobQueue, config: Config):
+    def __init__(self, store: SessionStore, queue: JobQueue, config: WebConfig):
         self.store, self.queue, self.config = store, queue, config
         self.routes = {
             "/": {"GET": self.page},
@@ -223,12 +223,12 @@ class App:
         form = request.form()
         task = required_field(form, "task")
         args = job_args(form.get("args") or "{}")
-        return self.enqueue_for_session(request, form, task, args)
+        return self.enqueue_private_or_public(request, form, task, args)
 
-    def enqueue_for_session(self, request: Request, form: dict, task: str,
-                            args: dict) -> Response:
+    def enqueue_private_or_public(self, request: Request, form: dict, task: str,
+                                  args: dict) -> Response:
         """A job sent with a session, or from the page (which then gets one), is private to
-        that session. One sent with no session at all (curl) is public, as it always was."""
+        that session. One sent with no session at all (curl) is public."""
         back = return_path(form.get("next"))
         if back is None and self.store.load(request.sid) is None:
             return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
@@ -255,7 +255,7 @@ class App:
                         for job in self.queue.recent(task=task, limit=LISTED_JOBS)])
 
     def healthz(self, request: Request) -> Response:
-        return text(200, "ok")
+        return plain_text(200, "ok")
 
 
 # --- Where a form post returns, and who sees what ---------------------------------------
@@ -385,7 +385,7 @@ def serve(app: App) -> Server:
 
 
 @dataclass(frozen=True)
-class Config:
+class WebConfig:
     host: str
     port: int
     dyno: str
@@ -394,16 +394,17 @@ class Config:
     client_timeout: float  # seconds to send a request head; a body has this and more
 
 
-def config_from_env(environ: dict) -> Config:
+def config_from_env(environ: dict) -> WebConfig:
     text = environ.get("PORT", "5000")
     port = whole_number(text)
     if port is None or not 0 < port < 65536:
         raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
-    return Config(host=environ.get("HOST", "127.0.0.1"), port=port,
-                  dyno=process_name(environ, "web.1"),
-                  cookie_secure=environ.get("COOKIE_SECURE", "") == "1",
-                  stop_timeout=stop_timeout(environ),
-                  client_timeout=positive_number(environ, "CLIENT_TIMEOUT", 10, 3600))  # nginx: 60
+    return WebConfig(host=environ.get("HOST", "127.0.0.1"), port=port,
+                     dyno=process_name(environ, "web.1"),
+                     cookie_secure=environ.get("COOKIE_SECURE", "") == "1",
+                     stop_timeout=stop_timeout(environ),
+                     client_timeout=positive_number(environ, "CLIENT_TIMEOUT",
+                                                    10, 3600))  # nginx: 60
 
 
 def main() -> None:

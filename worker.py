@@ -63,7 +63,7 @@ WAKE_EVERY = 0.1         # seconds: how soon a waiting worker notices a stop sig
 
 
 @dataclass(frozen=True)
-class Config:
+class WorkerConfig:
     dyno: str
     lease: float
     poll_interval: float
@@ -72,13 +72,14 @@ class Config:
     burst: bool
 
 
-def config_from_env(environ: Mapping[str, str]) -> Config:
-    return Config(dyno=process_name(environ, "worker.1"),
-                  lease=positive_number(environ, "JOB_LEASE", 30, 3600, minimum=1),
-                  poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60, minimum=0.01),
-                  retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2, MAX_RETRY_DELAY),
-                  stop_timeout=stop_timeout(environ),
-                  burst=environ.get("WORKER_BURST", "") == "1")
+def config_from_env(environ: Mapping[str, str]) -> WorkerConfig:
+    return WorkerConfig(
+        dyno=process_name(environ, "worker.1"),
+        lease=positive_number(environ, "JOB_LEASE", 30, 3600, minimum=1),
+        poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60, minimum=0.01),
+        retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2, MAX_RETRY_DELAY),
+        stop_timeout=stop_timeout(environ),
+        burst=environ.get("WORKER_BURST", "") == "1")
 
 
 class StopRequest:
@@ -185,7 +186,7 @@ def give_up(queue: JobQueue, job: Job, error: str, stop: StopRequest) -> None:
                               f"attempt{'s' if job.attempt != 1 else ''}: {error}")
 
 
-def record_failure(queue: JobQueue, job: Job, error: str, config: Config,
+def record_failure(queue: JobQueue, job: Job, error: str, config: WorkerConfig,
                    stop: StopRequest) -> None:
     if job.attempt >= job.max_attempts:
         give_up(queue, job, error, stop)
@@ -197,7 +198,8 @@ def record_failure(queue: JobQueue, job: Job, error: str, config: Config,
                               f"{job.max_attempts}): {error}; retry in {delay:.1f}s")
 
 
-def give_back(queue: JobQueue, job: Job, config: Config, stop: StopRequest) -> None:
+def hand_back_unfinished(queue: JobQueue, job: Job, config: WorkerConfig,
+                         stop: StopRequest) -> None:
     """The stop deadline came first: the job goes back to the queue for another worker.
     The deadline has passed, so this is one try: if the database is locked even now,
     the worker leaves anyway (`StillLocked`) and the job's lease returns it later."""
@@ -208,7 +210,7 @@ def give_back(queue: JobQueue, job: Job, config: Config, stop: StopRequest) -> N
                               f"does not count")
 
 
-def run_job(queue: JobQueue, job: Job, store: SessionStore, config: Config,
+def run_job(queue: JobQueue, job: Job, store: SessionStore, config: WorkerConfig,
             stop: StopRequest) -> None:
     """Run one claimed job and record how it ended. A task's exception never ends the
     worker: it is the job's failure, retried or kept as the job's error."""
@@ -228,7 +230,7 @@ def run_job(queue: JobQueue, job: Job, store: SessionStore, config: Config,
         run = TaskRun(task, args, TaskContext(store, job.attempt, config.dyno), f"job-{job.id}")
         in_time = run.wait(stop)
     if not in_time:
-        give_back(queue, job, config, stop)
+        hand_back_unfinished(queue, job, config, stop)
     elif run.error is not None:
         record_failure(queue, job, run.error, config, stop)
     else:
@@ -238,7 +240,7 @@ def run_job(queue: JobQueue, job: Job, store: SessionStore, config: Config,
                     f"job {job.id} {job.task} done in {time.monotonic() - started:.2f}s")
 
 
-def work(queue: JobQueue, store: SessionStore, config: Config, stop: StopRequest) -> None:
+def work(queue: JobQueue, store: SessionStore, config: WorkerConfig, stop: StopRequest) -> None:
     """One job at a time until asked to stop (or, in burst mode, until nothing is ready).
     More throughput comes from more worker copies, not from threads in this one."""
     while not stop.requested():
