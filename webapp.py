@@ -133,12 +133,13 @@ class App:
                    for upload_id in data["uploads"][-PAGE_UPLOADS:]]
         own_jobs = [self.queue.get(job_id) for job_id in data.get("jobs", [])[-PAGE_OWN_JOBS:]]
         body = render_page(
-            data, self.config.dyno, self.store.kind,
-            notice_line(notice, request.query, stranger, self.config.dyno),
-            stranger_notice(self.store, html.escape(self.config.dyno)) if stranger else "",
-            [upload for upload in reversed(uploads) if upload],
-            [job for job in reversed(own_jobs) if job],
-            [public_face(job) for job in self.queue.recent(limit=PAGE_QUEUE_JOBS)])
+            session=data, dyno=self.config.dyno, store_kind=self.store.kind,
+            notice=notice_line(notice, request.query, stranger, self.config.dyno),
+            stranger=(stranger_notice(self.store, html.escape(self.config.dyno))
+                      if stranger else ""),
+            uploads=[upload for upload in reversed(uploads) if upload],
+            own_jobs=[job for job in reversed(own_jobs) if job],
+            queue=[public_face(job) for job in self.queue.recent(limit=PAGE_QUEUE_JOBS)])
         return Response(200, body.encode(), "text/html; charset=utf-8")
 
     def take_notice(self, sid: str) -> str | None:
@@ -476,9 +477,11 @@ def stranger_notice(store: SessionStore, dyno: str) -> str:
             f'({dyno}) has never heard of that session. {why}</p>\n')
 
 
-def render_page(session: dict, dyno: str, store_kind: str, notice: str, stranger: str,
+def render_page(*, session: dict, dyno: str, store_kind: str, notice: str, stranger: str,
                 uploads: list[UploadInfo], own_jobs: list[dict], queue: list[dict]) -> str:
-    """The page; `notice` and `stranger` are HTML already, everything else is escaped here."""
+    """The page; `notice` and `stranger` are HTML already, everything else is escaped here.
+    Keyword-only: eight arguments, three of them lists and two of them HTML, are easy to
+    pass in the wrong order and hard to see passed so."""
     esc = html.escape
     user = session["user"]
     if user:
