@@ -1,7 +1,7 @@
 """web_server.py: what a copy answers when a route fails, and what it logs."""
 import sqlite3
 
-from conftest import get, post_form, wait_until, write_lock_held
+from conftest import get, http, post_form, wait_until, write_lock_held
 
 
 def test_a_database_locked_past_the_busy_timeout_answers_503_come_back_in_a_second(
@@ -30,3 +30,16 @@ def test_a_database_error_that_is_not_a_lock_is_a_500_with_its_traceback_in_the_
                what="the bug's traceback in the log")
     assert "Traceback (most recent call last):" in web.proc.output()
     assert get(web.url + "/healthz").status == 200
+
+
+def test_a_health_check_answered_well_is_not_logged_whoever_asks(start_web):
+    web = start_web()  # the fixture itself asked /healthz until the copy answered
+    for user_agent in ("curl/8.5.0", "kube-probe/1.29", "any platform at all"):
+        response = http("GET", web.url + "/healthz", headers={"User-Agent": user_agent})
+        assert response.status == 200
+    assert http("POST", web.url + "/healthz").status == 405
+    http("GET", web.url + "/healthz?from=a-person")
+    wait_until(lambda: "GET /healthz?from=a-person" in web.proc.output(),
+               what="the request with a query string in the log")
+    assert "POST /healthz" in web.proc.output()  # anything but the check itself is logged
+    assert '"GET /healthz HTTP/' not in web.proc.output()
