@@ -491,7 +491,8 @@ class Server(HTTPServer):
       most MAX_QUEUED (beyond that, 503 at once). Each reads a request's body, and
       writes a long response, against a deadline (`Handler.transfer_seconds`).
     * `start()` and `stop(deadline)` run and end it all; `stop` stops accepting and
-      lets what has begun finish, until the deadline.
+      lets what has begun finish, until the deadline. socketserver's `shutdown()` ends
+      the accept loop, as it ends socketserver's own, and waits for it.
 
     socketserver still binds, listens, accepts and closes; BaseHTTPRequestHandler still
     parses and answers. The loop and the threads are what this class adds.
@@ -511,7 +512,9 @@ class Server(HTTPServer):
         self.transfers = threading.BoundedSemaphore(MAX_TRANSFERS)
         self.stopping = threading.Event()
         # Daemon threads: `stop` waits for them itself, until its deadline, and no longer.
-        self.threads = [threading.Thread(target=self.serve_forever, name="accept", daemon=True)]
+        self.accept_thread = threading.Thread(target=self.serve_forever, name="accept",
+                                              daemon=True)
+        self.threads = [self.accept_thread]
         self.threads += [threading.Thread(target=self.answer_requests, daemon=True,
                                           name=f"answer-{number}")
                          for number in range(ANSWER_THREADS)]
@@ -540,6 +543,14 @@ class Server(HTTPServer):
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self.threads)
+
+    def shutdown(self) -> None:
+        """Stop accepting and wait for the accept loop to end, once the heads still
+        arriving are whole or too late; the requests begun are still answered. The
+        inherited `shutdown` waits for a flag that only socketserver's own loop sets, so
+        here it would never return."""
+        self.stopping.set()
+        self.accept_thread.join()
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept and read heads until stopped, then until no head is still arriving."""

@@ -1,7 +1,13 @@
-"""web_server.py: what a copy answers when a route fails, and what it logs."""
+"""web_server.py: what a copy answers when a route fails, what it logs, how it stops."""
+import socket
 import sqlite3
+import threading
+import time
 
-from conftest import get, http, post_form, wait_until, write_lock_held
+import pytest
+
+from conftest import free_port, get, http, post_form, wait_until, write_lock_held
+import web_server
 
 
 def test_a_database_locked_past_the_busy_timeout_answers_503_come_back_in_a_second(
@@ -43,3 +49,18 @@ def test_a_health_check_answered_well_is_not_logged_whoever_asks(start_web):
                what="the request with a query string in the log")
     assert "POST /healthz" in web.proc.output()  # anything but the check itself is logged
     assert '"GET /healthz HTTP/' not in web.proc.output()
+
+
+def test_shutdown_ends_a_started_server_as_socketserver_promises():
+    server = web_server.Server(("127.0.0.1", free_port()), web_server.Handler, 10, "web.1")
+    server.start()
+    try:
+        stopping = threading.Thread(target=server.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(5)
+        assert not stopping.is_alive(), "shutdown() did not return"
+        with pytest.raises(ConnectionRefusedError):  # it no longer accepts
+            socket.create_connection(server.server_address, timeout=1)
+    finally:
+        server.stop(time.monotonic() + 5)
+        server.server_close()
