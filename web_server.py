@@ -17,8 +17,8 @@ platform's log; only a health check answered well gets none (`Handler.log_reques
 
 What a route raises is answered here: a `ClientError` with its 4xx; `StoreUnavailable`
 (another process holds the database's lock: a wait) with a 503 and `Retry-After: 1`, and
-one line in the log; anything else is a bug, a 500, with its traceback in the log. Which
-backing store stands behind the routes, it does not know. Of sessions it knows only the
+one line in the log; anything else is a bug, a 500, with its traceback in the log. It
+does not know which backing store stands behind the routes. Of sessions it knows only the
 cookie that carries one's id (`COOKIE_NAME`, `session_id_from`): what a session holds, and
 where, is `session_store.py`'s business. It knows nothing of jobs or the page:
 `webapp.py` holds the routes and binds the port (`serve`), and that is where this toy
@@ -619,7 +619,7 @@ class Server(HTTPServer):
                 self.close(pending)
         elif len(pending.head) > MAX_HEAD_BYTES:
             self.answer_early(pending, 431, f"the request head is over "
-                                               f"{MAX_HEAD_BYTES >> 10} KiB")
+                                            f"{MAX_HEAD_BYTES >> 10} KiB")
         else:
             self.wait_for_more(pending)
 
@@ -642,9 +642,9 @@ class Server(HTTPServer):
 
     def hand_over(self, pending: PendingRequest) -> None:
         self.stop_waiting(pending)
-        if self.requests.qsize() >= MAX_QUEUED:  # the answering is far behind: say so now,
+        if self.requests.qsize() >= MAX_QUEUED:  # far behind: say so now, not after a wait
             self.answer_early(pending, 503, "this copy is busy; try again shortly")
-        else:  # ... not after a long wait
+        else:
             self.requests.put(pending)
 
     def answer_early(self, pending: PendingRequest, status: int, message: str) -> None:

@@ -400,12 +400,12 @@ def config_from_env(environ: dict) -> WebConfig:
     port = whole_number(text)
     if port is None or not 0 < port < 65536:
         raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
-    return WebConfig(host=environ.get("HOST", "127.0.0.1"), port=port,
-                     dyno=process_name(environ, "web.1"),
-                     cookie_secure=environ.get("COOKIE_SECURE", "") == "1",
-                     stop_timeout=stop_timeout(environ),
-                     client_timeout=positive_number(environ, "CLIENT_TIMEOUT",
-                                                    10, 3600))  # nginx: 60
+    return WebConfig(
+        host=environ.get("HOST", "127.0.0.1"), port=port,
+        dyno=process_name(environ, "web.1"),
+        cookie_secure=environ.get("COOKIE_SECURE", "") == "1",
+        stop_timeout=stop_timeout(environ),
+        client_timeout=positive_number(environ, "CLIENT_TIMEOUT", 10, 3600))  # nginx: 60
 
 
 def main() -> None:
