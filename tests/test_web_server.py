@@ -28,8 +28,9 @@ def test_a_database_error_that_is_not_a_lock_is_a_500_with_its_traceback_in_the_
     web = start_web()
     # A newer release's migration renames a column while this copy still serves: its
     # queries name a column that is gone. Retrying will never help: it is a bug to see.
-    with sqlite3.connect(tmp_path / "app.db") as migration:
-        migration.execute("ALTER TABLE jobs RENAME COLUMN state TO status")
+    migration = sqlite3.connect(tmp_path / "app.db")
+    migration.execute("ALTER TABLE jobs RENAME COLUMN state TO status")
+    migration.close()
     response = get(web.url + "/jobs")
     assert response.status == 500 and "retry-after" not in response.headers
     wait_until(lambda: "OperationalError: no such column: state" in web.proc.output(),
