@@ -24,7 +24,8 @@ Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, PURGE
 (whole seconds, default 60, at most 86400), HEARTBEAT_EVERY (default 10, at most 86400),
 the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `clock.1`). SIGTERM or SIGINT:
 exit 0 at once, or, if a statement is waiting for a locked database, as soon as it returns
-(at most DATABASE_BUSY_TIMEOUT, which is capped below the usual 25 s STOP_TIMEOUT).
+(at most DATABASE_BUSY_TIMEOUT, which is capped below the default STOP_TIMEOUT:
+`database.MAX_BUSY_TIMEOUT`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
-from database import ConfigError, database_from_env, keep_trying, process_name, whole_seconds
+from database import (ConfigError, database_from_env, keep_trying, log, process_name,
+                      whole_seconds)
 from job_queue import JobQueue
 
 MAX_INTERVAL = 86400  # a day: a longer schedule belongs to a cron, not to this clock
@@ -49,13 +51,13 @@ class Schedule:
 
 
 @dataclass(frozen=True)
-class Config:
+class ClockConfig:
     dyno: str
     schedules: tuple[Schedule, ...]
 
 
-def config_from_env(environ: Mapping[str, str]) -> Config:
-    return Config(dyno=process_name(environ, "clock.1"), schedules=(
+def config_from_env(environ: Mapping[str, str]) -> ClockConfig:
+    return ClockConfig(dyno=process_name(environ, "clock.1"), schedules=(
         Schedule("purge_expired_sessions",
                  whole_seconds(environ, "PURGE_EVERY", 60, MAX_INTERVAL)),
         Schedule("heartbeat", whole_seconds(environ, "HEARTBEAT_EVERY", 10, MAX_INTERVAL))))
@@ -75,10 +77,9 @@ def enqueue_tick(queue: JobQueue, schedule: Schedule, tick: int) -> None:
     key = tick_key(schedule, tick)
     job_id = keep_trying(lambda: queue.enqueue(schedule.task, {}, key=key), f"enqueuing {key}")
     if job_id is None:
-        print(f"{key} already enqueued (by another clock, or by this one before a restart)",
-              flush=True)
+        log(f"{key} already enqueued (by another clock, or by this one before a restart)")
     else:
-        print(f"enqueued {key} as job {job_id}", flush=True)
+        log(f"enqueued {key} as job {job_id}")
 
 
 def run_clock(queue: JobQueue, schedules: tuple[Schedule, ...]) -> None:
@@ -113,11 +114,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, exit_now)
     signal.signal(signal.SIGINT, exit_now)
     every = ", ".join(f"{schedule.task} every {schedule.every}s" for schedule in config.schedules)
-    print(f"{config.dyno} ready (pid {os.getpid()}): {every}", flush=True)
+    log(f"{config.dyno} ready (pid {os.getpid()}): {every}")
     try:
         run_clock(queue, config.schedules)
     finally:
-        print(f"{config.dyno} stopped", flush=True)
+        log(f"{config.dyno} stopped")
 
 
 if __name__ == "__main__":

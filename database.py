@@ -10,14 +10,17 @@ other; each owns its tables.
 
 A locked database is a wait, not a crash: another process may hold SQLite's one write
 lock for longer than the busy timeout (a long purge, a copy frozen mid-transaction).
-`keep_trying` is how a worker or a clock waits that out: it logs one line and tries
-again, so a result is recorded once and a tick enqueued once, later rather than never.
+`Database` says so with one exception, `StoreUnavailable`, whichever statement met the
+lock. `keep_trying` is how a worker or a clock waits that out: it logs one line and tries
+again, so a result is recorded once and a tick enqueued once, later rather than never. A
+web copy answers 503 and asks the client to come back. Every other SQLite error stays
+what it is, a bug, and is never mistaken for a wait.
 
 It also holds the small helpers every process uses, most of them to read its
 configuration from the environment (Factor III): `ConfigError`, which a process turns
 into one line on stderr and exit code 2, `positive_number` and `whole_seconds` (each
 with a sane maximum, so that `POLL_INTERVAL=1e10` is refused at start instead of
-crashing `time.sleep` later),
+crashing `time.sleep` later), `stop_timeout` (how long a copy may take to stop),
 `process_name` (which copy am I: web.1, worker.2), and `log`, one line to stdout with
 everything a client may have sent escaped.
 
@@ -37,10 +40,14 @@ from typing import Callable, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
 
-BUSY_TIMEOUT = 10.0      # seconds a statement waits for another process's write lock
-MAX_BUSY_TIMEOUT = 20.0  # a write in progress when SIGTERM comes ends within STOP_TIMEOUT (25)
-IDLE_READERS = 8         # read connections kept open for the next read
-RETRY_PAUSE = 0.1        # seconds between two tries of `keep_trying`, on top of the busy wait
+DEFAULT_STOP_TIMEOUT = 25  # seconds from SIGTERM to exit: under Heroku's 30 before SIGKILL
+BUSY_TIMEOUT = 10.0        # seconds a statement waits for another process's write lock
+# A statement already waiting for the lock when SIGTERM comes returns (done, or
+# StoreUnavailable) before the default stop deadline, with a fifth of it to spare: a web
+# copy still answers that request, a clock still exits in time.
+MAX_BUSY_TIMEOUT = 0.8 * DEFAULT_STOP_TIMEOUT
+IDLE_READERS = 8           # read connections kept open for the next read
+RETRY_PAUSE = 0.1          # seconds between two tries of `keep_trying`, on top of the busy wait
 
 
 class ConfigError(Exception):
@@ -76,6 +83,12 @@ def whole_seconds(environ: Mapping[str, str], name: str, default: int, maximum: 
     return int(value)
 
 
+def stop_timeout(environ: Mapping[str, str]) -> float:
+    """STOP_TIMEOUT: seconds from SIGTERM to exit, whatever is still in flight. A thread
+    cannot usefully be waited for longer than an hour."""
+    return positive_number(environ, "STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT, 3600)
+
+
 def process_name(environ: Mapping[str, str], default: str) -> str:
     """This copy's name, as the process manager that started it tells it: Heroku and our
     launcher set DYNO, honcho sets HONCHO_PROCESS_NAME, foreman sets PS (all like `web.2`)."""
@@ -107,32 +120,48 @@ def log(*lines: str) -> None:
         pass
 
 
-def is_locked(error: sqlite3.Error) -> bool:
-    """SQLite's "database is locked": another connection holds the lock we need."""
-    return isinstance(error, sqlite3.OperationalError) and "database is locked" in str(error)
+class StoreUnavailable(Exception):
+    """The backing store cannot answer now (another process holds SQLite's write lock past
+    the busy timeout): a wait, not a bug. Its message is SQLite's, "database is locked"."""
 
 
 class StillLocked(Exception):
     """`keep_trying` stopped: its caller must stop, and the database is still locked."""
 
 
+def is_locked(error: sqlite3.OperationalError) -> bool:
+    """SQLite's SQLITE_BUSY, "database is locked": another connection holds the lock this
+    statement needs. SQLite refused the statement whole, so trying again is safe."""
+    return "database is locked" in str(error)
+
+
+@contextmanager
+def locked_is_unavailable() -> Iterator[None]:
+    """Raise `StoreUnavailable` for SQLite's "database is locked"; let every other error
+    through as it is, so that a bug (a missing column, a full disk) looks like one."""
+    try:
+        yield
+    except sqlite3.OperationalError as error:
+        if not is_locked(error):
+            raise
+        raise StoreUnavailable(str(error)) from error
+
+
 def keep_trying(action: Callable[[], T], what: str,
                 stopping: Callable[[], bool] = lambda: False) -> T:
     """Run `action` until the database lets it through; return what it returns.
 
-    While another process holds the write lock past the busy timeout, log one line and
-    try again. Only "database is locked" is waited out: any other error is a real one and
-    is raised at once. When `stopping()` turns true (a worker at its stop deadline), raise
-    `StillLocked` instead of trying again. Repeating `action` is safe because SQLite
-    refused it whole: a statement that fails with "database is locked" changed nothing.
+    While another process holds the write lock past the busy timeout (`StoreUnavailable`),
+    log one line and try again; any other error is a real one and is raised at once. When
+    `stopping()` turns true (a worker at its stop deadline), raise `StillLocked` instead of
+    trying again. Repeating `action` is safe because SQLite refused it whole: a statement
+    that fails with "database is locked" changed nothing.
     """
     logged = False
     while True:
         try:
             return action()
-        except sqlite3.OperationalError as error:
-            if not is_locked(error):
-                raise
+        except StoreUnavailable as error:
             if stopping():
                 raise StillLocked(f"{what}: {error}") from None
             if not logged:
@@ -153,13 +182,13 @@ class Database:
       read-modify-write would read outside it and silently lose updates.
     * Writes (`write()`, `execute()`) share one connection per process, used by one
       thread at a time behind `self.lock`. A web copy answers on 32 threads, and threads
-      of one process would only queue for SQLite's single write lock anyway: queueing on
-      a Python lock is cheaper than SQLite's sleep-and-retry (measured when a thread
-      served each request: higher throughput, far lower p99).
+      of one process would only queue for SQLite's single write lock anyway: on a Python
+      lock the next thread wakes as soon as the lock is free, where SQLite's busy handler
+      sleeps and retries, and may sleep past that moment.
     * Reads (`query()`) do not queue there. In WAL a reader never waits for the writer,
-      but a read behind `self.lock` waited for whichever thread held it, and that thread
-      may itself be waiting for another process's write lock: a `GET /session` took 9.7 s
-      while a `POST /cart` on the same copy waited (issue 10). So a read takes a
+      but a read behind `self.lock` would wait for whichever thread held it, and that
+      thread may itself be waiting for another process's write lock: a `GET /session`
+      would take as long as a `POST /cart` on the same copy that waits. So a read takes a
       connection of its own from a small pool of read-only ones (`query_only`: a write
       sent there by mistake fails loudly instead of bypassing `BEGIN IMMEDIATE`). A read
       inside `write()` stays on the writer's connection: it is part of the transaction.
@@ -167,6 +196,8 @@ class Database:
       forked child never uses its parent's (sqlite.org, "How to corrupt a database", 2.6).
       Opening retries while the file is locked (`_open`): copies that start together on
       a brand-new file all start.
+    * A lock still held when the busy timeout runs out, at the open, at `BEGIN
+      IMMEDIATE`, at any statement or at `COMMIT`, is raised as `StoreUnavailable`.
     """
 
     def __init__(self, path: Path, timeout: float = BUSY_TIMEOUT):
@@ -216,7 +247,7 @@ class Database:
         """A transaction holding SQLite's write lock from its first statement.
 
         An exception inside the block rolls back everything the block wrote."""
-        with self.lock:
+        with self.lock, locked_is_unavailable():
             conn = self._writer_connection()
             conn.execute("BEGIN IMMEDIATE")
             self._transaction.connection = conn
@@ -231,20 +262,21 @@ class Database:
     def execute(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         """Run one statement that writes: alone it is its own transaction; inside
         `write()`, part of it."""
-        with self.lock:
+        with self.lock, locked_is_unavailable():
             return self._writer_connection().execute(sql, params).fetchall()
 
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         """Run one read. Inside this thread's `write()`, it is part of the transaction;
         anywhere else it runs on a read connection and never waits for a writer."""
-        conn = getattr(self._transaction, "connection", None)
-        if conn is not None:
-            return conn.execute(sql, params).fetchall()
-        conn = self._take_reader()
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            self._return_reader(conn)
+        with locked_is_unavailable():
+            conn = getattr(self._transaction, "connection", None)
+            if conn is not None:
+                return conn.execute(sql, params).fetchall()
+            conn = self._take_reader()
+            try:
+                return conn.execute(sql, params).fetchall()
+            finally:
+                self._return_reader(conn)
 
     def _take_reader(self) -> sqlite3.Connection:
         with self._readers_lock:
@@ -263,15 +295,15 @@ class Database:
 
     def create_tables(self, script: str) -> None:
         """Create what is missing. A file that is not a database, or holds tables of the
-        same names laid out otherwise, is a configuration error: one line, exit 2."""
+        same names laid out otherwise, is a configuration error: one line, exit 2. (A
+        locked one is `StoreUnavailable`, busy and not wrong: the caller's usual handling
+        applies.)"""
         try:
             with self.write() as conn:
                 for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
         except sqlite3.DatabaseError as error:
-            if is_locked(error):  # busy, not wrong: the caller's usual handling applies
-                raise
             raise ConfigError(f"{self.path} is not a database of this app: {error}") from None
 
     def close(self) -> None:
@@ -318,6 +350,6 @@ def database_from_env(environ: Mapping[str, str]) -> Database:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         db.execute("SELECT 1")  # opens the write connection: creates the file, in WAL
-    except (OSError, sqlite3.Error) as error:
+    except (OSError, sqlite3.Error, StoreUnavailable) as error:
         raise ConfigError(f"DATABASE_URL={url}: cannot open the database: {error}") from None
     return db

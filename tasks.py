@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+from database import log
 from session_store import SessionStore
 
 
@@ -86,7 +87,7 @@ def purge_expired_sessions(args: dict, ctx: TaskContext) -> dict:
 def heartbeat(args: dict, ctx: TaskContext) -> str:
     """A visible sign that the clock and the workers are alive."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    print(f"heartbeat at {now}: the clock enqueued it, {ctx.worker} ran it", flush=True)
+    log(f"heartbeat at {now}: the clock enqueued it, {ctx.worker} ran it")
     return now
 
 

@@ -13,12 +13,18 @@ multipart uploads, the session cookie), and `Server`, which accepts connections,
 for request heads on one thread and answers whole requests on a fixed pool of threads
 (see its docstring for the bounds). Each request gets one log line, through
 `database.log`, which escapes it, so that nothing a client sends can forge a line of the
-platform's log.
+platform's log; only a health check answered well gets none (`Handler.log_request`).
 
-It knows nothing of sessions, jobs or the page: `webapp.py` holds the routes and binds
-the port (`serve`), and that is where this toy app lives. The standard library does most
-of the HTTP: `BaseHTTPRequestHandler` answers, `socketserver` binds and accepts; only the
-request head is read here (`Handler.parse_request`), as cheaply as its grammar allows.
+What a route raises is answered here: a `ClientError` with its 4xx; `StoreUnavailable`
+(another process holds the database's lock: a wait) with a 503 and `Retry-After: 1`, and
+one line in the log; anything else is a bug, a 500, with its traceback in the log. It
+does not know which backing store stands behind the routes. Of sessions it knows only the
+cookie that carries one's id (`COOKIE_NAME`, `session_id_from`): what a session holds, and
+where, is `session_store.py`'s business. It knows nothing of jobs or the page:
+`webapp.py` holds the routes and binds the port (`serve`), and that is where this toy
+app lives. The standard library does most of the HTTP: `BaseHTTPRequestHandler` answers,
+`socketserver` binds and accepts; only the request head is read here
+(`Handler.parse_request`), as cheaply as its grammar allows.
 """
 from __future__ import annotations
 
@@ -29,7 +35,6 @@ import queue
 import re
 import selectors
 import socket
-import sqlite3
 import threading
 import time
 import traceback
@@ -46,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Callable, Iterator, Protocol
 
-from database import log
+from database import StoreUnavailable, log
 
 MAX_FORM_BYTES = 1 << 20      # a form is a few fields; refuse anything bigger unread
 MAX_FIELD_CHARS = 200
@@ -60,13 +65,13 @@ SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")  # what `new_session_id` makes,
 
 MAX_HEAD_BYTES = 64 << 10  # the request line and every header, together
 MIN_BODY_RATE = 16 << 10   # bytes a second, in or out: 10 MiB may take 11 minutes
-WORKERS = 32               # threads that answer requests, started once
+MAX_SILENCE = 30           # seconds a client, mid-request, may send or take no byte at all
+ANSWER_THREADS = 32        # threads that answer requests, started once
 MAX_TRANSFERS = 24         # of those, at most this many move a long body at once
-MAX_QUEUED = 1000          # whole requests waiting for a worker; beyond that, 503 at once
+MAX_QUEUED = 1000          # whole requests waiting to be answered; beyond that, 503 at once
 MAX_WAITING = 1000         # connections whose head is still arriving
 RESPONSE_BUFFER_BYTES = 64 << 10
 ACCEPT_PAUSE = 0.1         # seconds without accepting, out of descriptors with none to drop
-HEALTH_PROBES = ("launcher.py health check", "kube-probe/")  # User-Agents not logged
 HEAD_END = re.compile(rb"\n\r?\n")  # the blank line; BaseHTTPRequestHandler takes a bare \n
 MAX_HEADERS = 100          # as http.client; more get a 431
 # RFC 9112's request line (`POST /cart HTTP/1.1`) and header line (`Name: value`). A line
@@ -107,10 +112,10 @@ class Request:
 
     def read_body(self, size: int) -> bytes:
         """`size` bytes, or a 4xx: within `Handler.transfer_seconds` in all, and at most
-        `Handler.timeout` without a byte.
+        MAX_SILENCE seconds without a byte.
 
         A socket timeout alone bounds each wait, not the whole: a client sending a byte
-        every few seconds would never trip it and could hold a worker for hours.
+        every few seconds would never trip it and could hold a thread for hours.
         """
         deadline = time.monotonic() + self.handler.transfer_seconds(size)
         chunks, received = [], 0
@@ -148,7 +153,7 @@ class ClientError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
     def response(self) -> Response:
-        response = text(self.status, self.message)
+        response = plain_text(self.status, self.message)
         response.headers.extend(self.headers)
         return response
 
@@ -161,7 +166,7 @@ class Response:
     headers: list = field(default_factory=list)
 
 
-def text(status: int, message: str) -> Response:
+def plain_text(status: int, message: str) -> Response:
     return Response(status, (message + "\n").encode())
 
 
@@ -326,19 +331,19 @@ def whole_number(text: str) -> int | None:
 class Handler(BaseHTTPRequestHandler):
     """Turns each HTTP request into a call to the App and writes its Response."""
     protocol_version = "HTTP/1.0"  # one request per connection: simple for the router
-    timeout = 30                   # the longest wait for a client to send or take bytes
+    timeout = MAX_SILENCE          # `setup` puts it on the socket: it bounds each send, recv
     rbufsize = 0                   # `setup` puts its own buffer over the head and the socket
     app: Routes                    # set on the subclass made by `webapp.serve`
     server: Server
 
     def setup(self) -> None:
-        # The server hands over a Connection whose head it has already read, so that no
-        # thread waited for it: put those bytes back in front of the socket's, and
+        # The server hands over a PendingRequest whose head it has already read, so that
+        # no thread waited for it: put those bytes back in front of the socket's, and
         # BaseHTTPRequestHandler reads the request as it always does.
-        connection: Connection = self.request
-        self.request = connection.sock
+        pending: PendingRequest = self.request
+        self.request = pending.sock
         super().setup()
-        self.rfile = io.BufferedReader(HeadFirst(bytes(connection.head), self.rfile))
+        self.rfile = io.BufferedReader(HeadFirst(bytes(pending.head), self.rfile))
         # The head and a small body leave in one write (at `finish`), not one each.
         self.wfile = io.BufferedWriter(self.wfile, RESPONSE_BUFFER_BYTES)
 
@@ -388,12 +393,14 @@ class Handler(BaseHTTPRequestHandler):
                                  dict(urllib.parse.parse_qsl(url.query))))
         except ClientError as error:
             return error.response()
-        except sqlite3.OperationalError as error:  # e.g. a disk that is full
-            log(f"backing store error: {error}")
-            return text(503, "the backing store is unavailable; try again shortly")
+        except StoreUnavailable as error:  # another process holds the lock: a wait, not a bug
+            log(f"backing store unavailable: {error}")
+            response = plain_text(503, "the backing store is unavailable; try again shortly")
+            response.headers.append(("Retry-After", "1"))
+            return response
         except Exception as error:  # a bug: say so loudly in the log, answer 500, keep serving
             log_bug(error)
-            return text(500, "internal error; the traceback is in this copy's log")
+            return plain_text(500, "internal error; the traceback is in this copy's log")
 
     def transfer_seconds(self, size: int) -> float:
         """How long a body of `size` bytes may take to arrive, or to leave."""
@@ -417,16 +424,16 @@ class Handler(BaseHTTPRequestHandler):
         super().end_headers()
 
     def log_request(self, code="-", size="-") -> None:
-        # The platform asks every copy for /healthz every second: a line each would bury
-        # the requests people made. Apps behind Kubernetes skip `kube-probe` the same way.
-        # Only a probe's own request, answered well, goes unlogged: anything else sent
-        # with a probe's User-Agent is logged, so that no client can hide its requests.
-        # (A request whose head could not be parsed has no headers: it is logged.)
-        headers = getattr(self, "headers", None)
-        probe = (headers is not None and self.command == "GET" and self.path == "/healthz"
-                 and isinstance(code, int) and 200 <= code < 300
-                 and headers.get("User-Agent", "").startswith(HEALTH_PROBES))
-        if not probe:
+        # A health check answered 2xx is not logged, whoever asks. The platform asks every
+        # copy for /healthz every second (so does a Kubernetes probe), and a line each
+        # would bury the requests people made. Who asks is not checked: a User-Agent is
+        # whatever the client says, and the server need not know its platform. Leaving
+        # these out hides nobody's doing, since `GET /healthz` reveals and changes
+        # nothing. Everything else is logged: another method or path, a query string, a
+        # head that could not be read, and a check that fails, which the operator needs.
+        health_check = (self.command == "GET" and self.path == "/healthz"
+                        and isinstance(code, int) and 200 <= code < 300)
+        if not health_check:
             super().log_request(code, size)
 
     def log_message(self, format: str, *args) -> None:  # stdout, not stderr
@@ -456,8 +463,9 @@ class HeadFirst(io.RawIOBase):
 
 
 @dataclass(eq=False)  # compared by identity: each is a key of `Server.waiting`
-class Connection:
-    """A client's connection, from its accept until its request head has arrived."""
+class PendingRequest:
+    """A client's connection, from its accept until it is answered: the socket, and the
+    request's head as far as it has arrived."""
     sock: socket.socket
     address: tuple
     deadline: float  # for the whole head
@@ -479,11 +487,12 @@ class Server(HTTPServer):
       whole within CLIENT_TIMEOUT (else 408) and MAX_HEAD_BYTES (else 431). When MAX_WAITING
       are waiting and one more comes, or descriptors run out, the oldest is dropped: a
       browser sends its head in milliseconds, so the oldest is the likeliest to be slow.
-    * WORKERS threads, started once, answer the whole heads from a queue of at most
-      MAX_QUEUED (beyond that, 503 at once). A worker reads a request's body, and
+    * ANSWER_THREADS threads, started once, answer the whole heads from a queue of at
+      most MAX_QUEUED (beyond that, 503 at once). Each reads a request's body, and
       writes a long response, against a deadline (`Handler.transfer_seconds`).
     * `start()` and `stop(deadline)` run and end it all; `stop` stops accepting and
-      lets what has begun finish, until the deadline.
+      lets what has begun finish, until the deadline. socketserver's `shutdown()` ends
+      the accept loop, as it ends socketserver's own, and waits for it.
 
     socketserver still binds, listens, accepts and closes; BaseHTTPRequestHandler still
     parses and answers. The loop and the threads are what this class adds.
@@ -495,17 +504,20 @@ class Server(HTTPServer):
         self.client_timeout = client_timeout  # seconds for a whole request head
         self.dyno = dyno                      # this copy's name, on every answer
         self.selector = selectors.DefaultSelector()
-        self.waiting: OrderedDict[Connection, None] = OrderedDict()  # the oldest first
+        self.waiting: OrderedDict[PendingRequest, None] = OrderedDict()  # the oldest first
         # A SimpleQueue, not a Queue(MAX_QUEUED): its put and get are a call into C each,
         # where a Queue's wait on a Condition built of Python locks (about 20 µs of CPU a
         # request, measured). `hand_over` keeps the bound: it is the only thread that puts.
-        self.requests: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[PendingRequest | None] = queue.SimpleQueue()
         self.transfers = threading.BoundedSemaphore(MAX_TRANSFERS)
         self.stopping = threading.Event()
         # Daemon threads: `stop` waits for them itself, until its deadline, and no longer.
-        self.threads = [threading.Thread(target=self.serve_forever, name="accept", daemon=True)]
-        self.threads += [threading.Thread(target=self.work, name=f"worker-{number}",
-                                          daemon=True) for number in range(WORKERS)]
+        self.accept_thread = threading.Thread(target=self.serve_forever, name="accept",
+                                              daemon=True)
+        self.threads = [self.accept_thread]
+        self.threads += [threading.Thread(target=self.answer_requests, daemon=True,
+                                          name=f"answer-{number}")
+                         for number in range(ANSWER_THREADS)]
 
     def start(self) -> None:
         for thread in self.threads:
@@ -513,9 +525,9 @@ class Server(HTTPServer):
 
     @contextmanager
     def transfer_slot(self) -> Iterator[None]:
-        """Held by a worker while it moves a body a slow client can stretch out (a
-        request's; a response's over the buffer). At most MAX_TRANSFERS at once, so that
-        the other workers always answer the rest (/healthz, the page); beyond, 503."""
+        """Held by an answering thread while it moves a body a slow client can stretch
+        out (a request's; a response's over the buffer). At most MAX_TRANSFERS at once, so
+        that the other threads always answer the rest (/healthz, the page); beyond, 503."""
         if not self.transfers.acquire(blocking=False):
             raise ClientError(503, "too many transfers at once; try again shortly",
                               (("Retry-After", "1"),))
@@ -532,6 +544,14 @@ class Server(HTTPServer):
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self.threads)
 
+    def shutdown(self) -> None:
+        """Stop accepting and wait for the accept loop to end, once the heads still
+        arriving are whole or too late; the requests begun are still answered. The
+        inherited `shutdown` waits for a flag that only socketserver's own loop sets, so
+        here it would never return."""
+        self.stopping.set()
+        self.accept_thread.join()
+
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept and read heads until stopped, then until no head is still arriving."""
         self.socket.setblocking(False)
@@ -541,8 +561,8 @@ class Server(HTTPServer):
         self.stop_accepting()
         while self.waiting:
             self.wait_for_events(poll_interval)
-        for _ in range(WORKERS):
-            self.requests.put(None)  # each worker's last item
+        for _ in range(ANSWER_THREADS):
+            self.requests.put(None)  # each answering thread's last item
 
     def wait_for_events(self, timeout: float) -> None:
         for key, _ in self.selector.select(timeout):
@@ -567,45 +587,46 @@ class Server(HTTPServer):
                 return
             sock.setblocking(False)
             deadline = time.monotonic() + self.client_timeout
-            self.read_head(Connection(sock, address, deadline))
+            self.read_head(PendingRequest(sock, address, deadline))
 
     def make_room(self) -> None:
-        """Drop the connection that has waited longest; with none, pause accepting, as
+        """Drop the request that has waited longest; with none, pause accepting, as
         the listening socket stays readable and every accept would fail at once: a spin."""
         if self.waiting:
             self.answer_early(next(iter(self.waiting)), 503, "too many clients waiting")
         else:
             time.sleep(ACCEPT_PAUSE)
 
-    def read_head(self, connection: Connection) -> None:
-        """Read what has arrived; hand the request to a worker once its head is whole."""
+    def read_head(self, pending: PendingRequest) -> None:
+        """Read what has arrived; hand the request over to be answered once its head is
+        whole."""
         try:
-            data = connection.sock.recv(MAX_HEAD_BYTES)
+            data = pending.sock.recv(MAX_HEAD_BYTES)
         except BlockingIOError:  # nothing yet
-            self.wait_for_more(connection)
+            self.wait_for_more(pending)
             return
         except OSError:  # reset by the client
-            self.close(connection)
+            self.close(pending)
             return
-        searched = max(0, len(connection.head) - 2)  # the blank line may straddle two reads
-        connection.head += data
-        if HEAD_END.search(connection.head, searched):
-            self.hand_over(connection)
+        searched = max(0, len(pending.head) - 2)  # the blank line may straddle two reads
+        pending.head += data
+        if HEAD_END.search(pending.head, searched):
+            self.hand_over(pending)
         elif not data:  # the client is done sending: its head ends here, if it sent one
-            if connection.head:
-                self.hand_over(connection)
+            if pending.head:
+                self.hand_over(pending)
             else:  # connected and closed: a probe of the port, no request, no log line
-                self.close(connection)
-        elif len(connection.head) > MAX_HEAD_BYTES:
-            self.answer_early(connection, 431, f"the request head is over "
-                                               f"{MAX_HEAD_BYTES >> 10} KiB")
+                self.close(pending)
+        elif len(pending.head) > MAX_HEAD_BYTES:
+            self.answer_early(pending, 431, f"the request head is over "
+                                            f"{MAX_HEAD_BYTES >> 10} KiB")
         else:
-            self.wait_for_more(connection)
+            self.wait_for_more(pending)
 
-    def wait_for_more(self, connection: Connection) -> None:
-        if connection not in self.waiting:
-            self.waiting[connection] = None
-            self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+    def wait_for_more(self, pending: PendingRequest) -> None:
+        if pending not in self.waiting:
+            self.waiting[pending] = None
+            self.selector.register(pending.sock, selectors.EVENT_READ, pending)
 
     def drop_expired(self) -> None:
         now = time.monotonic()
@@ -619,56 +640,57 @@ class Server(HTTPServer):
             else:  # connected, never sent a byte (a browser's preconnect): no line
                 self.close(oldest)
 
-    def hand_over(self, connection: Connection) -> None:
-        self.stop_waiting(connection)
-        if self.requests.qsize() >= MAX_QUEUED:  # the workers are far behind: say so now,
-            self.answer_early(connection, 503, "this copy is busy; try again shortly")
-        else:  # ... not after a long wait
-            self.requests.put(connection)
+    def hand_over(self, pending: PendingRequest) -> None:
+        self.stop_waiting(pending)
+        if self.requests.qsize() >= MAX_QUEUED:  # far behind: say so now, not after a wait
+            self.answer_early(pending, 503, "this copy is busy; try again shortly")
+        else:
+            self.requests.put(pending)
 
-    def answer_early(self, connection: Connection, status: int, message: str) -> None:
-        """Answer from this thread, without a worker, and close: at most one small send."""
+    def answer_early(self, pending: PendingRequest, status: int, message: str) -> None:
+        """Answer from this thread, not an answering one, and close: at most one small send."""
         body = f"{message}\n".encode()
         head = (f"HTTP/1.0 {status} {HTTPStatus(status).phrase}\r\nContent-Type: text/plain; "
                 f"charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                 f"X-Served-By: {self.dyno}\r\n\r\n").encode()
         try:
-            connection.sock.send(head + body)
+            pending.sock.send(head + body)
         except OSError:  # gone, or not reading: there is no more to do for it
             pass
-        log(f"{connection.address[0]} {status} {message}")
-        self.close(connection)
+        log(f"{pending.address[0]} {status} {message}")
+        self.close(pending)
 
     def stop_accepting(self) -> None:
         """Close the listening socket; close the connections that have not begun a request."""
         self.selector.unregister(self.socket)
         self.socket.close()
-        for connection in [waiting for waiting in self.waiting if not waiting.head]:
-            self.close(connection)
+        for pending in [waiting for waiting in self.waiting if not waiting.head]:
+            self.close(pending)
 
-    def stop_waiting(self, connection: Connection) -> None:
-        if connection in self.waiting:
-            del self.waiting[connection]
-            self.selector.unregister(connection.sock)
+    def stop_waiting(self, pending: PendingRequest) -> None:
+        if pending in self.waiting:
+            del self.waiting[pending]
+            self.selector.unregister(pending.sock)
 
-    def close(self, connection: Connection) -> None:
-        self.stop_waiting(connection)
-        self.close_request(connection.sock)
+    def close(self, pending: PendingRequest) -> None:
+        self.stop_waiting(pending)
+        self.close_request(pending.sock)
 
-    def work(self) -> None:
-        while (connection := self.requests.get()) is not None:
-            self.answer(connection)
+    def answer_requests(self) -> None:
+        """Answer the requests handed over, until the None that `serve_forever` puts last."""
+        while (pending := self.requests.get()) is not None:
+            self.answer(pending)
 
-    def answer(self, connection: Connection) -> None:
+    def answer(self, pending: PendingRequest) -> None:
         try:
-            self.finish_request(connection, connection.address)  # runs the Handler
+            self.finish_request(pending, pending.address)  # runs the Handler
         except (ConnectionError, TimeoutError) as error:  # hung up, or stopped reading
-            log(f"{connection.address[0]} left before the answer was sent "
+            log(f"{pending.address[0]} left before the answer was sent "
                 f"({type(error).__name__})")
         except Exception as error:
             log_bug(error)
         finally:
-            self.shutdown_request(connection.sock)
+            self.shutdown_request(pending.sock)
 
 
 def log_bug(error: Exception) -> None:

@@ -43,14 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from database import ConfigError, database_from_env, positive_number, process_name
+from database import (ConfigError, database_from_env, log, positive_number, process_name,
+                      stop_timeout)
 from job_queue import JobQueue
 from session_store import (Session, SessionStore, UploadInfo, empty_session,
                            store_from_env)
 from tasks import TASKS
 from web_server import (COOKIE_NAME, ClientError, FilePart, Handler, Request, Response,
-                        Server, as_json, log, parse_multipart, redirect, required_field, text,
+                        Server, as_json, parse_multipart, plain_text, redirect, required_field,
                         whole_number)
+
 MAX_UPLOAD_BYTES = 10 << 20
 # A session is read and rewritten whole on every change, under the one write lock of
 # the shared file: what one session may hold is bounded, so that no user slows everyone.
@@ -60,6 +62,11 @@ MAX_OWN_JOBS = 100            # job ids kept in a session; older jobs go on, unl
 MAX_ARGS_BYTES = 64 << 10     # a job's args are read back by every list that shows the job
 MAX_ARGS_DEPTH = 16
 MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader carries exactly
+# The page shows the newest few of each list, and reads no more than it shows.
+PAGE_UPLOADS = 20             # of yours
+PAGE_OWN_JOBS = 10            # of yours
+PAGE_QUEUE_JOBS = 10          # of everyone's
+LISTED_JOBS = 100             # GET /jobs: the newest this many
 
 
 # --- The application: one method per route -----------------------------------------
@@ -67,7 +74,7 @@ MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader carries ex
 class App:
     """The routes. Each takes the request and returns a Response; none keeps state."""
 
-    def __init__(self, store: SessionStore, queue: JobQueue, config: Config):
+    def __init__(self, store: SessionStore, queue: JobQueue, config: WebConfig):
         self.store, self.queue, self.config = store, queue, config
         self.routes = {
             "/": {"GET": self.page},
@@ -122,16 +129,17 @@ class App:
         stranger = request.sid is not None and data is None
         data = data or empty_session()
         notice = self.take_notice(request.sid) if data.get("notice") else None
-        # The newest first, and only the last few: a page never reads more than it shows.
-        uploads = [self.store.upload_info(upload_id) for upload_id in data["uploads"][-20:]]
-        own_jobs = [self.queue.get(job_id) for job_id in data.get("jobs", [])[-10:]]
+        uploads = [self.store.upload_info(upload_id)
+                   for upload_id in data["uploads"][-PAGE_UPLOADS:]]
+        own_jobs = [self.queue.get(job_id) for job_id in data.get("jobs", [])[-PAGE_OWN_JOBS:]]
         body = render_page(
-            data, self.config.dyno, self.store.kind,
-            notice_line(notice, request.query, stranger, self.config.dyno),
-            stranger_notice(self.store, html.escape(self.config.dyno)) if stranger else "",
-            [upload for upload in reversed(uploads) if upload],
-            [job for job in reversed(own_jobs) if job],
-            [public_face(job) for job in self.queue.recent(limit=10)])
+            session=data, dyno=self.config.dyno, store_kind=self.store.kind,
+            notice=notice_line(notice, request.query, stranger, self.config.dyno),
+            stranger=(stranger_notice(self.store, html.escape(self.config.dyno))
+                      if stranger else ""),
+            uploads=[upload for upload in reversed(uploads) if upload],
+            own_jobs=[job for job in reversed(own_jobs) if job],
+            queue=[public_face(job) for job in self.queue.recent(limit=PAGE_QUEUE_JOBS)])
         return Response(200, body.encode(), "text/html; charset=utf-8")
 
     def take_notice(self, sid: str) -> str | None:
@@ -216,12 +224,12 @@ class App:
         form = request.form()
         task = required_field(form, "task")
         args = job_args(form.get("args") or "{}")
-        return self.enqueue_for_session(request, form, task, args)
+        return self.enqueue_private_or_public(request, form, task, args)
 
-    def enqueue_for_session(self, request: Request, form: dict, task: str,
-                            args: dict) -> Response:
+    def enqueue_private_or_public(self, request: Request, form: dict, task: str,
+                                  args: dict) -> Response:
         """A job sent with a session, or from the page (which then gets one), is private to
-        that session. One sent with no session at all (curl) is public, as it always was."""
+        that session. One sent with no session at all (curl) is public."""
         back = return_path(form.get("next"))
         if back is None and self.store.load(request.sid) is None:
             return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
@@ -245,10 +253,10 @@ class App:
         task = request.query.get("task")
         session = self.store.load(request.sid)
         return as_json([job_as_seen_by(job, session)
-                        for job in self.queue.recent(task=task, limit=100)])
+                        for job in self.queue.recent(task=task, limit=LISTED_JOBS)])
 
     def healthz(self, request: Request) -> Response:
-        return text(200, "ok")
+        return plain_text(200, "ok")
 
 
 # --- Where a form post returns, and who sees what ---------------------------------------
@@ -378,7 +386,7 @@ def serve(app: App) -> Server:
 
 
 @dataclass(frozen=True)
-class Config:
+class WebConfig:
     host: str
     port: int
     dyno: str
@@ -387,17 +395,17 @@ class Config:
     client_timeout: float  # seconds to send a request head; a body has this and more
 
 
-def config_from_env(environ: dict) -> Config:
+def config_from_env(environ: dict) -> WebConfig:
     text = environ.get("PORT", "5000")
     port = whole_number(text)
     if port is None or not 0 < port < 65536:
         raise ConfigError(f"PORT must be a port number from 1 to 65535, got {text!r}")
-    return Config(host=environ.get("HOST", "127.0.0.1"), port=port,
-                  dyno=process_name(environ, "web.1"),
-                  cookie_secure=environ.get("COOKIE_SECURE", "") == "1",
-                  # under Heroku's 30 s; a thread cannot usefully wait longer than an hour
-                  stop_timeout=positive_number(environ, "STOP_TIMEOUT", 25, 3600),
-                  client_timeout=positive_number(environ, "CLIENT_TIMEOUT", 10, 3600))  # nginx: 60
+    return WebConfig(
+        host=environ.get("HOST", "127.0.0.1"), port=port,
+        dyno=process_name(environ, "web.1"),
+        cookie_secure=environ.get("COOKIE_SECURE", "") == "1",
+        stop_timeout=stop_timeout(environ),
+        client_timeout=positive_number(environ, "CLIENT_TIMEOUT", 10, 3600))  # nginx: 60
 
 
 def main() -> None:
@@ -469,9 +477,11 @@ def stranger_notice(store: SessionStore, dyno: str) -> str:
             f'({dyno}) has never heard of that session. {why}</p>\n')
 
 
-def render_page(session: dict, dyno: str, store_kind: str, notice: str, stranger: str,
+def render_page(*, session: dict, dyno: str, store_kind: str, notice: str, stranger: str,
                 uploads: list[UploadInfo], own_jobs: list[dict], queue: list[dict]) -> str:
-    """The page; `notice` and `stranger` are HTML already, everything else is escaped here."""
+    """The page; `notice` and `stranger` are HTML already, everything else is escaped here.
+    Keyword-only: eight arguments, three of them lists and two of them HTML, are easy to
+    pass in the wrong order and hard to see passed so."""
     esc = html.escape
     user = session["user"]
     if user:

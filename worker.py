@@ -45,7 +45,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -53,8 +52,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
-from database import (ConfigError, StillLocked, database_from_env, keep_trying, log,
-                      positive_number, process_name)
+from database import (ConfigError, StillLocked, StoreUnavailable, database_from_env,
+                      keep_trying, log, positive_number, process_name, stop_timeout)
 from job_queue import Job, JobQueue, decoded
 from session_store import SessionStore, store_from_env
 from tasks import TASKS, TaskContext
@@ -64,7 +63,7 @@ WAKE_EVERY = 0.1         # seconds: how soon a waiting worker notices a stop sig
 
 
 @dataclass(frozen=True)
-class Config:
+class WorkerConfig:
     dyno: str
     lease: float
     poll_interval: float
@@ -73,13 +72,14 @@ class Config:
     burst: bool
 
 
-def config_from_env(environ: Mapping[str, str]) -> Config:
-    return Config(dyno=process_name(environ, "worker.1"),
-                  lease=positive_number(environ, "JOB_LEASE", 30, 3600, minimum=1),
-                  poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60, minimum=0.01),
-                  retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2, MAX_RETRY_DELAY),
-                  stop_timeout=positive_number(environ, "STOP_TIMEOUT", 25, 3600),
-                  burst=environ.get("WORKER_BURST", "") == "1")
+def config_from_env(environ: Mapping[str, str]) -> WorkerConfig:
+    return WorkerConfig(
+        dyno=process_name(environ, "worker.1"),
+        lease=positive_number(environ, "JOB_LEASE", 30, 3600, minimum=1),
+        poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60, minimum=0.01),
+        retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2, MAX_RETRY_DELAY),
+        stop_timeout=stop_timeout(environ),
+        burst=environ.get("WORKER_BURST", "") == "1")
 
 
 class StopRequest:
@@ -155,7 +155,7 @@ def renew_lease(queue: JobQueue, job: Job, lease: float, finished: threading.Eve
         try:
             if not queue.extend_lease(job, lease):
                 return
-        except sqlite3.OperationalError as error:  # busy past its timeout: try next time
+        except StoreUnavailable as error:  # locked past the busy timeout: try next time
             log(f"job {job.id} could not extend its lease ({error}); trying again")
 
 
@@ -186,7 +186,7 @@ def give_up(queue: JobQueue, job: Job, error: str, stop: StopRequest) -> None:
                               f"attempt{'s' if job.attempt != 1 else ''}: {error}")
 
 
-def record_failure(queue: JobQueue, job: Job, error: str, config: Config,
+def record_failure(queue: JobQueue, job: Job, error: str, config: WorkerConfig,
                    stop: StopRequest) -> None:
     if job.attempt >= job.max_attempts:
         give_up(queue, job, error, stop)
@@ -198,7 +198,8 @@ def record_failure(queue: JobQueue, job: Job, error: str, config: Config,
                               f"{job.max_attempts}): {error}; retry in {delay:.1f}s")
 
 
-def give_back(queue: JobQueue, job: Job, config: Config, stop: StopRequest) -> None:
+def hand_back_unfinished(queue: JobQueue, job: Job, config: WorkerConfig,
+                         stop: StopRequest) -> None:
     """The stop deadline came first: the job goes back to the queue for another worker.
     The deadline has passed, so this is one try: if the database is locked even now,
     the worker leaves anyway (`StillLocked`) and the job's lease returns it later."""
@@ -209,7 +210,7 @@ def give_back(queue: JobQueue, job: Job, config: Config, stop: StopRequest) -> N
                               f"does not count")
 
 
-def run_job(queue: JobQueue, job: Job, store: SessionStore, config: Config,
+def run_job(queue: JobQueue, job: Job, store: SessionStore, config: WorkerConfig,
             stop: StopRequest) -> None:
     """Run one claimed job and record how it ended. A task's exception never ends the
     worker: it is the job's failure, retried or kept as the job's error."""
@@ -229,7 +230,7 @@ def run_job(queue: JobQueue, job: Job, store: SessionStore, config: Config,
         run = TaskRun(task, args, TaskContext(store, job.attempt, config.dyno), f"job-{job.id}")
         in_time = run.wait(stop)
     if not in_time:
-        give_back(queue, job, config, stop)
+        hand_back_unfinished(queue, job, config, stop)
     elif run.error is not None:
         record_failure(queue, job, run.error, config, stop)
     else:
@@ -239,7 +240,7 @@ def run_job(queue: JobQueue, job: Job, store: SessionStore, config: Config,
                     f"job {job.id} {job.task} done in {time.monotonic() - started:.2f}s")
 
 
-def work(queue: JobQueue, store: SessionStore, config: Config, stop: StopRequest) -> None:
+def work(queue: JobQueue, store: SessionStore, config: WorkerConfig, stop: StopRequest) -> None:
     """One job at a time until asked to stop (or, in burst mode, until nothing is ready).
     More throughput comes from more worker copies, not from threads in this one."""
     while not stop.requested():

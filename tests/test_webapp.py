@@ -522,7 +522,7 @@ def test_a_copy_whose_workers_are_far_behind_answers_503_at_once(monkeypatch):
         for _ in range(3):
             clients.append(socket.create_connection(server.server_address))
             sock, address = server.socket.accept()
-            server.hand_over(web_server.Connection(sock, address, time.monotonic() + 10))
+            server.hand_over(web_server.PendingRequest(sock, address, time.monotonic() + 10))
         clients[-1].settimeout(5)
         assert clients[-1].recv(100).startswith(b"HTTP/1.0 503 ")
         assert server.requests.qsize() == 2
