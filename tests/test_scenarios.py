@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import REPO, Launcher, Proc, free_port, get, responds, wait_until
+from conftest import REPO, Launcher, Proc, free_port, get, wait_until
 
 README = (REPO / "README.md").read_text()
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -193,36 +192,6 @@ def test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_onc
     launcher.wait_for("already enqueued (by another clock, or by this one before a restart)")
     keys = Counter(job["key"] for job in json.loads(terminals.run(launcher, clocks.shell[0])))
     assert keys and set(keys.values()) == {1}
-
-
-def dockerfile_instructions() -> dict[str, list[str]]:
-    """Instruction -> its arguments, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
-    found: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            instruction, _, rest = line.strip().partition(" ")
-            found.setdefault(instruction, []).append(rest.strip())
-    return found
-
-
-def test_the_dockerfile_image_runs_the_web_process_on_its_exposed_port(tmp_path, spawn):
-    dockerfile = dockerfile_instructions()
-    env = dict(pair.split("=", 1) for pair in shlex.split(" ".join(dockerfile["ENV"])))
-    assert env["HOST"] == "0.0.0.0" and dockerfile["EXPOSE"] == [env["PORT"]]
-    assert json.loads(dockerfile["CMD"][0]) == ["python", "webapp.py"]
-    # The image holds only what COPY puts in it: run the CMD in a folder with just that.
-    image = tmp_path / "app"
-    image.mkdir()
-    for line in dockerfile["COPY"]:
-        *sources, _ = line.split()
-        for name in sources:
-            shutil.copy(REPO / name, image)
-    port = free_port()
-    env.update(PORT=str(port), DATABASE_URL=f"sqlite:///{tmp_path}/data/app.db",
-               PATH=os.environ["PATH"])
-    spawn(json.loads(dockerfile["CMD"][0]), env, cwd=image)
-    wait_until(lambda: responds(f"http://127.0.0.1:{port}/healthz"), what="the image's CMD")
 
 
 def test_the_readme_map_names_code_that_exists():
