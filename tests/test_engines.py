@@ -30,11 +30,12 @@ import webapp
 import worker
 from conftest import REPO, free_port, get, wait_until
 from database import database_from_env
+from launcher import read_procfile
 from plain_yaml import NotPlainYaml, Reader, read_document, read_documents, split_documents
 from session_store import store_from_env
 
 PROCESSES = {"web": webapp, "worker": worker, "clock": clock}  # the Procfile's types
-FORMATION = {"web": 4, "worker": 2, "clock": 1}                 # the issue's web=4 worker=2
+FORMATION = {"web": 4, "worker": 2, "clock": 1}                 # launcher.py web=4 worker=2
 DOCKER_STOP_WAITS = 10  # seconds from docker stop's SIGTERM to its SIGKILL, by default
 KUBERNETES_WAITS = 30   # terminationGracePeriodSeconds, by default
 EXIT_TAKES = 2          # seconds a copy may need after its STOP_TIMEOUT to be gone
@@ -45,9 +46,9 @@ POD_NAME = "web-7d9f8c6b5-x2k4q"
 # --- What the files say --------------------------------------------------------------
 
 def procfile() -> dict[str, list[str]]:
-    lines = (REPO / "Procfile").read_text().splitlines()
-    return {name: shlex.split(command) for name, command in
-            (re.fullmatch(r"([A-Za-z0-9_-]+):\s*(.+)", line).groups() for line in lines if line)}
+    """Process type -> its command, as an engine's args (the launcher's reading)."""
+    return {name: shlex.split(command)
+            for name, command in read_procfile(REPO / "Procfile").items()}
 
 
 def dockerfile_instructions() -> dict[str, list[str]]:
@@ -59,6 +60,11 @@ def dockerfile_instructions() -> dict[str, list[str]]:
             instruction, _, rest = line.strip().partition(" ")
             found.setdefault(instruction, []).append(rest.strip())
     return found
+
+
+def image_files() -> list[str]:
+    """What COPY puts in the image (each COPY's last word is where to)."""
+    return [name for line in dockerfile_instructions()["COPY"] for name in line.split()[:-1]]
 
 
 def image_env() -> dict[str, str]:
@@ -301,7 +307,7 @@ def test_compose_router_listens_on_loopback_and_reaches_the_web_copies_port():
     assert router["ports"] == [f"127.0.0.1:5000:{port}"]
     assert arguments[-1] == f"web:{image_env()['PORT']}"
     assert "--sticky" not in arguments
-    assert (REPO / "router.py").name in " ".join(dockerfile_instructions()["COPY"])
+    assert "router.py" in image_files()
 
 
 def test_compose_database_url_names_the_redis_service_and_its_password():
@@ -363,10 +369,8 @@ def image_folder(tmp_path: Path) -> Path:
     """A folder holding only what COPY puts in the image, as its WORKDIR does."""
     folder = tmp_path / "app"
     folder.mkdir()
-    for line in dockerfile_instructions()["COPY"]:
-        *sources, _ = line.split()
-        for name in sources:
-            shutil.copy(REPO / name, folder)
+    for name in image_files():
+        shutil.copy(REPO / name, folder)
     return folder
 
 
