@@ -6,12 +6,13 @@ FROM python:3.12-slim
 
 WORKDIR /app
 # The app's three process types and the backing services they meet in, the Procfile that
-# names them, and two pieces of platform: entrypoint.sh names each container, and
-# router.py is compose.yaml's router. One image rather than a second one for the router:
-# router.py is one file of standard-library Python that imports nothing of the app
-# (tests/test_imports.py), so a second image would be the same Python twice, built twice.
+# names them, and some platform: entrypoint.sh names each container, and router.py (with
+# the modules it imports: health, formation, logs) is compose.yaml's router. One image
+# rather than a second one for the router: the router is standard-library Python that
+# imports nothing of the app (tests/test_imports.py), so a second image would hold the
+# same Python twice and be built twice, to save four small files.
 COPY webapp.py page.html web_server.py worker.py clock.py session_store.py job_queue.py tasks.py \
-     database.py Procfile entrypoint.sh router.py ./
+     database.py Procfile entrypoint.sh router.py health.py formation.py logs.py ./
 
 # Inside a container, loopback is unreachable from outside: bind every interface.
 # State goes to a volume, never to the container's own disk (Factor VI). A SQLite file

@@ -28,7 +28,7 @@ import pytest
 import clock
 import webapp
 import worker
-from conftest import REPO, free_port, get, wait_until
+from conftest import REPO, free_port, get, responds, wait_until
 from database import database_from_env
 from launcher import read_procfile
 from plain_yaml import NotPlainYaml, Reader, read_document, read_documents, split_documents
@@ -410,6 +410,22 @@ def test_each_container_names_itself_and_stops_on_sigterm(process, tmp_path, spa
     assert f"(pid {proc.pid}" in proc.output()  # python is the process the engine started
     assert proc.stop(signal.SIGTERM, timeout=float(env["STOP_TIMEOUT"])) == 0, proc.output()
     assert f"{process}.{HOSTNAME} stopped" in proc.output()
+
+
+def test_the_image_runs_compose_s_router_in_front_of_the_web_copies(tmp_path, spawn):
+    """Everything router.py imports is in the image, and it stops on SIGTERM as PID 1."""
+    folder = image_folder(tmp_path)
+    web_args, web_env = image_process(tmp_path)
+    spawn(web_args, web_env, cwd=folder)
+    front = free_port()
+    arguments = compose_services()["router"]["command"]
+    arguments[arguments.index("--port") + 1] = str(front)
+    arguments[-1] = f"127.0.0.1:{web_env['PORT']}"  # here, what Docker's DNS calls `web`
+    router = spawn(*image_process(tmp_path, arguments), cwd=folder)
+    wait_until(lambda: responds(f"http://127.0.0.1:{front}/healthz"),
+               what="the router to pass a request to the web copy")
+    assert get(f"http://127.0.0.1:{front}/session").json()["served_by"] == f"web.{HOSTNAME}"
+    assert router.stop(signal.SIGTERM, timeout=DOCKER_STOP_WAITS) == 0, router.output()
 
 
 def test_a_name_the_engine_gives_is_kept(tmp_path, spawn):
