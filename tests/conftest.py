@@ -11,11 +11,14 @@ import json
 import os
 import random
 import re
+import secrets
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -367,3 +370,88 @@ def frozen(pid: int):
     finally:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # a stopped process dies of it too
+
+
+# --- A real redis-server, for the Redis client, store and queue tests --------------------
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of our own on a free port, with a password, its files in `dir`.
+
+    `restart()` kills it (SIGKILL: a crash, not a shutdown) and starts it again on the same
+    port and directory: with `--appendonly yes` among its args, it keeps what it was told.
+    `freeze()`/`thaw()` SIGSTOP/SIGCONT it: its port still accepts, nothing answers."""
+    spawn: Callable
+    port: int
+    password: str
+    dir: Path
+    args: tuple[str, ...]
+    proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{urllib.parse.quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = self.spawn([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                                "--requirepass", self.password, "--dir", str(self.dir),
+                                "--save", "", "--appendonly", "no", *self.args], os.environ.copy())
+
+        def ready():
+            if self.proc.popen.poll() is not None:
+                pytest.fail(f"redis-server exited early:\n{self.proc.output()}")
+            return redis_answers_ping(self.port, self.password)
+
+        wait_until(ready, what="redis-server to answer PING")
+
+    def stop(self) -> None:
+        self.proc.kill_group()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def freeze(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def redis_answers_ping(port: int, password: str) -> bool:
+    """PONG to AUTH + PING, spoken by hand, so that the fixture does not rely on the client
+    under test. While it loads its data, Redis answers -LOADING instead."""
+    command = b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in (b"AUTH", password.encode()))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"*2\r\n" + command + b"*1\r\n$4\r\nPING\r\n")
+            received = b""
+            while received.count(b"\r\n") < 2 and (data := sock.recv(1024)):
+                received += data
+            return received == b"+OK\r\n+PONG\r\n"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def start_redis(spawn, tmp_path):
+    """start_redis(*args) runs a redis-server with extra arguments (e.g. --appendonly yes)."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+
+    def start(*args: str) -> RedisServer:
+        folder = Path(tempfile.mkdtemp(prefix="redis-", dir=tmp_path))
+        server = RedisServer(spawn, free_port(), f"pw@:/%{secrets.token_hex(4)}", folder, args)
+        server.start()
+        return server
+
+    return start
+
+
+@pytest.fixture
+def redis_server(start_redis) -> RedisServer:
+    """A redis-server with a password (one that must be percent-encoded in the URL)."""
+    return start_redis()
