@@ -3,9 +3,10 @@
 The rule makes the architecture visible in the file list. The app's process types
 (`webapp`, `worker`, `clock`) never import each other: they meet only in the backing
 services (`session_store`, `job_queue`) and the plumbing beside them (`database`,
-`tasks`, and `web_server`, the web process's HTTP). The platform (`launcher`, `formation`,
-`health`, `router`, `logs`) and the app never import each other: the platform runs the
-app's commands from the Procfile, as Heroku runs anyone's.
+`tasks`, `web_server`, the web process's HTTP, and `redis_client`, a leaf that imports
+nothing of the project). The platform (`launcher`, `formation`, `health`, `router`,
+`logs`) and the app never import each other: the platform runs the app's commands from
+the Procfile, as Heroku runs anyone's.
 """
 import ast
 import sys
@@ -14,7 +15,7 @@ from conftest import REPO
 
 PROCESSES = {"webapp", "worker", "clock"}
 SHARED = {  # the backing services and the plumbing the processes share
-    "session_store", "job_queue", "database", "tasks", "web_server"}
+    "session_store", "job_queue", "database", "tasks", "web_server", "redis_client"}
 PLATFORM = {"launcher", "router", "formation", "logs", "health"}
 
 
@@ -59,3 +60,7 @@ def test_what_the_processes_share_imports_no_process_and_no_platform():
 def test_the_platform_imports_nothing_of_the_app():
     for module in PLATFORM:
         assert not imports_of(module) & (PROCESSES | SHARED), module
+
+
+def test_the_redis_client_is_a_leaf():
+    assert not imports_of("redis_client") & modules()
