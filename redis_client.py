@@ -325,10 +325,13 @@ class Connection:
     def _read_bulk(self, length: int, deadline: float) -> bytes | None:
         if length == -1:
             return None
-        while len(self._buffer) < length + 2:
-            self._receive(deadline)
-        if length < 0 or self._buffer[length:length + 2] != b"\r\n":
-            raise ValueError("a bulk string of the wrong length")
+        if length < 0:
+            raise ValueError(f"a bulk string of length {length}")
+        missing = length + 2 - len(self._buffer)
+        if missing > 0:
+            self._receive_into_place(missing, deadline)
+        if self._buffer[length:length + 2] != b"\r\n":
+            raise ValueError("a bulk string longer than it said")
         return self._take(length, deadline)
 
     def _take(self, end: int, deadline: float) -> bytes:
@@ -336,9 +339,23 @@ class Connection:
         while end < 0:
             self._receive(deadline)
             end = self._buffer.find(b"\r\n")
-        data = bytes(self._buffer[:end])
+        with memoryview(self._buffer) as view:  # one copy: bytes(buffer[:end]) makes two
+            data = bytes(view[:end])
         del self._buffer[:end + 2]
         return data
+
+    def _receive_into_place(self, size: int, deadline: float) -> None:
+        """Receive `size` more bytes straight into the end of the buffer, grown once: a
+        10 MiB upload is neither copied chunk by chunk nor regrown in small steps."""
+        start = len(self._buffer)
+        self._buffer += bytes(size)
+        with memoryview(self._buffer) as view:
+            while start < len(self._buffer):
+                self.sock.settimeout(remaining(deadline))
+                received = self.sock.recv_into(view[start:])
+                if not received:
+                    raise EOFError("closed")
+                start += received
 
     def _receive(self, deadline: float) -> None:
         self.sock.settimeout(remaining(deadline))  # one deadline for the whole reply
