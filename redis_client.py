@@ -51,6 +51,7 @@ from typing import Callable, Iterator, Sequence
 
 CONNECT_TIMEOUT = 2.0  # seconds for TCP, TLS, AUTH and SELECT of a new connection, in all
 REPLY_TIMEOUT = 5.0    # seconds from sending a command to the last byte of its reply
+                       # (so a blocking command, BLMOVE, must ask to block for less)
 # At most 7 s together: a web copy answers 503 within 10 s when Redis is down or frozen.
 IDLE_CONNECTIONS = 32  # kept open for the next caller: as many as a web copy has threads
 FIRST_BACKOFF = 0.1    # seconds new connections fail at once after a failure, doubling
@@ -113,37 +114,40 @@ def parse_url(url: str) -> RedisURL:
     hold the password."""
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port if parts.port is not None else 6379
+        port = 6379 if parts.port is None else parts.port
     except ValueError:
-        raise ValueError("the Redis URL's port must be a number from 1 to 65535 "
-                         "(percent-encode / ? # @ in the password)") from None
+        raise malformed("has a port that is not a number below 65536, or a bad [IPv6]") from None
     if parts.scheme not in ("redis", "rediss"):
-        raise ValueError("the Redis URL must start with redis:// or rediss://")
+        raise malformed("must start with redis:// or rediss://")
     if not parts.hostname or not port:
-        raise ValueError("the Redis URL must name a host and a port from 1 to 65535, like "
-                         "redis://:password@host:6379/0 (percent-encode / ? # @ in the password)")
+        raise malformed("must name a host, and a port from 1 to 65535 if any")
     db = parts.path.removeprefix("/") or "0"
     if not (db.isascii() and db.isdigit()) or parts.query or parts.fragment:
-        raise ValueError("the Redis URL may end only with a database number, like /0")
+        raise malformed("may end only with a database number")
     username = urllib.parse.unquote(parts.username) if parts.username else None
     password = urllib.parse.unquote(parts.password) if parts.password else None
     if username and not password:
-        raise ValueError("the Redis URL names a user but no password: redis://user:password@host")
+        raise malformed("names a user but no password")
     return RedisURL(parts.scheme == "rediss", parts.hostname, port, int(db),
                     username, password)
+
+
+def malformed(what: str) -> ValueError:
+    return ValueError(f"the Redis URL {what}; the form is redis://[[user]:password@]host"
+                      f"[:port][/db] (rediss:// for TLS; percent-encode / ? # @ in the password)")
 
 
 # --- RESP2 ---------------------------------------------------------------------------------
 
 def as_bytes(arg: Arg) -> bytes:
-    if isinstance(arg, bytes):
-        return arg
+    if isinstance(arg, (bytes, bytearray, memoryview)):
+        return bytes(arg)  # a bytes object itself, not a copy
     if isinstance(arg, str):
         return arg.encode()
-    if isinstance(arg, (bytearray, memoryview)):
-        return bytes(arg)
-    if isinstance(arg, (int, float)) and not isinstance(arg, bool):  # True is not "1"
-        return repr(arg).encode()  # a float's repr reads back as the same float
+    if isinstance(arg, int) and not isinstance(arg, bool):  # True is not "1"
+        return b"%d" % arg
+    if isinstance(arg, float):
+        return repr(float(arg)).encode()  # reads back as the same float
     raise TypeError(f"a Redis argument is bytes, str, int or float, not {type(arg).__name__}")
 
 
@@ -233,12 +237,13 @@ class Connection:
         if not errors:
             return
         self.close()
-        if url.password and replies[0] is errors[0]:
-            # Redis never repeats a password, but a proxy or a renamed AUTH answers
+        refusal = str(errors[0])
+        if url.password:  # Redis never repeats it, but a proxy or a renamed AUTH answers
             # "unknown command 'AUTH', with args beginning with: '<the password>'".
-            refusal = str(errors[0]).replace(url.password, "***")
-            raise RedisAuthError(f"redis at {self.address} refused the password: {refusal}")
-        raise RedisError(f"redis at {self.address} refused SELECT {url.db}: {errors[0]}")
+            refusal = refusal.replace(url.password, "***")
+        if isinstance(errors[0], RedisAuthError) or errors[0] is replies[0] and url.password:
+            raise RedisAuthError(f"redis at {self.address} refused to log us in: {refusal}")
+        raise RedisError(f"redis at {self.address} refused SELECT {url.db}: {refusal}")
 
     def is_clean(self) -> bool:
         """Fit for the next caller: open, ours, nothing in flight, pending or changed."""

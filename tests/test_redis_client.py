@@ -165,8 +165,8 @@ def test_every_kind_of_reply_comes_back_as_its_python_value(client):
     assert client.execute("GET", "word") == "héllo".encode()
     assert client.execute("GET", "missing") is None
     assert client.execute("INCRBY", "count", -3) == -3
-    assert client.execute("RPUSH", "list", "a", b"b", 3, 1.5) == 4
-    assert client.execute("LRANGE", "list", 0, -1) == [b"a", b"b", b"3", b"1.5"]
+    assert client.execute("RPUSH", "list", "a", b"b", 3, 1.5, bytearray(b"c")) == 5
+    assert client.execute("LRANGE", "list", 0, -1) == [b"a", b"b", b"3", b"1.5", b"c"]
     assert client.execute("LRANGE", "nothing", 0, -1) == []
     assert client.execute("BLPOP", "nothing", 0.01) is None  # a nil array
     nested = client.eval("return {1, {KEYS[1], ARGV[1]}, 'x'}", ["k"], ["a"])
@@ -180,6 +180,26 @@ def test_any_byte_survives_the_trip_in_keys_and_values(client):
     big = os.urandom(10 * 1024 * 1024)
     client.execute("SET", "big", big)
     assert client.execute("GET", "big") == big
+
+
+def test_a_large_value_and_the_replies_after_it_arrive_whole_in_one_pipeline(client):
+    big = os.urandom(3 * 1024 * 1024 + 7)
+    with client.connection() as conn:
+        replies = conn.pipeline([("SET", "big", big), ("GET", "big"), ("ECHO", "after"),
+                                 ("GET", "big")])
+    assert replies == ["OK", big, b"after", big]
+
+
+@pytest.mark.parametrize("garbage", [b"?what\r\n", b"$3\r\nabcdef\r\n", b":12x\r\n",
+                                     b"$-5\r\n"])
+def test_a_reply_that_is_not_resp2_closes_the_connection(fake_redis, garbage):
+    server = fake_redis(lambda command, conn: conn.sendall(
+        garbage if command[1] == b"first" else bulk(b"reply to " + command[1])))
+    client = Redis(f"redis://127.0.0.1:{server.port}")
+    with pytest.raises(RedisUnavailable, match="not RESP2"):
+        client.execute("GET", "first")
+    assert wait_until(lambda: reply_or_none(client, "GET", "second")) == b"reply to second"
+    client.close()
 
 
 def test_an_error_reply_raises_and_the_connection_stays_in_use(client):
@@ -212,8 +232,12 @@ def test_a_wrong_or_missing_password_is_an_auth_error_that_does_not_repeat_it(re
     with pytest.raises(RedisAuthError) as raised:
         wrong.execute("PING")
     assert "wrong-pw" not in str(raised.value) and "wrong-pw" not in repr(wrong)
-    with pytest.raises(RedisAuthError, match="NOAUTH"):
-        Redis(f"redis://127.0.0.1:{redis_server.port}").execute("PING")
+    for database in ("0", "2"):  # with no password, PING or SELECT is refused
+        with pytest.raises(RedisAuthError, match="NOAUTH"):
+            Redis(f"redis://127.0.0.1:{redis_server.port}/{database}").execute("PING")
+    with pytest.raises(RedisError, match="SELECT 99: ERR DB index is out of range") as raised:
+        Redis(redis_server.url.removesuffix("/0") + "/99").execute("PING")
+    assert not isinstance(raised.value, RedisAuthError)
 
 
 def test_the_password_is_scrubbed_even_when_the_server_repeats_it(fake_redis):
