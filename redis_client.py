@@ -19,8 +19,8 @@ How the pieces fit:
 * `Redis` is what the app holds: a pool of connections shared by a process's threads.
   `execute(*args)` borrows a connection for one command; `with redis.connection() as conn:`
   lends one for several (WATCH ... MULTI ... EXEC). A connection goes back only clean.
-  After a failure, new connections wait out a short doubling `Backoff`, so a retry loop
-  cannot hammer a dead server, and the first call after it is back succeeds.
+  After a failure, new connections fail at once for a short, doubling time (`Backoff`):
+  a retry loop cannot hammer a dead server, and the first call after it is back succeeds.
 * `eval` runs a Lua script by its SHA1, and sends the script itself only when Redis has
   forgotten it (a restart empties its script cache).
 
@@ -28,6 +28,10 @@ Values: arguments are bytes, str (sent as UTF-8), int or float. Replies are byte
 strings), str (status replies such as "OK", "PONG", "QUEUED": never user data), int, list,
 or None (nil). An error reply raises `RedisError`; inside an array (EXEC, a pipeline) it is
 returned in its place instead, so that the other replies are not lost.
+
+Failures: `RedisUnavailable` when Redis does not answer (down, frozen, unreachable: a web
+copy answers 503), within the connect and reply timeouts; `RedisAuthError` when it refuses
+the password (a process exits 2 at start); `RedisError` when it refuses a command.
 
 Deliberately left out: RESP3 and HELLO; cluster and sentinel; pub/sub, and every command
 that changes what a connection is (SELECT, SUBSCRIBE...: a connection that ran one is
@@ -88,6 +92,7 @@ class RedisUnavailable(Exception):
 
 @dataclass(frozen=True)
 class RedisURL:
+    """Where Redis is and how to log in; its repr leaves the password out."""
     tls: bool
     host: str
     port: int
