@@ -1,20 +1,26 @@
-"""The shared SQLite file: plumbing for every backing service (Factor VI).
+"""The backing service's plumbing: one URL picks SQLite or Redis (Factors IV and VI).
 
-Factor VI keeps state out of the processes, in a backing service they all share. The
-terrible day this module prevents: two processes write the same row at once and one
-write vanishes without an error, or one gets "database is locked" and a user sees a 500,
-because the file was opened the way a one-process script opens it. Here it is opened once,
-correctly, for many processes and many threads, and both backing services build on it:
-`session_store.py` (sessions, uploads) and `job_queue.py` (jobs). Neither imports the
-other; each owns its tables.
+Factor VI keeps state out of the processes, in a backing service they all share; Factor
+IV makes that service an attached resource, named by one URL, swapped without a code
+change. The terrible day this module prevents: two processes write the same row at once
+and one write vanishes without an error, or one gets "database is locked" and a user
+sees a 500, because the store was opened the way a one-process script opens it; or the
+app is rewritten the day it outgrows one machine. Here `DATABASE_URL` (or `REDIS_URL`,
+the name Heroku's Redis sets, when DATABASE_URL is unset) names the service:
+`sqlite:///var/app.db` (the default: a file every process on this machine opens,
+`Database` below) or `redis://[:PASSWORD@]HOST[:PORT][/DB]` (a server every machine can
+reach, spoken by `redis_client.py`). Both backing services build on what
+`database_from_env` returns: `session_store.py` (sessions, uploads) and `job_queue.py`
+(jobs), each with one class per store behind one interface. Neither imports the other.
 
-A locked database is a wait, not a crash: another process may hold SQLite's one write
-lock for longer than the busy timeout (a long purge, a copy frozen mid-transaction).
-`Database` says so with one exception, `StoreUnavailable`, whichever statement met the
-lock. `keep_trying` is how a worker or a clock waits that out: it logs one line and tries
-again, so a result is recorded once and a tick enqueued once, later rather than never. A
-web copy answers 503 and asks the client to come back. Every other SQLite error stays
-what it is, a bug, and is never mistaken for a wait.
+A store that cannot answer is a wait, not a crash: another process holds SQLite's write
+lock past the busy timeout, or Redis is down or frozen. `StoreUnavailable` says so, from
+either store (`WAITS`). `keep_trying` is how a worker or a clock waits that out: it logs
+one line and tries again, so a result is recorded once and a tick enqueued once, later
+rather than never. A web copy answers 503 and asks the client to come back. A store that
+is full (`StoreFull`: the ceiling STORE_MAX_MB, or a disk nearly full) refuses what would
+grow it, with 507, and is a wait for a worker or a clock too. Every other error stays what
+it is, a bug, and is never mistaken for a wait.
 
 It also holds the small helpers every process uses, most of them to read its
 configuration from the environment (Factor III): `ConfigError`, which a process turns
@@ -22,21 +28,21 @@ into one line on stderr and exit code 2, `positive_number` and `whole_seconds` (
 with a sane maximum, so that `POLL_INTERVAL=1e10` is refused at start instead of
 crashing `time.sleep` later), `stop_timeout` (how long a copy may take to stop),
 `process_name` (which copy am I: web.1, worker.2), and `log`, one line to stdout with
-everything a client may have sent escaped.
-
-SQLite suits processes on one machine with a local disk; several machines need a
-networked database (Postgres), which is where this toy ends.
+everything a client may have sent escaped. Every process logs through it.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, TypeVar
+from typing import Callable, Iterator, Mapping, TypeVar, Union
+
+from redis_client import Redis, RedisError, RedisUnavailable
 
 T = TypeVar("T")
 
@@ -125,8 +131,30 @@ class StoreUnavailable(Exception):
     the busy timeout): a wait, not a bug. Its message is SQLite's, "database is locked"."""
 
 
+class Refused(Exception):
+    """The store refuses a write that would break one of its limits; `status` tells the
+    client which (413: too large, 429: too many, 507: no room), the message what to do."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class StoreFull(Refused):
+    """No room: the store holds STORE_MAX_MB, or its disk is nearly full. Refused before
+    the disk is full, because a full disk refuses even the DELETE that would make room."""
+
+    def __init__(self, message: str):
+        super().__init__(507, message)
+
+
+# What a store that cannot take a write now raises, from SQLite or Redis: a worker or a
+# clock waits it out (`keep_trying`), a web copy answers 503 (or 507 when full).
+WAITS = (StoreUnavailable, RedisUnavailable, StoreFull)
+
+
 class StillLocked(Exception):
-    """`keep_trying` stopped: its caller must stop, and the database is still locked."""
+    """`keep_trying` stopped: its caller must stop, and the store still cannot answer."""
 
 
 def is_locked(error: sqlite3.OperationalError) -> bool:
@@ -149,23 +177,25 @@ def locked_is_unavailable() -> Iterator[None]:
 
 def keep_trying(action: Callable[[], T], what: str,
                 stopping: Callable[[], bool] = lambda: False) -> T:
-    """Run `action` until the database lets it through; return what it returns.
+    """Run `action` until the store lets it through; return what it returns.
 
-    While another process holds the write lock past the busy timeout (`StoreUnavailable`),
-    log one line and try again; any other error is a real one and is raised at once. When
-    `stopping()` turns true (a worker at its stop deadline), raise `StillLocked` instead of
-    trying again. Repeating `action` is safe because SQLite refused it whole: a statement
-    that fails with "database is locked" changed nothing.
+    While the store cannot answer (`WAITS`: SQLite locked past its busy timeout, Redis
+    down or frozen, the store full), log one line and try again; any other error is a
+    real one and is raised at once. When `stopping()` turns true (a worker at its stop
+    deadline), raise `StillLocked` instead of trying again. Repeating `action` is safe
+    because each of its writes is one statement or one transaction, refused whole (a
+    Redis command cut off mid-reply may have run: the queue's writes are fenced, so a
+    second run of one changes nothing).
     """
     logged = False
     while True:
         try:
             return action()
-        except StoreUnavailable as error:
+        except WAITS as error:
             if stopping():
                 raise StillLocked(f"{what}: {error}") from None
             if not logged:
-                log(f"{what}: {error}; trying again until it is free")
+                log(f"{what}: {error}; trying again until it answers")
                 logged = True
         time.sleep(RETRY_PAUSE)
 
@@ -338,12 +368,68 @@ def database_path(url: str) -> Path:
     return Path(path)
 
 
-def database_from_env(environ: Mapping[str, str]) -> Database:
-    """Open the shared SQLite file named by DATABASE_URL, creating its folder.
+BackingService = Union["Database", Redis]
 
-    DATABASE_BUSY_TIMEOUT (seconds, default 10): how long one statement waits for another
-    process's write lock before "database is locked"."""
-    url = environ.get("DATABASE_URL", "sqlite:///var/app.db")
+DEFAULT_STORE_MAX_MB = 1024
+MIN_FREE_DISK = 64 << 20   # bytes: below this, a SQLite file's disk counts as full
+ROOM_MEASURED_EVERY = 0.5  # seconds a measurement of the store's size is trusted
+
+
+class Room:
+    """Is there room to write? STORE_MAX_MB is a ceiling on what the store holds (SQLite:
+    its pages in use; Redis: its memory), and for a SQLite file the disk must keep
+    MIN_FREE_DISK free: a full disk refuses even the DELETE that would make room, and the
+    WAL needs space to commit one. Measured at most every ROOM_MEASURED_EVERY seconds, so
+    a few writes at once may pass it by a little: a ceiling below the disk, not a quota."""
+
+    def __init__(self, service: BackingService, max_bytes: int):
+        self.service, self.max_bytes = service, max_bytes
+        self.measured_at, self.full = -ROOM_MEASURED_EVERY, ""
+
+    def check(self) -> None:
+        """Raise StoreFull (507) when there is no room for more."""
+        now = time.monotonic()
+        if now - self.measured_at >= ROOM_MEASURED_EVERY:
+            self.measured_at, self.full = now, self.measure()
+        if self.full:
+            raise StoreFull(self.full)
+
+    def measure(self) -> str:
+        """Why the store is full, or "" when it is not."""
+        if isinstance(self.service, Redis):
+            info = self.service.execute("INFO", "memory").decode()
+            used = int(info.split("used_memory:", 1)[1].split()[0])
+        else:
+            pages = self.service.query("SELECT * FROM pragma_page_count(), "
+                                       "pragma_freelist_count(), pragma_page_size()")[0]
+            used = (pages[0] - pages[1]) * pages[2]
+            if shutil.disk_usage(self.service.path.parent).free < MIN_FREE_DISK:
+                return f"the disk of {self.service.path} is nearly full; try again later"
+        if used >= self.max_bytes:
+            return (f"the store holds {used >> 20} MB, its ceiling is STORE_MAX_MB="
+                    f"{self.max_bytes >> 20}; try again once old sessions have expired")
+        return ""
+
+
+def room_from_env(environ: Mapping[str, str], service: BackingService) -> Room:
+    """STORE_MAX_MB: what the store may hold, in MB (default 1024)."""
+    text = environ.get("STORE_MAX_MB", str(DEFAULT_STORE_MAX_MB))
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 1 << 20):
+        raise ConfigError(f"STORE_MAX_MB must be a whole number of megabytes from 1 to "
+                          f"{1 << 20}, got {text!r}")
+    return Room(service, int(text) << 20)
+
+
+def database_from_env(environ: Mapping[str, str]) -> BackingService:
+    """Open the backing service that DATABASE_URL names (REDIS_URL when it is unset, as
+    Heroku's Redis add-on sets it; else the default SQLite file, var/app.db). Bad settings,
+    an unreachable server or a wrong password are a ConfigError: one line, exit 2.
+
+    DATABASE_BUSY_TIMEOUT (seconds, default 10): how long one SQLite statement waits for
+    another process's write lock before "database is locked"."""
+    url = environ.get("DATABASE_URL") or environ.get("REDIS_URL") or "sqlite:///var/app.db"
+    if url.startswith(("redis://", "rediss://")):
+        return redis_from_url(url)
     path = database_path(url)
     db = Database(path, positive_number(environ, "DATABASE_BUSY_TIMEOUT", BUSY_TIMEOUT,
                                         MAX_BUSY_TIMEOUT))
@@ -353,3 +439,20 @@ def database_from_env(environ: Mapping[str, str]) -> Database:
     except (OSError, sqlite3.Error, StoreUnavailable) as error:
         raise ConfigError(f"DATABASE_URL={url}: cannot open the database: {error}") from None
     return db
+
+
+def redis_from_url(url: str) -> Redis:
+    """A Redis client. A typo in the URL, or a password Redis refuses, is found at start, not
+    at the first user's request (its password is never printed). A Redis that does not
+    answer yet is a wait, as later: the process starts, and its first request finds out."""
+    try:
+        redis = Redis(url)
+    except ValueError as error:  # the message never quotes the URL: it may hold a password
+        raise ConfigError(f"DATABASE_URL: {error}") from None
+    try:
+        redis.execute("PING")
+    except RedisUnavailable as error:
+        log(f"{error}; starting anyway, and trying again at each request")
+    except RedisError as error:  # a refused password, or no such database number
+        raise ConfigError(f"DATABASE_URL={redis.url.masked}: {error}") from None
+    return redis

@@ -6,28 +6,38 @@ forget who the user is, because the session sat in the memory of the copy that h
 to log them in. Here every byte of user state (sessions and uploads) goes to a store
 outside the process, so any copy can serve any request and any copy can die.
 
-Two stores share one small interface (`SessionStore`):
+Three stores share one small interface (`SessionStore`), and the same URL that names the
+backing service picks between the two right ones (`database.py`):
 
-* `SQLiteStore`, the right way: one SQLite file that every process on the machine opens.
-* `MemoryStore`, a dict inside this process, kept on purpose to show the failure.
+* `SQLiteStore`: one SQLite file that every process on the machine opens.
+* `RedisStore`: a Redis server that every machine can reach (Factor IV: a URL away).
+* `MemoryStore`, a dict inside this process, kept on purpose to show the failure
+  (SESSION_STORE=memory).
 
 The interface is Django's session backend plus what Django lacks, an atomic
-read-modify-write: `edit(sid)` holds a write lock from the read to the write, so two
-requests that change the same session at once (two tabs adding to one cart) both land.
-Last-write-wins, the default in Django and Flask-Session, silently loses one of them.
+read-modify-write: `edit(sid, change)` reads the session, calls `change(session)`, and
+writes the result, so two requests that change the same session at once (two tabs
+adding to one cart) both land. Last-write-wins, the default in Django and
+Flask-Session, silently loses one of them. Each store makes `edit` atomic its own way,
+and the two ways are the two classic ones:
 
-    with store.edit(sid) as session:      # locked from here ...
-        session.data["cart"].append(item)
-    # ... to here, where the change is written (only if something changed)
+* pessimistic (SQLite, memory): take the lock, read, change, write, let go. `change`
+  runs once; the others wait.
+* optimistic (Redis): WATCH the key, read, change, write in MULTI/EXEC; if anyone
+  wrote the key in between, EXEC does nothing, and it all runs again. So `change` may
+  run more than once: it must only change the session, never do anything else (enqueue,
+  send, store) that a second run would repeat.
 
-Adding a Redis or Postgres store means one more subclass that fills in the same hooks
-(`locked`, `read`, `write`, `remove` for sessions; `save_upload`, `load_upload`,
-`upload_info`, `purge_expired`) and a name in `store_from_env`: `locked` would be a
-transaction with `SELECT … FOR UPDATE` (Postgres) or a WATCH/MULTI retry loop (Redis);
-uploads would go to object storage. Nothing else in the app changes.
+What `edit` does with the result is written once (`plan`): an unknown or expired id is
+never adopted (a client cannot choose its id); `rotate=True` moves the data to a new id
+(at login, against a planted id); a session is written only when it changed, and refused
+over MAX_SESSION_BYTES (it is rewritten whole on every change); and its uploads live and
+die with it. An upload is stored in chunks before it is attached (`save_upload`), so a
+10 MiB file never sits whole in a process's memory, and it belongs to the session that
+lists it: a logout deletes it, and so does the session's expiry (Redis expires both
+keys together; SQLite and memory purge them, `purge_expired`).
 
-`SQLiteStore` builds on `database.py`, the plumbing for the shared SQLite file that the
-job queue (`job_queue.py`) uses too; each keeps to its own tables.
+`SQLiteStore` builds on `database.py`'s `Database`, `RedisStore` on `redis_client.py`.
 """
 from __future__ import annotations
 
@@ -35,13 +45,16 @@ import json
 import secrets
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ContextManager, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
-from database import ConfigError, Database, whole_seconds
+from database import ConfigError, Database, Refused, Room, room_from_env, whole_seconds
+from redis_client import Redis
 
 MAX_SESSION_TTL = 400 * 86400  # browsers cap a cookie's Max-Age at 400 days (RFC 6265bis)
+MAX_SESSION_BYTES = 64 << 10   # a session as stored: it is read and written whole
+PENDING_UPLOAD_TTL = 3600      # seconds an upload may wait to be attached to a session
+MAX_EDIT_SECONDS = 5.0         # an optimistic edit that keeps losing gives up (503)
 
 
 def new_session_id() -> str:
@@ -55,104 +68,102 @@ def empty_session() -> dict:
 
 @dataclass
 class Session:
-    """One user's state, as `edit` hands it out. `id` may differ from the id asked for."""
+    """One user's state, as `edit` hands it to `change`. `id` may differ from the id asked
+    for (a new session, a rotated one)."""
     id: str
     data: dict
     is_new: bool = False
-    delete: bool = False  # set to end the session when the `edit` block closes
-
-
-@dataclass(frozen=True)
-class Upload:
-    id: str
-    filename: str
-    content_type: str
-    data: bytes = field(repr=False)
+    delete: bool = False  # set by `change` to end the session
 
 
 @dataclass(frozen=True)
 class UploadInfo:
-    """What a page lists about an upload, without its bytes."""
+    """What a page lists about an upload; its bytes come from `upload_chunks`."""
     id: str
     filename: str
     content_type: str
     size: int
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What an edit writes, the same for every store."""
+    remove: str | None = None               # an id that ends (a logout, a rotation's old id)
+    remove_uploads: tuple[str, ...] = ()    # ... the uploads that end with it (a logout)
+    write: str | None = None                # the id to write, living `ttl` from now
+    text: str = ""                          # ... its data as JSON
+    uploads: tuple[str, ...] = field(default=())  # ... and the uploads that live as long
+
+
+def opened(sid: str | None, stored: str | None, rotate: bool) -> Session:
+    """The session `edit` hands out: a fresh one for an id that is unknown or expired."""
+    if stored is None:
+        return Session(new_session_id(), empty_session(), is_new=True)
+    if rotate:
+        return Session(new_session_id(), json.loads(stored), is_new=True)
+    return Session(sid, json.loads(stored))
+
+
+def plan(sid: str | None, stored: str | None, session: Session) -> Plan:
+    """What to write after `change`. Save only when modified: modified means its JSON
+    differs from the text read, which `json.dumps` wrote, so unchanged data encodes to it
+    exactly; no copy of the data is kept from before, and 1 is told from 1.0 and True."""
+    ending = session.delete or session.id != sid
+    remove = sid if ending and stored is not None else None
+    remove_uploads = tuple(json.loads(stored)["uploads"]) if remove and session.delete else ()
+    if session.delete:
+        return Plan(remove, remove_uploads)
+    text = json.dumps(session.data)
+    if len(text.encode()) > MAX_SESSION_BYTES:
+        raise Refused(413, f"this session would hold over {MAX_SESSION_BYTES >> 10} KiB; "
+                           f"empty the cart or log out")
+    if not session.is_new and text == stored:
+        return Plan()
+    return Plan(remove, (), session.id, text, tuple(session.data["uploads"]))
+
+
+def chunks_of(data: bytes, size: int = 1 << 20) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
 class SessionStore:
-    """The interface every store fills in. A new backend is one more subclass.
-
-    `edit` and `load` are written once, here; a backend supplies the lock (`locked`) and
-    the three primitive operations on one session (`read`, `write`, `remove`), which move
-    its data as JSON text: the store never needs to know what a session holds.
-    """
+    """The interface every store fills in. A new backend is one more subclass."""
     kind = "abstract"
-    ttl: float  # seconds a session lives after its last write (whole, from the environment)
+    ttl: int  # seconds a session lives after its last write (whole, from the environment)
 
-    @contextmanager
-    def edit(self, sid: str | None, rotate: bool = False) -> Iterator[Session]:
-        """Lock, read, yield the session for changes, write: one atomic step.
-
-        An unknown or expired `sid` is never adopted: the block gets a fresh session
-        with a new id (a client cannot choose its own id). `rotate=True` moves the data
-        to a new id and drops the old one in the same step (do it on login).
-        """
-        with self.locked():
-            stored = self.read(sid)
-            if stored is None:
-                session = Session(new_session_id(), empty_session(), is_new=True)
-            elif rotate:
-                session = Session(new_session_id(), json.loads(stored), is_new=True)
-            else:
-                session = Session(sid, json.loads(stored))
-            yield session
-            if session.delete or session.id != sid:
-                self.remove(sid)
-            if not session.delete:
-                # Save only when modified: an unchanged session costs no write. Modified
-                # means its JSON differs from the text read: `json.dumps` wrote that text,
-                # so unchanged data encodes to it exactly. Comparing texts needs no copy of
-                # the data kept from before the block (a deep copy cost more than the read
-                # and the write together, 25-85 µs for a cart of 100 to 400 items), the
-                # text compared is the text written, and it tells 1 from 1.0 or True,
-                # which `==` on the data does not.
-                text = json.dumps(session.data)
-                if session.is_new or text != stored:
-                    self.write(session.id, text)
+    def edit(self, sid: str | None, change: Callable[[Session], None],
+             rotate: bool = False) -> Session:
+        """Read, `change`, write: one atomic step, whatever other copies do at the same
+        time. `change` may raise (a full cart): nothing is written. Returns the session."""
+        raise NotImplementedError
 
     def load(self, sid: str | None) -> dict | None:
         """The session's data, or None when it does not exist or has expired."""
         stored = self.read(sid)
         return None if stored is None else json.loads(stored)
 
-    def locked(self) -> ContextManager:
-        """Held from the read to the write of `edit`, across threads and processes."""
-        raise NotImplementedError
-
     def read(self, sid: str | None) -> str | None:
         """The session's data as JSON text, or None when it does not exist or has expired."""
         raise NotImplementedError
 
-    def write(self, sid: str, text: str) -> None:
-        """Store the JSON `text` under `sid`, living SESSION_TTL seconds from now."""
+    def save_upload(self, filename: str, content_type: str, chunks: Iterable[bytes]) -> str:
+        """Keep a file, piece by piece; its id (unguessable, like a session id). It is
+        pending until a session lists it; one left pending is purged after an hour."""
         raise NotImplementedError
 
-    def remove(self, sid: str | None) -> None:
-        raise NotImplementedError
-
-    def save_upload(self, filename: str, content_type: str, data: bytes) -> str:
-        """Keep an uploaded file; returns its id (unguessable, like a session id)."""
-        raise NotImplementedError
-
-    def load_upload(self, upload_id: str) -> Upload | None:
+    def discard_upload(self, upload_id: str) -> None:
         raise NotImplementedError
 
     def upload_info(self, upload_id: str) -> UploadInfo | None:
-        """The upload's name, type and size, without reading its bytes."""
+        raise NotImplementedError
+
+    def upload_chunks(self, upload_id: str) -> Iterator[bytes]:
+        """The upload's bytes, a piece at a time (empty if it is gone meanwhile)."""
         raise NotImplementedError
 
     def purge_expired(self) -> int:
-        """Remove expired sessions; returns how many went."""
+        """Remove expired sessions and their uploads; returns how many sessions went."""
         raise NotImplementedError
 
 
@@ -164,46 +175,66 @@ class MemoryStore(SessionStore):
     """
     kind = "memory"
 
-    def __init__(self, ttl: float):
+    def __init__(self, ttl: int):
         self.ttl = ttl
         self.sessions: dict[str, tuple[float, str]] = {}  # id -> (expires_at, JSON)
-        self.uploads: dict[str, Upload] = {}
+        self.uploads: dict[str, tuple[UploadInfo, bytes, float]] = {}  # ... saved_at
+        self.owners: dict[str, str] = {}  # upload id -> the session that lists it
         self.lock = threading.Lock()  # one `edit` at a time, like a write transaction
 
-    def locked(self) -> ContextManager:
-        return self.lock
+    def edit(self, sid, change, rotate=False):
+        with self.lock:
+            stored = self.read(sid)
+            session = opened(sid, stored, rotate)
+            change(session)
+            self.apply(plan(sid, stored, session))
+        return session
 
-    def read(self, sid: str | None) -> str | None:
+    def apply(self, plan: Plan) -> None:
+        self.sessions.pop(plan.remove, None)
+        for upload_id in plan.remove_uploads:
+            self.uploads.pop(upload_id, None)
+        if plan.write:
+            self.sessions[plan.write] = (time.time() + self.ttl, plan.text)
+            self.owners.update(dict.fromkeys(plan.uploads, plan.write))
+
+    def read(self, sid):
         expires_at, text = self.sessions.get(sid, (0.0, ""))
         return text if expires_at > time.time() else None
 
-    def write(self, sid: str, text: str) -> None:
-        self.sessions[sid] = (time.time() + self.ttl, text)
+    def save_upload(self, filename, content_type, chunks):
+        data = b"".join(chunks)
+        info = UploadInfo(secrets.token_urlsafe(16), filename, content_type, len(data))
+        self.uploads[info.id] = (info, data, time.time())
+        return info.id
 
-    def remove(self, sid: str | None) -> None:
-        self.sessions.pop(sid, None)
+    def discard_upload(self, upload_id):
+        self.uploads.pop(upload_id, None)
+        self.owners.pop(upload_id, None)
 
-    def save_upload(self, filename: str, content_type: str, data: bytes) -> str:
-        upload = Upload(secrets.token_urlsafe(16), filename, content_type, data)
-        self.uploads[upload.id] = upload
-        return upload.id
+    def upload_info(self, upload_id):
+        return self.uploads[upload_id][0] if upload_id in self.uploads else None
 
-    def load_upload(self, upload_id: str) -> Upload | None:
-        return self.uploads.get(upload_id)
+    def upload_chunks(self, upload_id):
+        return chunks_of(self.uploads[upload_id][1] if upload_id in self.uploads else b"")
 
-    def upload_info(self, upload_id: str) -> UploadInfo | None:
-        upload = self.uploads.get(upload_id)
-        if upload is None:
-            return None
-        return UploadInfo(upload.id, upload.filename, upload.content_type, len(upload.data))
-
-    def purge_expired(self) -> int:
+    def purge_expired(self):
         now = time.time()
         with self.lock:
             expired = [sid for sid, (expires_at, _) in self.sessions.items() if expires_at <= now]
             for sid in expired:
                 del self.sessions[sid]
+            for upload_id, (_, _, saved_at) in list(self.uploads.items()):
+                if self.orphaned(upload_id, saved_at, now):
+                    self.discard_upload(upload_id)
         return len(expired)
+
+    def orphaned(self, upload_id: str, saved_at: float, now: float) -> bool:
+        """Its session is gone; or it was never attached, and an hour has passed."""
+        owner = self.owners.get(upload_id)
+        if owner is None:
+            return saved_at < now - PENDING_UPLOAD_TTL
+        return owner not in self.sessions
 
 
 SESSION_TABLES = """
@@ -213,59 +244,105 @@ CREATE TABLE IF NOT EXISTS sessions (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
-CREATE TABLE IF NOT EXISTS uploads (
+CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY,
     filename TEXT NOT NULL,
     content_type TEXT NOT NULL,
-    data BLOB NOT NULL,
-    created_at REAL NOT NULL
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    session TEXT
 );
+CREATE INDEX IF NOT EXISTS files_by_session ON files (session);
+CREATE TABLE IF NOT EXISTS file_chunks (
+    file_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (file_id, seq)
+)
 """
 
 
 class SQLiteStore(SessionStore):
-    """Sessions and uploads in the shared SQLite file: every copy sees the same state."""
+    """Sessions and uploads in the shared SQLite file: every copy sees the same state.
+
+    `edit` is pessimistic: `BEGIN IMMEDIATE` takes SQLite's write lock before the read,
+    so a second edit of any session waits until the first has written. An upload is a
+    row in `files` and its pieces in `file_chunks`, each piece written in a transaction
+    of its own, so a 10 MiB upload never holds the write lock long; `files.session` says
+    whose it is, kept in step with the session's list at every write."""
     kind = "sqlite"
 
-    def __init__(self, db: Database, ttl: float):
-        self.db = db
-        self.ttl = ttl
+    def __init__(self, db: Database, ttl: int, room: Room):
+        self.db, self.ttl, self.room = db, ttl, room
         db.create_tables(SESSION_TABLES)
 
-    def locked(self) -> ContextManager:
-        return self.db.write()
+    def edit(self, sid, change, rotate=False):
+        with self.db.write():
+            stored = self.read(sid)
+            session = opened(sid, stored, rotate)
+            change(session)
+            self.apply(plan(sid, stored, session))
+        return session
 
-    def read(self, sid: str | None) -> str | None:
+    def apply(self, plan: Plan) -> None:
+        if plan.remove:
+            self.db.execute("DELETE FROM sessions WHERE id = ?", (plan.remove,))
+        if plan.remove_uploads:
+            self.delete_files("session = ?", (plan.remove,))
+        if plan.write:
+            self.room.check()
+            self.db.execute("INSERT OR REPLACE INTO sessions (id, data, expires_at) "
+                            "VALUES (?, ?, ?)", (plan.write, plan.text, time.time() + self.ttl))
+            marks = ", ".join("?" * len(plan.uploads))
+            self.db.execute(f"UPDATE files SET session = ? WHERE id IN ({marks})",
+                            (plan.write, *plan.uploads))
+
+    def delete_files(self, where: str, params: tuple) -> int:
+        self.db.execute(f"DELETE FROM file_chunks WHERE file_id IN "
+                        f"(SELECT id FROM files WHERE {where})", params)
+        return len(self.db.execute(f"DELETE FROM files WHERE {where} RETURNING id", params))
+
+    def read(self, sid):
         rows = self.db.query("SELECT data FROM sessions WHERE id = ? AND expires_at > ?",
                              (sid, time.time()))
         return rows[0]["data"] if rows else None
 
-    def write(self, sid: str, text: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO sessions (id, data, expires_at) "
-                        "VALUES (?, ?, ?)", (sid, text, time.time() + self.ttl))
-
-    def remove(self, sid: str | None) -> None:
-        self.db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
-
-    def save_upload(self, filename: str, content_type: str, data: bytes) -> str:
-        upload_id = secrets.token_urlsafe(16)
-        self.db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?)",
-                        (upload_id, filename, content_type, data, time.time()))
+    def save_upload(self, filename, content_type, chunks):
+        upload_id, size = secrets.token_urlsafe(16), 0
+        self.db.execute("INSERT INTO files (id, filename, content_type, size, created_at) "
+                        "VALUES (?, ?, ?, 0, ?)", (upload_id, filename, content_type, time.time()))
+        try:
+            for seq, chunk in enumerate(chunks):
+                self.room.check()
+                self.db.execute("INSERT INTO file_chunks VALUES (?, ?, ?)", (upload_id, seq, chunk))
+                size += len(chunk)
+        except BaseException:
+            self.discard_upload(upload_id)
+            raise
+        self.db.execute("UPDATE files SET size = ? WHERE id = ?", (size, upload_id))
         return upload_id
 
-    def load_upload(self, upload_id: str) -> Upload | None:
-        rows = self.db.query("SELECT id, filename, content_type, data FROM uploads "
-                             "WHERE id = ?", (upload_id,))
-        return Upload(*rows[0]) if rows else None
+    def discard_upload(self, upload_id):
+        with self.db.write():
+            self.delete_files("id = ?", (upload_id,))
 
-    def upload_info(self, upload_id: str) -> UploadInfo | None:
-        # length() of a BLOB needs only the row's header: the bytes are not read.
-        rows = self.db.query("SELECT id, filename, content_type, length(data) FROM uploads "
-                             "WHERE id = ?", (upload_id,))
+    def upload_info(self, upload_id):
+        rows = self.db.query("SELECT id, filename, content_type, size FROM files WHERE id = ?",
+                             (upload_id,))
         return UploadInfo(*rows[0]) if rows else None
 
+    def upload_chunks(self, upload_id):
+        for seq in range(1 << 30):  # a piece at a time: never the whole file in memory
+            rows = self.db.query("SELECT data FROM file_chunks WHERE file_id = ? AND seq = ?",
+                                 (upload_id, seq))
+            if not rows:
+                return
+            yield rows[0]["data"]
+
     def purge_expired(self, batch: int = 500) -> int:
-        """Delete in small batches so the write lock is never held for long."""
+        """Delete in small batches so the write lock is never held for long: expired
+        sessions, then the files no live session holds (a session gone, or an upload
+        never attached within an hour)."""
         total = 0
         while True:
             with self.db.write() as conn:
@@ -274,18 +351,128 @@ class SQLiteStore(SessionStore):
                     "WHERE expires_at <= ? LIMIT ?)", (time.time(), batch)).rowcount
             total += deleted
             if deleted < batch:
-                return total
+                break
+        orphan = ("id IN (SELECT id FROM files WHERE session NOT IN (SELECT id FROM sessions) "
+                  "OR session IS NULL AND created_at < ? LIMIT ?)")
+        while True:
+            with self.db.write():
+                if self.delete_files(orphan, (time.time() - PENDING_UPLOAD_TTL, batch)) < batch:
+                    return total
 
 
-def store_from_env(environ: Mapping[str, str], db: Database) -> SessionStore:
-    """Pick the store named by SESSION_STORE (`sqlite`, the default, or `memory`).
+# Redis keys: a session is one string, an upload one hash (its name, type, size, and its
+# pieces as fields "0", "1", ...). Both live `ttl` seconds from the session's last write.
+def session_key(sid: str | None) -> str:
+    return f"session:{sid}"
+
+
+def upload_key(upload_id: str) -> str:
+    return f"upload:{upload_id}"
+
+
+class RedisStore(SessionStore):
+    """Sessions and uploads in Redis: every copy, on every machine, sees the same state.
+
+    `edit` is optimistic (WATCH/MULTI/EXEC): nothing is locked, and a write that raced
+    another is not made, but read, changed and tried again, until MAX_EDIT_SECONDS (a
+    503). Expiry is Redis's own: each write sets the session's key and its uploads' keys
+    to expire together, `ttl` seconds later, so nothing needs purging.
+    """
+    kind = "redis"
+
+    def __init__(self, redis: Redis, ttl: int, room: Room):
+        self.redis, self.ttl, self.room = redis, ttl, room
+
+    def edit(self, sid, change, rotate=False):
+        deadline = time.monotonic() + MAX_EDIT_SECONDS
+        while time.monotonic() < deadline:
+            with self.redis.connection() as conn:
+                conn.execute("WATCH", session_key(sid))
+                stored = conn.execute("GET", session_key(sid))
+                stored = None if stored is None else stored.decode()
+                session = opened(sid, stored, rotate)
+                change(session)
+                writes = plan(sid, stored, session)
+                if writes == Plan():
+                    return session  # nothing to write (the connection UNWATCHes)
+                if writes.write:
+                    self.room.check()
+                commands = [("MULTI",), *self.commands(writes), ("EXEC",)]
+                if conn.pipeline(commands)[-1] is not None:
+                    return session
+            # Another request wrote this session between our GET and EXEC: EXEC did
+            # nothing. Read it again, with that request's change in it, and redo ours.
+        raise Refused(503, "this session is changing too fast; try again")
+
+    def commands(self, plan: Plan) -> list[tuple]:
+        commands: list[tuple] = []
+        if plan.write:
+            commands.append(("SET", session_key(plan.write), plan.text, "EX", self.ttl))
+            commands += [("EXPIRE", upload_key(upload), self.ttl) for upload in plan.uploads]
+        if plan.remove:
+            commands.append(("DEL", session_key(plan.remove),
+                             *map(upload_key, plan.remove_uploads)))
+        return commands
+
+    def read(self, sid):
+        stored = self.redis.execute("GET", session_key(sid))
+        return None if stored is None else stored.decode()
+
+    def save_upload(self, filename, content_type, chunks):
+        upload_id, size, count = secrets.token_urlsafe(16), 0, 0
+        key = upload_key(upload_id)
+        with self.redis.connection() as conn:  # both or neither: never a key without expiry
+            conn.pipeline([("MULTI",), ("HSET", key, "filename", filename, "content_type",
+                                        content_type, "size", 0, "chunks", 0),
+                           ("EXPIRE", key, PENDING_UPLOAD_TTL), ("EXEC",)])
+        try:
+            for chunk in chunks:
+                self.room.check()
+                self.redis.execute("HSET", key, str(count), chunk)
+                size, count = size + len(chunk), count + 1
+        except BaseException:
+            self.discard_upload(upload_id)
+            raise
+        self.redis.execute("HSET", key, "size", size, "chunks", count)
+        return upload_id
+
+    def discard_upload(self, upload_id):
+        self.redis.execute("DEL", upload_key(upload_id))
+
+    def upload_info(self, upload_id):
+        filename, content_type, size = self.redis.execute(
+            "HMGET", upload_key(upload_id), "filename", "content_type", "size")
+        if filename is None:
+            return None
+        return UploadInfo(upload_id, filename.decode(), content_type.decode(), int(size))
+
+    def upload_chunks(self, upload_id):
+        count = self.redis.execute("HGET", upload_key(upload_id), "chunks")
+        for seq in range(int(count or 0)):
+            chunk = self.redis.execute("HGET", upload_key(upload_id), str(seq))
+            if chunk is None:  # expired or deleted meanwhile
+                return
+            yield chunk
+
+    def purge_expired(self):
+        return 0  # Redis expires sessions and their uploads itself, together
+
+
+def store_from_env(environ: Mapping[str, str], service: Database | Redis) -> SessionStore:
+    """The store for the backing service that DATABASE_URL named, or the memory store if
+    SESSION_STORE=memory says so (the lesson). SESSION_STORE=sqlite or redis must match the
+    service, or it would be a store the other processes cannot see.
 
     SESSION_TTL is whole seconds from 1, because it is also the cookie's `Max-Age`, which
     is whole seconds: 0.5 would have become `Max-Age=0`, a cookie deleted on arrival."""
-    kind = environ.get("SESSION_STORE", "sqlite")
     ttl = whole_seconds(environ, "SESSION_TTL", 86400, MAX_SESSION_TTL)
-    if kind == "sqlite":
-        return SQLiteStore(db, ttl)
+    kind = environ.get("SESSION_STORE", "redis" if isinstance(service, Redis) else "sqlite")
     if kind == "memory":
         return MemoryStore(ttl)
-    raise ConfigError(f"SESSION_STORE must be 'sqlite' or 'memory', got {kind!r}")
+    if kind == "redis" and isinstance(service, Redis):
+        return RedisStore(service, ttl, room_from_env(environ, service))
+    if kind == "sqlite" and isinstance(service, Database):
+        return SQLiteStore(service, ttl, room_from_env(environ, service))
+    raise ConfigError(f"SESSION_STORE must be 'memory', or the kind of store DATABASE_URL "
+                      f"names ({'redis' if isinstance(service, Redis) else 'sqlite'}), "
+                      f"got {kind!r}")

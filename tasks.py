@@ -21,7 +21,7 @@ import reprlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterable
 
 from database import log
 from session_store import SessionStore
@@ -34,6 +34,7 @@ class TaskContext:
     worker: str
 
 
+WHITESPACE = b" \t\n\r\x0b\x0c"  # what bytes.split() splits on
 MAX_SLEEP = 3600  # seconds: ample for a stand-in, and `time.sleep(1e308)` would overflow
 
 
@@ -65,19 +66,32 @@ def sleep(args: dict, ctx: TaskContext) -> dict:
 
 
 def wordcount(args: dict, ctx: TaskContext) -> dict:
-    """Count the words, lines and bytes of an upload, read from the backing store."""
+    """Count the words, lines and bytes of an upload, read from the backing store a piece
+    at a time (a 10 MiB upload never sits whole in the worker's memory)."""
     upload_id = args.get("upload")
     if not isinstance(upload_id, str):
         raise ValueError(f"argument 'upload' must be an upload id (a string), "
                          f"got {brief(upload_id)}")
-    upload = ctx.store.load_upload(upload_id)
-    if upload is None and ctx.store.kind == "memory":
+    if ctx.store.upload_info(upload_id) is None and ctx.store.kind == "memory":
         raise LookupError(f"no upload {upload_id} in the memory store: it lives in the "
                           f"memory of the web copy that took it, which no worker can see")
-    if upload is None:
+    if ctx.store.upload_info(upload_id) is None:
         raise LookupError(f"no upload {upload_id} in the {ctx.store.kind} store")
-    return {"words": len(upload.data.split()), "lines": upload.data.count(b"\n"),
-            "bytes": len(upload.data)}
+    return count_words(ctx.store.upload_chunks(upload_id))
+
+
+def count_words(chunks: Iterable[bytes]) -> dict:
+    """What `wc` counts, over pieces: a word that spans two pieces is counted once."""
+    words = lines = size = 0
+    in_word = False  # the last byte so far belongs to a word
+    for chunk in chunks:
+        if not chunk:
+            continue
+        words += len(chunk.split()) - (in_word and chunk[0] not in WHITESPACE)
+        in_word = chunk[-1] not in WHITESPACE
+        lines += chunk.count(b"\n")
+        size += len(chunk)
+    return {"words": words, "lines": lines, "bytes": size}
 
 
 def purge_expired_sessions(args: dict, ctx: TaskContext) -> dict:

@@ -46,7 +46,7 @@ from string import Template
 from database import (ConfigError, database_from_env, log, positive_number, process_name,
                       stop_timeout)
 from job_queue import JobQueue
-from session_store import (Session, SessionStore, UploadInfo, empty_session,
+from session_store import (Session, SessionStore, UploadInfo, chunks_of, empty_session,
                            store_from_env)
 from tasks import TASKS
 from web_server import (COOKIE_NAME, ClientError, FilePart, Handler, Request, Response,
@@ -144,11 +144,15 @@ class App:
 
     def take_notice(self, sid: str) -> str | None:
         """The session's "what happened" line, removed as it is read: it is shown once."""
-        with self.store.edit(sid) as session:
-            notice = session.data.pop("notice", None)
+        taken: dict[str, str | None] = {}
+
+        def take(session: Session) -> None:
+            taken["notice"] = session.data.pop("notice", None)
             # Ended a moment ago (a logout in another tab): a GET must not start a session.
             session.delete = session.is_new
-        return notice
+
+        self.store.edit(sid, take)
+        return taken["notice"]
 
     def session_json(self, request: Request) -> Response:
         data = self.store.load(request.sid) or empty_session()
@@ -159,9 +163,11 @@ class App:
     def login(self, request: Request) -> Response:
         form = request.form()
         name = required_field(form, "name")
-        with self.store.edit(request.sid, rotate=True) as session:  # fixation defence
+        def log_in(session: Session) -> None:
             session.data["user"] = name
             session.data["notice"] = self.did(f"logged you in as '{name}'")
+
+        session = self.store.edit(request.sid, log_in, rotate=True)  # fixation defence
         back = return_path(form.get("next"))
         if back and self.store.kind == "memory":
             # This session lives in this copy's memory only, so the notice in it is lost
@@ -171,8 +177,7 @@ class App:
 
     def logout(self, request: Request) -> Response:
         back = return_path(request.form().get("next"))
-        with self.store.edit(request.sid) as session:
-            session.delete = True
+        session = self.store.edit(request.sid, end_session)
         # The session is gone, and its notice with it: the address says what happened.
         location = with_query(back, logout_on=self.config.dyno) if back else "/"
         return self.set_cookie(redirect(location), session, request.sid)
@@ -180,11 +185,13 @@ class App:
     def add_to_cart(self, request: Request) -> Response:
         form = request.form()
         item = required_field(form, "item")
-        with self.store.edit(request.sid) as session:
+        def add(session: Session) -> None:
             if len(session.data["cart"]) >= MAX_CART_ITEMS:  # raising here writes nothing
                 raise ClientError(400, f"the cart is full ({MAX_CART_ITEMS:,} items)")
             session.data["cart"].append(item)
             session.data["notice"] = self.did(f"added '{item}' to your cart")
+
+        session = self.store.edit(request.sid, add)
         return self.set_cookie(redirect(return_path(form.get("next")) or "/"), session,
                                request.sid)
 
@@ -196,27 +203,35 @@ class App:
         part = parts.get("file")
         if part is None or not part.data:
             raise ClientError(400, "the multipart field 'file' is missing or empty")
-        known = self.store.load(request.sid) or empty_session()
-        if len(known["uploads"]) >= MAX_UPLOADS:  # checked before the bytes are stored
-            raise ClientError(400, f"this session holds {MAX_UPLOADS} uploads already")
-        upload_id = self.store.save_upload(part.filename, part.content_type, part.data)
-        with self.store.edit(request.sid) as session:
+        upload_id = self.store.save_upload(part.filename, part.content_type,
+                                           chunks_of(part.data))
+
+        def attach(session: Session) -> None:
+            if len(session.data["uploads"]) >= MAX_UPLOADS:
+                raise ClientError(400, f"this session holds {MAX_UPLOADS} uploads already")
             session.data["uploads"].append(upload_id)
             session.data["notice"] = self.did(
                 f"stored '{part.filename}' ({len(part.data):,} bytes)")
+
+        try:
+            session = self.store.edit(request.sid, attach)
+        except BaseException:
+            self.store.discard_upload(upload_id)  # refused, or failed: not left pending
+            raise
         back = return_path(field_text(parts.get("next")))
         return self.set_cookie(redirect(back or f"/uploads/{upload_id}"), session, request.sid)
 
     def download(self, request: Request) -> Response:
         """Only to the session that uploaded it; to anyone else it does not exist."""
         session = self.store.load(request.sid) or empty_session()
-        upload = (self.store.load_upload(request.path_id)
+        upload = (self.store.upload_info(request.path_id)
                   if request.path_id in session["uploads"] else None)
         if upload is None:
             raise ClientError(404, f"no upload {request.path_id} in the {self.store.kind} store")
         # Served from our own origin, an uploaded HTML file could run script as us:
         # `sandbox` and `nosniff` stop that.
-        return Response(200, upload.data, upload.content_type,
+        data = b"".join(self.store.upload_chunks(upload.id))
+        return Response(200, data, upload.content_type,
                         [("Content-Security-Policy", "sandbox"),
                          ("X-Content-Type-Options", "nosniff")])
 
@@ -233,13 +248,16 @@ class App:
         back = return_path(form.get("next"))
         if back is None and self.store.load(request.sid) is None:
             return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
-        with self.store.edit(request.sid) as session:
-            job_id = self.queue.enqueue(task, args, private=True)
+        job_id = self.queue.enqueue(task, args, private=True)
+
+        def own(session: Session) -> None:
             # The newest only: the session would grow with every job, and be rewritten whole
             # on every change.
             session.data["jobs"] = (session.data.get("jobs", []) + [job_id])[-MAX_OWN_JOBS:]
             session.data["notice"] = (f"{self.config.dyno} put job {job_id} ({task}) in the "
                                       f"queue; a worker will take it")
+
+        session = self.store.edit(request.sid, own)
         return self.set_cookie(redirect(back or f"/jobs/{job_id}"), session, request.sid)
 
     def job_status(self, request: Request) -> Response:
@@ -257,6 +275,10 @@ class App:
 
     def healthz(self, request: Request) -> Response:
         return plain_text(200, "ok")
+
+
+def end_session(session: Session) -> None:
+    session.delete = True
 
 
 # --- Where a form post returns, and who sees what ---------------------------------------

@@ -455,3 +455,37 @@ def start_redis(spawn, tmp_path):
 def redis_server(start_redis) -> RedisServer:
     """A redis-server with a password (one that must be percent-encoded in the URL)."""
     return start_redis()
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory) -> RedisServer:
+    """One redis-server for every test that only needs "a Redis" (stores, queues): a start
+    per test would cost more than most of those tests. `fresh_redis` empties it first."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    started: list[Proc] = []
+
+    def spawn(args: list, env: dict) -> Proc:
+        started.append(Proc(args, env, REPO, tmp_path_factory.mktemp("redis") / "log", ))
+        return started[-1]
+
+    server = RedisServer(spawn, free_port(), f"pw@:/%{secrets.token_hex(4)}",
+                         tmp_path_factory.mktemp("redis-data"), ())
+    server.start()
+    yield server
+    for proc in started:
+        proc.kill_group()
+
+
+@pytest.fixture
+def fresh_redis(shared_redis) -> str:
+    """The shared redis-server, emptied: its URL."""
+    with socket.create_connection(("127.0.0.1", shared_redis.port), timeout=5) as sock:
+        password = shared_redis.password.encode()
+        sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n*1\r\n$8\r\nFLUSHALL\r\n"
+                     % (len(password), password))
+        received = b""
+        while received.count(b"\r\n") < 2 and (data := sock.recv(1024)):
+            received += data
+    assert received == b"+OK\r\n+OK\r\n", received
+    return shared_redis.url

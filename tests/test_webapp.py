@@ -593,7 +593,7 @@ def test_uploads_keep_utf8_names_and_only_clean_content_types(start_web, tmp_pat
     db = database_from_env(app_env(tmp_path))
     try:
         upload_id = made.headers["location"].rsplit("/", 1)[1]
-        assert store_from_env(app_env(tmp_path), db).load_upload(upload_id).filename == filename
+        assert store_from_env(app_env(tmp_path), db).upload_info(upload_id).filename == filename
     finally:
         db.close()
 
@@ -624,8 +624,7 @@ def test_what_one_session_may_hold_is_bounded(start_web, tmp_path):
     web = start_web()
     sid = login(web.url, "ada")
     store = store_from_env(app_env(tmp_path), database_from_env(app_env(tmp_path)))
-    with store.edit(sid) as session:
-        session.data["cart"] = ["tea"] * 1999
+    store.edit(sid, lambda session: session.data.update(cart=["tea"] * 1999))
     assert post_form(web.url + "/cart", {"item": "one more"}, sid).status == 303
     refused = post_form(web.url + "/cart", {"item": "and another"}, sid)
     assert refused.status == 400 and b"the cart is full" in refused.body
