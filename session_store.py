@@ -73,7 +73,12 @@ class Session:
     id: str
     data: dict
     is_new: bool = False
-    delete: bool = False  # set by `change` to end the session
+    unknown: bool = False  # the id asked for named no live session: this one is new
+    delete: bool = False   # set by `change` to end the session
+
+    def renew_id(self) -> None:
+        """Go on under a new id, and drop the old one, in the same edit (as `rotate`)."""
+        self.id, self.is_new = new_session_id(), True
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ class Plan:
 def opened(sid: str | None, stored: str | None, rotate: bool) -> Session:
     """The session `edit` hands out: a fresh one for an id that is unknown or expired."""
     if stored is None:
-        return Session(new_session_id(), empty_session(), is_new=True)
+        return Session(new_session_id(), empty_session(), is_new=True, unknown=sid is not None)
     if rotate:
         return Session(new_session_id(), json.loads(stored), is_new=True)
     return Session(sid, json.loads(stored))

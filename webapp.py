@@ -30,7 +30,6 @@ session may hold: `MAX_CART_ITEMS`, `MAX_UPLOADS`, `MAX_OWN_JOBS`).
 """
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -38,17 +37,13 @@ import re
 import signal
 import sys
 import time
-import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
-from string import Template
 
 from database import (ConfigError, database_from_env, log, positive_number, process_name,
                       stop_timeout)
 from job_queue import JobQueue
-from session_store import (Session, SessionStore, UploadInfo, chunks_of, empty_session,
-                           store_from_env)
-from tasks import TASKS
+from session_store import Session, SessionStore, chunks_of, empty_session, store_from_env
+from page import news_address, render_page, with_query
 from web_server import (COOKIE_NAME, ClientError, FilePart, Handler, Request, Response,
                         Server, as_json, parse_multipart, plain_text, redirect, required_field,
                         whole_number)
@@ -120,39 +115,29 @@ class App:
                 ("Set-Cookie", f"{COOKIE_NAME}={session.id}; Max-Age={max_age}{attributes}"))
         return response
 
-    def did(self, what: str) -> str:
-        """A notice: which copy did what, and where the session lives."""
-        return f"{self.config.dyno} {what}, in the {self.store.kind} store"
+    def back_with_news(self, back: str | None, did: str, session: Session,
+                       **values: object) -> str | None:
+        """A form from the page returns to it (`back`, its `next`), told what this copy did;
+        None for other clients, who get the resource they made."""
+        if back is None:
+            return None
+        return news_address(back, did, self.config.dyno, session.unknown, **values)
 
     def page(self, request: Request) -> Response:
+        """Read-only: what just happened comes in the address, so a GET writes nothing."""
         data = self.store.load(request.sid)
         stranger = request.sid is not None and data is None
         data = data or empty_session()
-        notice = self.take_notice(request.sid) if data.get("notice") else None
         uploads = [self.store.upload_info(upload_id)
                    for upload_id in data["uploads"][-PAGE_UPLOADS:]]
         own_jobs = [self.queue.get(job_id) for job_id in data.get("jobs", [])[-PAGE_OWN_JOBS:]]
         body = render_page(
             session=data, dyno=self.config.dyno, store_kind=self.store.kind,
-            notice=notice_line(notice, request.query, stranger, self.config.dyno),
-            stranger=(stranger_notice(self.store, html.escape(self.config.dyno))
-                      if stranger else ""),
+            query=request.query, stranger=stranger,
             uploads=[upload for upload in reversed(uploads) if upload],
             own_jobs=[job for job in reversed(own_jobs) if job],
             queue=[public_face(job) for job in self.queue.recent(limit=PAGE_QUEUE_JOBS)])
         return Response(200, body.encode(), "text/html; charset=utf-8")
-
-    def take_notice(self, sid: str) -> str | None:
-        """The session's "what happened" line, removed as it is read: it is shown once."""
-        taken: dict[str, str | None] = {}
-
-        def take(session: Session) -> None:
-            taken["notice"] = session.data.pop("notice", None)
-            # Ended a moment ago (a logout in another tab): a GET must not start a session.
-            session.delete = session.is_new
-
-        self.store.edit(sid, take)
-        return taken["notice"]
 
     def session_json(self, request: Request) -> Response:
         data = self.store.load(request.sid) or empty_session()
@@ -165,22 +150,21 @@ class App:
         name = required_field(form, "name")
         def log_in(session: Session) -> None:
             session.data["user"] = name
-            session.data["notice"] = self.did(f"logged you in as '{name}'")
 
         session = self.store.edit(request.sid, log_in, rotate=True)  # fixation defence
         back = return_path(form.get("next"))
         if back and self.store.kind == "memory":
-            # This session lives in this copy's memory only, so the notice in it is lost
-            # if another copy serves the page. The address carries the news instead.
+            # This session lives in this copy's memory only: the address says where, so
+            # that a page from another copy can tell you why it does not know you.
             back = with_query(back, login_on=self.config.dyno)
-        return self.set_cookie(redirect(back or "/"), session, request.sid)
+        location = self.back_with_news(back, "login", session, name=name)
+        return self.set_cookie(redirect(location or "/"), session, request.sid)
 
     def logout(self, request: Request) -> Response:
         back = return_path(request.form().get("next"))
         session = self.store.edit(request.sid, end_session)
-        # The session is gone, and its notice with it: the address says what happened.
-        location = with_query(back, logout_on=self.config.dyno) if back else "/"
-        return self.set_cookie(redirect(location), session, request.sid)
+        location = self.back_with_news(back, "logout", session)
+        return self.set_cookie(redirect(location or "/"), session, request.sid)
 
     def add_to_cart(self, request: Request) -> Response:
         form = request.form()
@@ -189,11 +173,10 @@ class App:
             if len(session.data["cart"]) >= MAX_CART_ITEMS:  # raising here writes nothing
                 raise ClientError(400, f"the cart is full ({MAX_CART_ITEMS:,} items)")
             session.data["cart"].append(item)
-            session.data["notice"] = self.did(f"added '{item}' to your cart")
 
         session = self.store.edit(request.sid, add)
-        return self.set_cookie(redirect(return_path(form.get("next")) or "/"), session,
-                               request.sid)
+        location = self.back_with_news(return_path(form.get("next")), "cart", session, item=item)
+        return self.set_cookie(redirect(location or "/"), session, request.sid)
 
     def upload(self, request: Request) -> Response:
         content_type = request.headers.get("Content-Type", "")
@@ -209,17 +192,18 @@ class App:
         def attach(session: Session) -> None:
             if len(session.data["uploads"]) >= MAX_UPLOADS:
                 raise ClientError(400, f"this session holds {MAX_UPLOADS} uploads already")
+            renew_if_anonymous(session)
             session.data["uploads"].append(upload_id)
-            session.data["notice"] = self.did(
-                f"stored '{part.filename}' ({len(part.data):,} bytes)")
 
         try:
             session = self.store.edit(request.sid, attach)
         except BaseException:
             self.store.discard_upload(upload_id)  # refused, or failed: not left pending
             raise
-        back = return_path(field_text(parts.get("next")))
-        return self.set_cookie(redirect(back or f"/uploads/{upload_id}"), session, request.sid)
+        location = self.back_with_news(return_path(field_text(parts.get("next"))), "upload",
+                                       session, file=part.filename, size=len(part.data))
+        return self.set_cookie(redirect(location or f"/uploads/{upload_id}"), session,
+                               request.sid)
 
     def download(self, request: Request) -> Response:
         """Only to the session that uploaded it; to anyone else it does not exist."""
@@ -251,14 +235,14 @@ class App:
         job_id = self.queue.enqueue(task, args, private=True)
 
         def own(session: Session) -> None:
+            renew_if_anonymous(session)
             # The newest only: the session would grow with every job, and be rewritten whole
             # on every change.
             session.data["jobs"] = (session.data.get("jobs", []) + [job_id])[-MAX_OWN_JOBS:]
-            session.data["notice"] = (f"{self.config.dyno} put job {job_id} ({task}) in the "
-                                      f"queue; a worker will take it")
 
         session = self.store.edit(request.sid, own)
-        return self.set_cookie(redirect(back or f"/jobs/{job_id}"), session, request.sid)
+        location = self.back_with_news(back, "job", session, job=job_id, task=task)
+        return self.set_cookie(redirect(location or f"/jobs/{job_id}"), session, request.sid)
 
     def job_status(self, request: Request) -> Response:
         job_id = whole_number(request.path_id)
@@ -281,6 +265,15 @@ def end_session(session: Session) -> None:
     session.delete = True
 
 
+def renew_if_anonymous(session: Session) -> None:
+    """Before something private (an upload, a job) goes into a session nobody has logged
+    into, move it to a new id. Whoever planted that id in your browser (a sibling site can
+    set a cookie for this host) made the session, knows its id, and would see your upload;
+    the new id they cannot know. A login moves the id anyway (`rotate`)."""
+    if session.data["user"] is None and not session.is_new:
+        session.renew_id()
+
+
 # --- Where a form post returns, and who sees what ---------------------------------------
 
 def return_path(value: str | None) -> str | None:
@@ -295,14 +288,6 @@ def return_path(value: str | None) -> str | None:
     if value is None or not re.fullmatch(r"/(?!/)[\x21-\x7e]{0,500}", value) or "\\" in value:
         return None
     return value
-
-
-def with_query(path: str, **params: str) -> str:
-    """`path` with `params` added to its query string, escaped."""
-    parts = urllib.parse.urlsplit(path)
-    query = urllib.parse.parse_qsl(parts.query) + list(params.items())
-    return urllib.parse.urlunsplit(("", "", parts.path, urllib.parse.urlencode(query),
-                                    parts.fragment))
 
 
 def field_text(part: FilePart | None) -> str | None:
@@ -458,102 +443,6 @@ def main() -> None:
         os._exit(0)
     db.close()  # the connection of the store and of the job queue
     log(f"{config.dyno} stopped")
-
-
-# --- The page -----------------------------------------------------------------------
-
-PAGE = Template(Path(__file__).with_name("page.html").read_text(encoding="utf-8"))
-COPY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
-
-
-def notice_line(notice: str | None, query: dict, stranger: bool, dyno: str) -> str:
-    """The one line saying what just happened, or "".
-
-    Usually it comes from the session, put there by the copy that did it. Two pieces of
-    news come in the address instead, because no session can carry them: a logout (the
-    session is gone) and a login under the memory store when another copy serves the page
-    after it. Anyone can write an address, so those two are fixed sentences around a name.
-    """
-    login_on, logout_on = query.get("login_on", ""), query.get("logout_on", "")
-    if notice:
-        line = html.escape(notice)
-    elif stranger and login_on != dyno and COPY_NAME.fullmatch(login_on):
-        line = (f"You logged in on <b>{login_on}</b>. This page came from "
-                f"<b>{html.escape(dyno)}</b>, which has never heard of that login.")
-    elif COPY_NAME.fullmatch(logout_on):
-        line = f"{logout_on} logged you out: your session is gone."
-    else:
-        return ""
-    return f'<p class="notice" id="notice">{line}</p>\n'
-
-
-def stranger_notice(store: SessionStore, dyno: str) -> str:
-    """The lesson, said plainly, when the browser's session is unknown to this copy."""
-    if store.kind == "memory":
-        why = (f"With <code>SESSION_STORE=memory</code> each process keeps its own sessions "
-               f"in its own memory: the copy that knows you is another one, and {dyno} "
-               f"cannot see into it. This is the failure Factor VI prevents.")
-    else:
-        why = "It has expired or was ended by a logout."
-    return (f'<p class="warn">Your browser sent a session cookie, but this process '
-            f'({dyno}) has never heard of that session. {why}</p>\n')
-
-
-def render_page(*, session: dict, dyno: str, store_kind: str, notice: str, stranger: str,
-                uploads: list[UploadInfo], own_jobs: list[dict], queue: list[dict]) -> str:
-    """The page; `notice` and `stranger` are HTML already, everything else is escaped here.
-    Keyword-only: eight arguments, three of them lists and two of them HTML, are easy to
-    pass in the wrong order and hard to see passed so."""
-    esc = html.escape
-    user = session["user"]
-    if user:
-        who = f"Logged in as <b>{esc(user)}</b>."
-    else:
-        who = f"Not logged in, as far as {esc(dyno)} knows." if stranger else "Not logged in."
-    logout = ('<form method="post" action="/logout"><input type="hidden" name="next" '
-              'value="/"><button>Log out</button></form>')
-    return PAGE.substitute(
-        dyno=esc(dyno), pid=os.getpid(), store=esc(store_kind), notice=notice,
-        stranger=stranger, who=who, logout=logout if user else "",
-        cart="".join(f"<li>{esc(item)}</li>" for item in session["cart"]) or "<li>empty</li>",
-        uploads="".join(upload_row(upload) for upload in uploads),
-        own_jobs="".join(own_job_row(job) for job in own_jobs),
-        queue="".join(queue_row(job) for job in queue),
-        tasks=esc(", ".join(sorted(TASKS))))
-
-
-def upload_row(upload: UploadInfo) -> str:
-    """An upload by name, size and type, with a link and a button to count its words."""
-    esc = html.escape
-    args = esc(json.dumps({"upload": upload.id}))
-    return (f'<tr><td><a href="/uploads/{esc(upload.id)}">{esc(upload.filename)}</a></td>'
-            f'<td>{upload.size:,} bytes</td><td>{esc(upload.content_type)}</td>'
-            f'<td><form method="post" action="/jobs"><input type="hidden" name="next" '
-            f'value="/"><input type="hidden" name="task" value="wordcount">'
-            f'<input type="hidden" name="args" value="{args}">'
-            f'<button>count its words</button></form></td></tr>\n')
-
-
-def own_job_row(job: dict) -> str:
-    """A job of yours; the page's script updates its state and result while it runs."""
-    esc = html.escape
-    return (f'<tr data-job="{job["id"]}" data-state="{esc(job["state"])}">'
-            f'<td><a href="/jobs/{job["id"]}">{job["id"]}</a></td><td>{esc(job["task"])}</td>'
-            f'<td class="state">{esc(job["state"])}</td>'
-            f'<td class="attempts">{job["attempts"]}</td>'
-            f'<td class="result">{esc(job_outcome(job))}</td></tr>\n')
-
-
-def job_outcome(job: dict) -> str:
-    """A done job's result, any other's error: as the page's script shows them."""
-    if job["state"] == "done":
-        return json.dumps(job["result"], ensure_ascii=False, separators=(",", ":"))
-    return job["error"] or ""
-
-
-def queue_row(job: dict) -> str:
-    cells = (job["id"], job["task"], job["state"], job["attempts"], job["worker"] or "")
-    return "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>\n"
 
 
 if __name__ == "__main__":

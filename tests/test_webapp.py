@@ -153,6 +153,24 @@ def test_an_upload_is_served_only_to_the_session_that_made_it(start_web):
         assert response.body == missing.body.replace(b"no-such-upload", upload_id.encode())
 
 
+def test_a_planted_session_id_never_sees_what_the_victim_uploads_or_enqueues(start_web):
+    web = start_web()
+    planted = session_cookie(post_form(web.url + "/cart", {"item": "bait"}))  # the attacker's
+    made = upload(web.url, b"the victim's secret", "text/plain", planted)
+    victim = session_cookie(made)
+    assert victim not in (None, planted)  # the first private write moved the session
+    location = made.headers["location"]
+    assert get(web.url + location, victim).body == b"the victim's secret"
+    assert get(web.url + location, planted).status == 404
+    assert get(web.url + "/session", planted).json()["uploads"] == []
+    assert get(web.url + "/session", victim).json()["cart"] == ["bait"]  # the data moved too
+    job = post_form(web.url + "/jobs", {"task": "sleep", "args": '{"seconds": 1}'}, victim)
+    moved = session_cookie(job)
+    assert moved not in (None, victim)  # still nobody logged in: moved again
+    assert get(web.url + job.headers["location"], moved).json()["args"] == {"seconds": 1}
+    assert "args" not in get(web.url + job.headers["location"], victim).json()
+
+
 def test_a_jobs_args_and_result_are_shown_only_to_the_session_that_enqueued_it(start_web):
     web = start_web()
     owner = login(web.url, "ada")
@@ -176,30 +194,42 @@ def notice(page: str) -> str | None:
     return html.unescape(found[1]) if found else None
 
 
-def test_a_form_from_the_page_returns_to_it_and_the_page_says_what_happened_once(start_web):
+def test_a_form_from_the_page_returns_to_it_saying_what_happened_in_the_address(start_web):
     web = start_web(DYNO="web.3")
     response = post_form(web.url + "/login", {"name": "ada", "next": "/"})
-    assert response.status == 303 and response.headers["location"] == "/"
-    sid = session_cookie(response)
-    assert notice(get(web.url + "/", sid).text) == (
+    location, sid = response.headers["location"], session_cookie(response)
+    assert response.status == 303 and location == "/?did=login&by=web.3&name=ada"
+    assert notice(get(web.url + location, sid).text) == (
         "web.3 logged you in as 'ada', in the sqlite store")
-    assert notice(get(web.url + "/", sid).text) is None  # shown once
-    response = post_form(web.url + "/cart", {"item": "tea", "next": "/"}, sid)
-    assert response.headers["location"] == "/"
-    assert notice(get(web.url + "/", sid).text) == (
-        "web.3 added 'tea' to your cart, in the sqlite store")
+    page = get(web.url + "/", sid)
+    assert notice(page.text) is None and "set-cookie" not in page.headers  # a GET writes nothing
+    response = post_form(web.url + "/cart", {"item": "tea & <cake>", "next": "/"}, sid)
+    assert notice(get(web.url + response.headers["location"], sid).text) == (
+        "web.3 added 'tea & <cake>' to your cart, in the sqlite store")
     body, headers = multipart({"next": ("", "text/plain", b"/"),
                                "file": ("naive.txt", "text/plain", b"one two")})
     response = http("POST", web.url + "/uploads", body, {**headers, "Cookie": f"sid={sid}"})
-    assert response.headers["location"] == "/"
-    assert "stored 'naive.txt' (7 bytes)" in notice(get(web.url + "/", sid).text)
+    assert notice(get(web.url + response.headers["location"], sid).text) == (
+        "web.3 stored 'naive.txt' (7 bytes), in the sqlite store")
     response = post_form(web.url + "/jobs", {"task": "sleep", "args": "{}", "next": "/"}, sid)
-    assert response.headers["location"] == "/"
-    assert "put job 1 (sleep) in the queue" in notice(get(web.url + "/", sid).text)
+    assert re.fullmatch(r"web\.3 put job \d+ \(sleep\) in the queue; a worker will take it",
+                        notice(get(web.url + response.headers["location"], sid).text))
     response = post_form(web.url + "/logout", {"next": "/"}, sid)
-    assert response.headers["location"] == "/?logout_on=web.3"
+    assert response.headers["location"] == "/?did=logout&by=web.3"
     assert notice(get(web.url + response.headers["location"]).text) == (
         "web.3 logged you out: your session is gone.")
+
+
+@pytest.mark.parametrize("address", [
+    "/?did=cart&by=%3Cscript%3E&item=tea",          # not a copy's name
+    "/?did=cart&by=web.1&item=" + "x" * 201,         # longer than an item can be
+    "/?did=cart&by=web.1",                           # a value the sentence needs is missing
+    "/?did=rm%20-rf&by=web.1",                       # not something a copy does
+    "/?did=cart&by=web.1&item=%1b%5b2J",             # a terminal escape
+])
+def test_news_the_address_cannot_carry_is_not_shown(start_web, address):
+    page = get(start_web().url + address).text
+    assert notice(page) is None and page.count("<script>") == 1  # the page's own
 
 
 def test_a_return_path_that_is_not_a_plain_path_on_this_site_is_ignored(start_web):
@@ -212,19 +242,28 @@ def test_a_return_path_that_is_not_a_plain_path_on_this_site_is_ignored(start_we
         response = post_form(web.url + "/jobs", {"task": "sleep", "next": next_path})
         assert re.fullmatch(r"/jobs/\d+", response.headers["location"]), next_path
     response = post_form(web.url + "/cart", {"item": "tea", "next": "/?from=page#spread"})
-    assert response.headers["location"] == "/?from=page#spread"  # a plain path is kept
+    # A plain path is kept, with the news added to its query.
+    assert response.headers["location"] == "/?from=page&did=cart&by=web.1&item=tea#spread"
 
 
-def test_after_a_memory_store_login_another_copy_says_where_you_logged_in(start_web):
+def test_under_memory_every_page_says_which_copy_did_what_and_where_the_login_lives(start_web):
     one = start_web(SESSION_STORE="memory", DYNO="web.1")
     two = start_web(SESSION_STORE="memory", DYNO="web.2")
     response = post_form(one.url + "/login", {"name": "ada", "next": "/"})
     location, sid = response.headers["location"], session_cookie(response)
-    assert location == "/?login_on=web.1"
+    assert location == "/?login_on=web.1&did=login&by=web.1&name=ada"
     assert notice(get(two.url + location, sid).text) == (
         "You logged in on <b>web.1</b>. This page came from <b>web.2</b>, which has never "
         "heard of that login.")
-    assert notice(get(one.url + location, sid).text).startswith("web.1 logged you in")
+    page = get(one.url + location, sid).text
+    assert notice(page) == "web.1 logged you in as 'ada', in the memory store"
+    assert 'name="next" value="/?login_on=web.1"' in page  # the forms carry it on
+    # The cart add lands on web.2, which has never heard of that session: it starts one.
+    response = post_form(two.url + "/cart", {"item": "tea", "next": "/?login_on=web.1"}, sid)
+    assert session_cookie(response) not in (None, sid)
+    assert notice(get(one.url + response.headers["location"], sid).text) == (
+        "web.2 had never heard of you, so it started a new session for 'tea'; your login "
+        "lives on web.1")
     forged = get(two.url + "/?login_on=%3Cscript%3Ecall+555", sid).text
     assert notice(forged) is None and "<script>call" not in forged
 
