@@ -319,7 +319,8 @@ class SQLiteStore(SessionStore):
         try:
             for seq, chunk in enumerate(chunks):
                 self.room.check()
-                self.db.execute("INSERT INTO file_chunks VALUES (?, ?, ?)", (upload_id, seq, chunk))
+                self.db.execute("INSERT INTO file_chunks VALUES (?, ?, ?)",
+                                (upload_id, seq, chunk))
                 size += len(chunk)
         except BaseException:
             self.discard_upload(upload_id)

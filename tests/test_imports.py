@@ -15,7 +15,7 @@ from conftest import REPO
 
 PROCESSES = {"webapp", "worker", "clock"}
 SHARED = {  # the backing services and the plumbing the processes share
-    "session_store", "job_queue", "database", "tasks", "web_server", "redis_client"}
+    "session_store", "job_queue", "database", "tasks", "web_server", "redis_client", "page"}
 PLATFORM = {"launcher", "router", "formation", "logs", "health"}
 
 
