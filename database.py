@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 DEFAULT_STOP_TIMEOUT = 25  # seconds from SIGTERM to exit: under Heroku's 30 before SIGKILL
 BUSY_TIMEOUT = 10.0        # seconds a statement waits for another process's write lock
+REDIS_REPLY_TIMEOUT = 5.0  # seconds a Redis command waits for its reply,
+REDIS_CONNECT_TIMEOUT = 2.0  # ... and a new connection for TCP, TLS and AUTH: 7 s in all
 # A statement already waiting for the lock when SIGTERM comes returns (done, or
 # StoreUnavailable) before the default stop deadline, with a fifth of it to spare: a web
 # copy still answers that request, a clock still exits in time.
@@ -148,9 +150,10 @@ class StoreFull(Refused):
         super().__init__(507, message)
 
 
-# What a store that cannot take a write now raises, from SQLite or Redis: a worker or a
-# clock waits it out (`keep_trying`), a web copy answers 503 (or 507 when full).
-WAITS = (StoreUnavailable, RedisUnavailable, StoreFull)
+# A store that does not answer now, SQLite (locked) or Redis (down, frozen, unreachable):
+# a web copy answers 503. With a full store, what a worker or a clock waits out.
+UNAVAILABLE = (StoreUnavailable, RedisUnavailable)
+WAITS = (*UNAVAILABLE, StoreFull)
 
 
 class StillLocked(Exception):
@@ -422,14 +425,18 @@ def room_from_env(environ: Mapping[str, str], service: BackingService) -> Room:
 
 def database_from_env(environ: Mapping[str, str]) -> BackingService:
     """Open the backing service that DATABASE_URL names (REDIS_URL when it is unset, as
-    Heroku's Redis add-on sets it; else the default SQLite file, var/app.db). Bad settings,
-    an unreachable server or a wrong password are a ConfigError: one line, exit 2.
+    Heroku's Redis add-on sets it; else the default SQLite file, var/app.db). A malformed
+    URL or a refused password is a ConfigError: one line, exit 2.
 
-    DATABASE_BUSY_TIMEOUT (seconds, default 10): how long one SQLite statement waits for
-    another process's write lock before "database is locked"."""
+    DATABASE_BUSY_TIMEOUT (seconds): how long the store may take to answer. For SQLite
+    (default 10), how long one statement waits for another process's write lock before
+    "database is locked"; for Redis (default 5), how long a command waits for its reply,
+    on top of at most 2 s to connect: under the 10 s in which a web copy must answer,
+    503 if it comes to that."""
     url = environ.get("DATABASE_URL") or environ.get("REDIS_URL") or "sqlite:///var/app.db"
     if url.startswith(("redis://", "rediss://")):
-        return redis_from_url(url)
+        return redis_from_url(url, positive_number(environ, "DATABASE_BUSY_TIMEOUT",
+                                                   REDIS_REPLY_TIMEOUT, MAX_BUSY_TIMEOUT))
     path = database_path(url)
     db = Database(path, positive_number(environ, "DATABASE_BUSY_TIMEOUT", BUSY_TIMEOUT,
                                         MAX_BUSY_TIMEOUT))
@@ -441,12 +448,12 @@ def database_from_env(environ: Mapping[str, str]) -> BackingService:
     return db
 
 
-def redis_from_url(url: str) -> Redis:
+def redis_from_url(url: str, reply_timeout: float) -> Redis:
     """A Redis client. A typo in the URL, or a password Redis refuses, is found at start, not
     at the first user's request (its password is never printed). A Redis that does not
     answer yet is a wait, as later: the process starts, and its first request finds out."""
     try:
-        redis = Redis(url)
+        redis = Redis(url, min(REDIS_CONNECT_TIMEOUT, reply_timeout), reply_timeout)
     except ValueError as error:  # the message never quotes the URL: it may hold a password
         raise ConfigError(f"DATABASE_URL: {error}") from None
     try:

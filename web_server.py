@@ -15,9 +15,11 @@ for request heads on one thread and answers whole requests on a fixed pool of th
 `database.log`, which escapes it, so that nothing a client sends can forge a line of the
 platform's log; only a health check answered well gets none (`Handler.log_request`).
 
-What a route raises is answered here: a `ClientError` with its 4xx; `StoreUnavailable`
-(another process holds the database's lock: a wait) with a 503 and `Retry-After: 1`, and
-one line in the log; anything else is a bug, a 500, with its traceback in the log. It
+What a route raises is answered here: a `ClientError` with its 4xx; a store's `Refused`
+with its status (413 too large, 429 too many, 507 full); a store that does not answer
+(`UNAVAILABLE`: SQLite locked past its busy timeout, Redis down or frozen) with a 503,
+`Retry-After: 1` and one line in the log; anything else is a bug, a 500, with its
+traceback in the log. It
 does not know which backing store stands behind the routes. Of sessions it knows only the
 cookie that carries one's id (`COOKIE_NAME`, `session_id_from`): what a session holds, and
 where, is `session_store.py`'s business. It knows nothing of jobs or the page:
@@ -51,7 +53,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Callable, Iterator, Protocol
 
-from database import StoreUnavailable, log
+from database import UNAVAILABLE, Refused, log
 
 MAX_FORM_BYTES = 1 << 20      # a form is a few fields; refuse anything bigger unread
 MAX_FIELD_CHARS = 200
@@ -393,9 +395,11 @@ class Handler(BaseHTTPRequestHandler):
                                  dict(urllib.parse.parse_qsl(url.query))))
         except ClientError as error:
             return error.response()
-        except StoreUnavailable as error:  # another process holds the lock: a wait, not a bug
+        except Refused as error:  # a limit of the store: too large, too many, no room
+            return plain_text(error.status, str(error))
+        except UNAVAILABLE as error:  # locked, down or frozen: a wait, not a bug
             log(f"backing store unavailable: {error}")
-            response = plain_text(503, "the backing store is unavailable; try again shortly")
+            response = plain_text(503, "the store is not answering; try again")
             response.headers.append(("Retry-After", "1"))
             return response
         except Exception as error:  # a bug: say so loudly in the log, answer 500, keep serving
