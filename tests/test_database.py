@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import REPO, get, post_form, session_cookie, write_lock_held
-from database import (ConfigError, Database, StillLocked, database_path, keep_trying,
+from database import (ConfigError, Database, Room, StillLocked, database_path, keep_trying,
                       positive_number, process_name, whole_seconds)
 from job_queue import JobQueue
 from session_store import SQLiteStore
@@ -113,7 +113,7 @@ def test_keep_trying_waits_out_a_lock_longer_than_the_busy_timeout(tmp_path, cap
         keep_trying(lambda: db.execute("INSERT INTO notes VALUES ('late')"), "noting")
     assert len(db.query("SELECT text FROM notes")) == 1
     assert capsys.readouterr().out == \
-        "noting: database is locked; trying again until it is free\n"
+        "noting: database is locked; trying again until it answers\n"
 
 
 def test_keep_trying_gives_up_on_a_lock_only_when_told_to_stop(tmp_path):
@@ -160,7 +160,7 @@ def test_a_file_that_is_not_this_apps_database_is_a_configuration_error(tmp_path
     foreign = Database(tmp_path / "other.db")
     foreign.execute("CREATE TABLE sessions (who TEXT)")  # another app's table of that name
     with pytest.raises(ConfigError, match="not a database of this app"):
-        SQLiteStore(foreign, 60)
+        SQLiteStore(foreign, 60, Room(foreign, 1 << 30))
     (tmp_path / "notes.txt").write_text("not SQLite at all\n" * 100)
     with pytest.raises(ConfigError, match="not a database of this app"):
         JobQueue(Database(tmp_path / "notes.txt"))

@@ -16,7 +16,7 @@ def test_a_database_locked_past_the_busy_timeout_answers_503_come_back_in_a_seco
     with write_lock_held(tmp_path / "app.db"):  # another process, in a long write
         refused = post_form(web.url + "/cart", {"item": "tea"})
     assert refused.status == 503 and refused.headers["retry-after"] == "1"
-    assert b"try again shortly" in refused.body
+    assert refused.body == b"the store is not answering; try again\n"
     wait_until(lambda: "backing store unavailable: database is locked" in web.proc.output(),
                what="the 503's reason in the log")
     assert "Traceback" not in web.proc.output()  # a wait, not a bug
