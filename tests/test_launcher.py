@@ -16,7 +16,7 @@ from contextlib import suppress
 import pytest
 
 from conftest import (REPO, SLEEPER, WEB, Launcher, alive, app_env, free_port, frozen, get, http,
-                      served_by, wait_until)
+                      post_form, served_by, session_cookie, wait_until)
 from launcher import UsageError, read_config
 
 
@@ -285,3 +285,58 @@ def test_a_line_without_end_is_printed_in_pieces_not_held_without_bound(launch):
     wait_until(lambda: launcher.output().count("x") >= 4 * 65536, what="the spew printed")
     longest = max(len(line) for line in launcher.output().splitlines())
     assert longest < 2 * 65536 + 100  # at most what was held, and one chunk read after it
+
+
+# --- Failure on purpose, at the prompt, and the sticky trap -----------------------------------
+
+def test_kill_and_freeze_at_the_prompt_fail_a_copy_and_the_platform_replaces_it(launch):
+    launcher = launch(WEB, "web=2", "--check-every", "0.4", stdin=subprocess.PIPE)
+    launcher.wait_for(" is up on port", 2)
+    killed, frozen_pid = launcher.pids("web.1")[-1], launcher.pids("web.2")[-1]
+    launcher.send("kill web.9")
+    launcher.wait_for("no running copy named 'web.9' (running: web.1, web.2)")
+    launcher.send("kill web.1")
+    launcher.wait_for(f"web.1 (pid {killed}): SIGKILL, as asked")
+    launcher.wait_for("web.1 killed by SIGKILL")
+    launcher.send("freeze web.2")
+    launcher.wait_for(f"web.2 (pid {frozen_pid}): SIGSTOP, its port still accepts")
+    launcher.wait_for("web.2 failed 3 health checks in a row: replacing it")
+    launcher.wait_for("web.2 killed by SIGKILL")
+    launcher.wait_for(" is up on port", 4)
+    assert launcher.pids("web.1")[-1] != killed and not alive(frozen_pid)
+    assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
+
+
+def test_chaos_kills_a_copy_every_few_seconds_and_a_sqlite_shopper_barely_notices(launch):
+    launcher = launch(WEB, "web=3", stdin=subprocess.PIPE)
+    launcher.wait_for(" is up on port", 3)
+    sid = session_cookie(post_form(f"http://127.0.0.1:{launcher.port}/login", {"name": "ada"}))
+    launcher.send("chaos 0.5")
+    launcher.wait_for("chaos: SIGKILL to a random copy every 0.5s, until `chaos off`")
+    known = []
+    began = time.monotonic()
+    while launcher.output().count("by chaos") < 4 and time.monotonic() - began < 15:
+        try:
+            answer = get(f"http://127.0.0.1:{launcher.port}/session", sid)
+            known.append(answer.status == 200 and answer.json()["user"] == "ada")
+        except OSError:  # in flight on a copy at the instant it was killed
+            known.append(False)
+    launcher.send("chaos off")
+    launcher.wait_for("chaos off")
+    kills = launcher.output().count("by chaos")
+    assert kills >= 4 and known.count(True) >= 0.8 * len(known), (kills, known)
+
+
+def test_sticky_routing_makes_the_memory_store_seem_to_work_until_a_restart(launch, tmp_path):
+    launcher = launch(WEB, "web=3", "--sticky", stdin=subprocess.PIPE,
+                      env=app_env(tmp_path, SESSION_STORE="memory"))
+    launcher.wait_for(" is up on port", 3)
+    front = f"http://127.0.0.1:{launcher.port}"
+    sid = session_cookie(post_form(front + "/login", {"name": "ada"}))
+    answers = [get(front + "/session", sid).json() for _ in range(12)]
+    assert [answer["user"] for answer in answers] == ["ada"] * 12  # it seems to work
+    assert len({answer["served_by"] for answer in answers}) == 1    # ... on one copy
+    launcher.send("restart web")
+    launcher.wait_for("rolling restart done")
+    launcher.wait_for(" exited with code 0", 3)
+    assert {get(front + "/session", sid).json()["user"] for _ in range(6)} == {None}
