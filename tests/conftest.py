@@ -295,10 +295,29 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     try:  # an orphan that init has not reaped yet is a zombie: gone for our purpose
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return thread_state(f"/proc/{pid}/stat") != "Z"
     except OSError:
         return True
+
+
+def thread_state(stat_path: str) -> str:
+    """The state in a /proc stat file: R running, S sleeping, T stopped, Z zombie."""
+    with open(stat_path) as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]  # the name, in (), may hold spaces
+
+
+def stopped(pid: int) -> bool:
+    """Has every thread of `pid` stopped? Linux lists each thread in /proc; elsewhere ps
+    reports the process as a whole."""
+    if not os.path.isdir("/proc/self/task"):
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)],
+                               capture_output=True, text=True).stdout
+        return state.strip().startswith("T")
+    states = []
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with suppress(FileNotFoundError):  # a thread that ended meanwhile
+            states.append(thread_state(f"/proc/{pid}/task/{thread}/stat"))
+    return all(state == "T" for state in states)
 
 
 @contextmanager
@@ -363,9 +382,16 @@ def launch(spawn, tmp_path):
 @contextmanager
 def frozen(pid: int):
     """SIGSTOP a copy: alive, its port still accepting, answering nothing (a deadlock or a
-    long pause looks the same from outside). It is SIGKILLed at the end, whatever happens."""
+    long pause looks the same from outside). It is SIGKILLed at the end, whatever happens.
+
+    The block begins once every thread has stopped, not when kill() returns: the signal is
+    only queued then, and each thread stops when it next runs (on two busy cores, up to
+    0.86 s later, measured). Until then the copy may still accept. A test that filled its
+    backlog meanwhile saw the queue full, then the copy's last accepts made room again,
+    and the router's next connection waited in the backlog of a copy that never read it."""
     os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: stopped(pid), what=f"pid {pid} to stop after SIGSTOP")
         yield
     finally:
         with suppress(ProcessLookupError):
