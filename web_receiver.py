@@ -16,7 +16,9 @@ never a thread. Only a whole request is handed to the answering threads
 with the bytes that actually arrive (`body_deadline`); a small body is kept in memory and
 a large one in a scratch file (`web_input.Body`). Before a byte of a body is read, the
 head decides its fate (`Receiver.expected_body`): a 411, 400 or 413 (its length against
-the route's limit), a 503 when no scratch file is free, or a `100 Continue`. A request refused so is still handed over, to be answered and
+the route's limit), a 403 for a request that would change something but comes from a page
+of another site (`cross_origin`: login and logout CSRF), a 503 when no scratch file is
+free, or a `100 Continue`. A request refused so is still handed over, to be answered and
 logged as any other, without running its route. Parsing is `web_input.py`'s; answering,
 and starting and stopping it all, `web_server.py`'s.
 """
@@ -54,6 +56,7 @@ RECEIVE_BYTES = 64 << 10   # read from a socket at once, into the one buffer bod
 SWEEP_EVERY = 0.25         # seconds between two checks of the bodies' deadlines
 ACCEPT_PAUSE = 0.1         # seconds without accepting, out of descriptors with none to drop
 HEAD_END = re.compile(rb"\n\r?\n")  # the blank line; BaseHTTPRequestHandler takes a bare \n
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # they change nothing, so any site may send them
 RETRY_SOON = (("Retry-After", "1"),)
 
 
@@ -83,6 +86,32 @@ def body_deadline(began: float, received: int, now: float, client_timeout: float
     start cannot be spent in silence.
     """
     return min(began + client_timeout + received / MIN_BODY_RATE, now + MAX_SILENCE)
+
+
+def cross_origin(head: RequestHead) -> str | None:
+    """Which header shows that a page of another site sent this request, which may change
+    something; None if none does. Go 1.25's `http.CrossOriginProtection`, rule for rule.
+
+    SameSite=Lax keeps our cookie off another site's POST, but the browser still stores
+    the answer's Set-Cookie, so a page anywhere could log a visitor out, or into the
+    attacker's account (login CSRF). Browsers say where a request comes from:
+    `Sec-Fetch-Site` (every browser since 2023) is trusted when present, and only
+    `same-origin` or `none` (the user typed the address) pass; `same-site` does not, since
+    another port or subdomain of this host is another origin. Older browsers send only
+    `Origin`, which must name the host the request is for. A request with neither is not
+    from a browser's page (curl, a script), and carries no visitor's cookie to abuse.
+    """
+    if head.method in SAFE_METHODS:
+        return None
+    fetch_site = head.headers.get("Sec-Fetch-Site", "")
+    if fetch_site:
+        return None if fetch_site in ("same-origin", "none") else "Sec-Fetch-Site"
+    origin = head.headers.get("Origin", "")
+    try:
+        host = urllib.parse.urlsplit(origin).netloc  # `null` (a sandboxed page) has none
+    except ValueError:  # `http://[`: no origin at all
+        host = None
+    return None if not origin or host == head.headers.get("Host", "") else "Origin"
 
 
 def send_at_once(sock: socket.socket, data: bytes) -> None:
@@ -220,6 +249,10 @@ class Receiver:
 
     def expected_body(self, head: RequestHead) -> int:
         """The body's declared length, or the ClientError that refuses it unread."""
+        site_header = cross_origin(head)
+        if site_header:
+            raise ClientError(403, f"a page of another site may not change anything here "
+                                   f"(its {site_header} header says where it is from)")
         size = declared_length(head.headers)
         limit = self.body_limit(head.method, urllib.parse.urlsplit(head.target).path)
         if size > limit:

@@ -147,6 +147,41 @@ def test_a_trickling_body_is_cut_at_its_deadline_whatever_length_it_declares(sta
     assert get(web.url + "/healthz").status == 200
 
 
+# --- Requests from other sites (item 2) -----------------------------------------------
+
+def test_a_request_from_another_site_changes_nothing_and_sets_no_cookie(start_web):
+    web = start_web()
+    cases = [  # (headers, status): a browser's Sec-Fetch-Site first, else its Origin
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Sec-Fetch-Site": "same-site"}, 403),  # another port of this host is one too
+        ({"Sec-Fetch-Site": "same-origin"}, 303),
+        ({"Sec-Fetch-Site": "none"}, 303),  # typed in the address bar, or a bookmark
+        ({"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}, 303),
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": f"http://127.0.0.1:{web.port + 1}"}, 403),
+        ({"Origin": "null"}, 403),  # a sandboxed frame, a data: URL
+        ({"Origin": f"http://127.0.0.1:{web.port}"}, 303),
+        ({}, 303),  # curl, a script: no browser, no ambient cookie to abuse
+    ]
+    for headers, status in cases:
+        response = http("POST", web.url + "/cart", b"item=tea", {
+            "Content-Type": "application/x-www-form-urlencoded", **headers})
+        assert response.status == status, headers
+        assert ("set-cookie" in response.headers) == (status == 303), headers
+    sid = session_cookie(post_form(web.url + "/login", {"name": "ada"}))
+    for path, fields in (("/logout", b""), ("/login", b"name=mallory"),
+                         ("/cart", b"item=x"), ("/jobs", b"task=sleep")):
+        refused = http("POST", web.url + path, fields, {
+            "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"sid={sid}",
+            "Sec-Fetch-Site": "cross-site"})
+        assert refused.status == 403 and "set-cookie" not in refused.headers, path
+    assert get(web.url + "/session", sid).json() | {"pid": 0, "served_by": ""} == {
+        "user": "ada", "cart": [], "uploads": [], "pid": 0, "served_by": "",
+        "store": "sqlite"}
+    page = http("GET", web.url + "/", headers={"Sec-Fetch-Site": "cross-site"})
+    assert page.status == 200  # reading is safe: a link from anywhere still works
+
+
 # --- Uploads in pieces (item 8) -------------------------------------------------------
 
 def peak_memory_mib(pid: int) -> float:
