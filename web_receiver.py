@@ -52,7 +52,8 @@ MAX_WAITING = 1000         # connections whose head or body is still arriving
 MEMORY_BODY_BYTES = 16 << 10  # a body up to this stays in memory (any form of the page): at
 # most 16 MiB for MAX_WAITING, and as much for the requests queued. Larger ones go to files:
 MAX_SPOOLED = 32           # scratch files at once, so at most 32 descriptors and 320 MiB of disk
-RECEIVE_BYTES = 64 << 10   # read from a socket at once, into the one buffer bodies need
+RECEIVE_BYTES = 256 << 10  # read from a socket at once, into the one buffer bodies need:
+# large, so that the receiving thread waits for the GIL once per 256 KiB of an upload
 SWEEP_EVERY = 0.25         # seconds between two checks of the bodies' deadlines
 ACCEPT_PAUSE = 0.1         # seconds without accepting, out of descriptors with none to drop
 HEAD_END = re.compile(rb"\n\r?\n")  # the blank line; BaseHTTPRequestHandler takes a bare \n
