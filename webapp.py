@@ -42,11 +42,12 @@ from dataclasses import dataclass
 from database import (ConfigError, database_from_env, log, positive_number, process_name,
                       stop_timeout)
 from job_queue import JobQueue
-from session_store import Session, SessionStore, chunks_of, empty_session, store_from_env
+from session_store import Session, SessionStore, empty_session, store_from_env
 from page import news_address, render_page, with_query
-from web_server import (COOKIE_NAME, ClientError, FilePart, Handler, Request, Response,
-                        Server, as_json, parse_multipart, plain_text, redirect, required_field,
-                        whole_number)
+from web_input import (COOKIE_NAME, MAX_FORM_BYTES, ClientError, FilePart, parse_multipart,
+                       required_field, whole_number)
+from web_server import (Handler, Pieces, Request, Response, Server, as_json, plain_text,
+                        redirect)
 
 MAX_UPLOAD_BYTES = 10 << 20
 # A session is read and rewritten whole on every change, under the one write lock of
@@ -101,6 +102,10 @@ class App:
             raise ClientError(405, f"{method} is not allowed here; use {allowed}",
                               (("Allow", allowed),))
         return methods[method], path_id
+
+    def body_limit(self, method: str, path: str) -> int:
+        """The most bytes a request's body may hold, asked before a byte of it is read."""
+        return MAX_UPLOAD_BYTES if path == "/uploads" else MAX_FORM_BYTES
 
     def set_cookie(self, response: Response, session: Session, sent_sid: str | None) -> Response:
         """Tell the browser its session id when it changed (new, rotated, or ended)."""
@@ -182,12 +187,11 @@ class App:
         content_type = request.headers.get("Content-Type", "")
         if not content_type.startswith("multipart/form-data"):
             raise ClientError(415, "send the file as multipart/form-data, field 'file'")
-        parts = parse_multipart(request.body(MAX_UPLOAD_BYTES), content_type)
+        parts = parse_multipart(request.body, content_type)
         part = parts.get("file")
-        if part is None or not part.data:
+        if part is None or not part.size:
             raise ClientError(400, "the multipart field 'file' is missing or empty")
-        upload_id = self.store.save_upload(part.filename, part.content_type,
-                                           chunks_of(part.data))
+        upload_id = self.store.save_upload(part.filename, part.content_type, part.pieces())
 
         def attach(session: Session) -> None:
             if len(session.data["uploads"]) >= MAX_UPLOADS:
@@ -201,7 +205,7 @@ class App:
             self.store.discard_upload(upload_id)  # refused, or failed: not left pending
             raise
         location = self.back_with_news(return_path(field_text(parts.get("next"))), "upload",
-                                       session, file=part.filename, size=len(part.data))
+                                       session, file=part.filename, size=part.size)
         return self.set_cookie(redirect(location or f"/uploads/{upload_id}"), session,
                                request.sid)
 
@@ -214,8 +218,8 @@ class App:
             raise ClientError(404, f"no upload {request.path_id} in the {self.store.kind} store")
         # Served from our own origin, an uploaded HTML file could run script as us:
         # `sandbox` and `nosniff` stop that.
-        data = b"".join(self.store.upload_chunks(upload.id))
-        return Response(200, data, upload.content_type,
+        return Response(200, Pieces(self.store.upload_chunks(upload.id), upload.size),
+                        upload.content_type,
                         [("Content-Security-Policy", "sandbox"),
                          ("X-Content-Type-Options", "nosniff")])
 
@@ -292,10 +296,7 @@ def return_path(value: str | None) -> str | None:
 
 def field_text(part: FilePart | None) -> str | None:
     """A plain (not file) field of a multipart form, as text."""
-    try:
-        return part.data.decode("utf-8") if part else None
-    except UnicodeDecodeError:
-        return None
+    return part.text() if part else None
 
 
 PUBLIC_JOB_FIELDS = ("id", "task", "state", "attempts", "worker", "key", "private")

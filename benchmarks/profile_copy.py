@@ -5,8 +5,8 @@
 
 The profiler is the standard library's cProfile, in every thread. `python -m cProfile
 webapp.py` would profile the main thread only, and webapp.py's main thread only waits for
-SIGTERM: requests run on the server's threads (one accepts and reads request heads, a
-pool of workers answers them; see web_server.Server). So the copy runs here as
+SIGTERM: requests run on the server's threads (one accepts and receives requests whole,
+a pool of workers answers them; see web_server.Server). So the copy runs here as
 `profile_copy.py --copy OUT`: before webapp.main() starts, `threading.Thread.run` is
 wrapped so that each thread runs under a profiler of its own, and each finished thread's
 figures are added to one `pstats.Stats`, written to OUT when webapp.py returns from main()

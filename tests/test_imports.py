@@ -3,10 +3,10 @@
 The rule makes the architecture visible in the file list. The app's process types
 (`webapp`, `worker`, `clock`) never import each other: they meet only in the backing
 services (`session_store`, `job_queue`) and the plumbing beside them (`database`,
-`tasks`, `web_server`, the web process's HTTP, and `redis_client`, a leaf that imports
-nothing of the project). The platform (`launcher`, `formation`, `health`, `router`,
-`logs`) and the app never import each other: the platform runs the app's commands from
-the Procfile, as Heroku runs anyone's.
+`tasks`, the web process's HTTP in `web_input`, `web_receiver` and `web_server`, and
+`redis_client`, a leaf that imports nothing of the project). The platform (`launcher`,
+`formation`, `health`, `router`, `logs`) and the app never import each other: the
+platform runs the app's commands from the Procfile, as Heroku runs anyone's.
 """
 import ast
 import sys
@@ -15,7 +15,8 @@ from conftest import REPO
 
 PROCESSES = {"webapp", "worker", "clock"}
 SHARED = {  # the backing services and the plumbing the processes share
-    "session_store", "job_queue", "database", "tasks", "web_server", "redis_client", "page"}
+    "session_store", "job_queue", "database", "tasks", "web_input", "web_receiver",
+    "web_server", "redis_client", "page"}
 PLATFORM = {"launcher", "router", "formation", "logs", "health"}
 
 

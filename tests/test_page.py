@@ -4,11 +4,14 @@ With the SQLite store every form comes back to the page with a line saying which
 what, an upload keeps its UTF-8 name, a job's state changes on the page while it runs,
 and all twelve tiles of the spread know you. With the memory store the page says where
 the login happened and that this copy never heard of it, and most tiles do not know you.
-One Chromium serves the module (headless, driven by `browser.py`); each test starts its
-own launcher and opens its own private window.
+A page of another site that posts forms to ours changes nothing. One Chromium serves the
+module (headless, driven by `browser.py`); each test starts its own launcher (or copy)
+and opens its own private window.
 """
+import http.server
 import re
 import sys
+import threading
 
 import pytest
 
@@ -140,3 +143,64 @@ def test_with_memory_the_page_says_where_you_logged_in_and_most_copies_never_hea
     assert knows.count("no") >= 6 and knows.count("yes") >= 1
     assert {copy for copy, knows in drawn if knows == "yes"} == {login_on}
     assert len({copy for copy, _ in drawn}) == 4
+
+
+@pytest.fixture
+def other_site():
+    """other_site(html) serves `html` at the root of another origin (127.0.0.1 on another
+    port: the same site to a browser, but another origin); returns its URL."""
+    servers = []
+
+    def serve(page: str) -> str:
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.end_headers()
+                self.wfile.write(page.encode())
+
+            def log_message(self, *args):
+                pass
+
+        servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Page))
+        threading.Thread(target=servers[-1].serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{servers[-1].server_address[1]}/"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def auto_submitting(action: str, **fields: str) -> str:
+    """A page that posts a form to `action` the moment it loads, as an attacker's would."""
+    inputs = "".join(f'<input type="hidden" name="{name}" value="{value}">'
+                     for name, value in fields.items())
+    return (f'<form method="post" action="{action}">{inputs}</form>'
+            f"<script>document.forms[0].submit()</script>")
+
+
+def test_a_page_of_another_site_can_neither_log_you_out_nor_log_you_in_as_someone_else(
+        browser, start_web, other_site):
+    web = start_web()
+    page = browser.new_page()
+    page.goto(web.url + "/")
+    submit(page, "[action='/login']", name="ada")
+
+    def session_cookie() -> str:
+        [cookie] = page.send("Network.getCookies", {"urls": [web.url + "/"]})["cookies"]
+        return cookie["value"]
+
+    sid = session_cookie()
+    for attack in (auto_submitting(web.url + "/logout", next="/"),
+                   auto_submitting(web.url + "/login", name="mallory", next="/")):
+        page.goto(other_site(attack))
+        page.wait_for("document.body.textContent.includes('another site')")
+        assert page.evaluate("location.origin") == web.url
+        assert session_cookie() == sid  # the browser stored no new cookie, nor a deletion
+    output = web.proc.output()
+    for path in ("/logout", "/login"):
+        assert f'"POST {path} HTTP/1.1" 403' in output, output
+    page.goto(web.url + "/")
+    assert shown(page, "#notice") == "" and "Logged in as ada." in page.evaluate(
+        "document.body.textContent")

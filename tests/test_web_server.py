@@ -1,4 +1,7 @@
 """web_server.py: what a copy answers when a route fails, what it logs, how it stops."""
+import contextlib
+import os
+import select
 import socket
 import sqlite3
 import threading
@@ -6,7 +9,9 @@ import time
 
 import pytest
 
-from conftest import free_port, get, http, post_form, wait_until, write_lock_held
+from conftest import (WEB, free_port, get, http, multipart, post_form, session_cookie,
+                      upload, wait_until, write_lock_held)
+import web_receiver
 import web_server
 
 
@@ -65,3 +70,211 @@ def test_shutdown_ends_a_started_server_as_socketserver_promises():
     finally:
         server.stop(time.monotonic() + 5)
         server.server_close()
+
+
+# --- Slow bodies (issue "Hostile input, third round", item 1) -------------------------
+
+FORM_HEAD = (b"POST /login HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+             b"Content-Length: %d\r\n\r\n")
+UPLOAD_HEAD = (b"POST /uploads HTTP/1.0\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+               b"Content-Length: %d\r\n\r\n")
+
+
+def reply_or_none(sock: socket.socket, wait: float) -> bytes | None:
+    """What the copy answered, if it has begun to answer within `wait` seconds."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(65536)
+    except TimeoutError:
+        return None
+
+
+def test_slow_bodies_through_the_router_leave_the_logins_answered(launch):
+    launcher = launch(WEB, "web=2")
+    launcher.wait_for(" is up on port", 2)
+    slow = []
+    try:
+        for number in range(60):  # 30 a copy: more than MAX_TRANSFERS, the old bound
+            slow.append(socket.create_connection(("127.0.0.1", launcher.port)))
+            head = UPLOAD_HEAD % (10 << 20) if number % 2 else FORM_HEAD % 1000
+            slow[-1].sendall(head + b"--")  # ... and then nothing for a long while
+        # The router relays in order, and each copy accepts in order: once these are
+        # answered, both copies hold every slow body.
+        assert all(get(launcher.url).status == 200 for _ in range(4))
+        answered = 0
+        for number in range(20):
+            try:
+                login = http("POST", launcher.url.replace("/healthz", "/login"),
+                             b"name=ada%d" % number,
+                             {"Content-Type": "application/x-www-form-urlencoded"}, timeout=2)
+                answered += login.status == 303
+            except TimeoutError:
+                pass
+        assert answered >= 19, f"{answered} of 20 logins answered"
+        assert get(launcher.url).status == 200
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_trickling_body_is_cut_at_its_deadline_whatever_length_it_declares(start_web):
+    web = start_web(CLIENT_TIMEOUT="1")
+    declared = {"form": FORM_HEAD % 4000, "upload": UPLOAD_HEAD % (10 << 20)}
+    socks = {name: socket.create_connection(("127.0.0.1", web.port)) for name in declared}
+    cut_after = {}
+    try:
+        started = time.monotonic()
+        for name, head in declared.items():
+            socks[name].sendall(head)
+        while len(cut_after) < 2 and time.monotonic() - started < 4:
+            for name, sock in socks.items():  # 4 bytes every 0.1 s: 40 bytes a second
+                if name not in cut_after:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"abcd")
+            ready, _, _ = select.select([s for n, s in socks.items() if n not in cut_after],
+                                        [], [], 0.1)
+            for sock in ready:
+                name = next(name for name, known in socks.items() if known is sock)
+                cut_after[name] = (time.monotonic() - started, reply_or_none(sock, 1))
+    finally:
+        for sock in socks.values():
+            sock.close()
+    # CLIENT_TIMEOUT plus a second per MIN_BODY_RATE bytes received: 1 s plus 0.01 s.
+    for name in declared:
+        assert name in cut_after, f"the {name} body was not cut within 4 s"
+        seconds, reply = cut_after[name]
+        assert reply.startswith(b"HTTP/1.0 408") and seconds < 2, (name, seconds, reply)
+    assert get(web.url + "/healthz").status == 200
+
+
+# --- Requests from other sites (item 2) -----------------------------------------------
+
+def test_a_request_from_another_site_changes_nothing_and_sets_no_cookie(start_web):
+    web = start_web()
+    cases = [  # (headers, status): a browser's Sec-Fetch-Site first, else its Origin
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Sec-Fetch-Site": "same-site"}, 403),  # another port of this host is one too
+        ({"Sec-Fetch-Site": "same-origin"}, 303),
+        ({"Sec-Fetch-Site": "none"}, 303),  # typed in the address bar, or a bookmark
+        ({"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}, 303),
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": f"http://127.0.0.1:{web.port + 1}"}, 403),
+        ({"Origin": "null"}, 403),  # a sandboxed frame, a data: URL
+        ({"Origin": f"http://127.0.0.1:{web.port}"}, 303),
+        ({}, 303),  # curl, a script: no browser, no ambient cookie to abuse
+    ]
+    for headers, status in cases:
+        response = http("POST", web.url + "/cart", b"item=tea", {
+            "Content-Type": "application/x-www-form-urlencoded", **headers})
+        assert response.status == status, headers
+        assert ("set-cookie" in response.headers) == (status == 303), headers
+    sid = session_cookie(post_form(web.url + "/login", {"name": "ada"}))
+    for path, fields in (("/logout", b""), ("/login", b"name=mallory"),
+                         ("/cart", b"item=x"), ("/jobs", b"task=sleep")):
+        refused = http("POST", web.url + path, fields, {
+            "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"sid={sid}",
+            "Sec-Fetch-Site": "cross-site"})
+        assert refused.status == 403 and "set-cookie" not in refused.headers, path
+    assert get(web.url + "/session", sid).json() | {"pid": 0, "served_by": ""} == {
+        "user": "ada", "cart": [], "uploads": [], "pid": 0, "served_by": "",
+        "store": "sqlite"}
+    page = http("GET", web.url + "/", headers={"Sec-Fetch-Site": "cross-site"})
+    assert page.status == 200  # reading is safe: a link from anywhere still works
+
+
+# --- Uploads in pieces (item 8) -------------------------------------------------------
+
+def peak_memory_mib(pid: int) -> float:
+    """The most resident memory the process has used so far (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_sixteen_concurrent_8_mib_uploads_keep_a_copy_under_300_mib(start_web):
+    web = start_web()
+    data = os.urandom(8 << 20)
+    body, headers = multipart({"file": ("big.bin", "application/octet-stream", data)})
+    statuses = []
+
+    def send():
+        statuses.append(http("POST", web.url + "/uploads", body, headers, timeout=60).status)
+
+    threads = [threading.Thread(target=send) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    peak = peak_memory_mib(web.proc.pid)
+    print(f"peak resident memory: {peak:.0f} MiB")
+    assert statuses == [303] * 16 and peak <= 300, (statuses, peak)
+
+
+def test_the_largest_upload_comes_back_byte_exact_and_one_byte_more_is_refused(start_web):
+    web = start_web()
+    framing = len(multipart({"file": ("notes.bin", "application/octet-stream", b"")})[0])
+    data = os.urandom((10 << 20) - framing)  # the body is exactly the 10 MiB limit
+    made = upload(web.url, data)
+    assert made.status == 303
+    fetched = get(web.url + made.headers["location"], session_cookie(made))
+    assert fetched.status == 200 and fetched.body == data
+    assert fetched.headers["content-length"] == str(len(data))
+    head = http("HEAD", web.url + made.headers["location"],
+                headers={"Cookie": f"sid={session_cookie(made)}"})
+    assert head.body == b"" and head.headers["content-length"] == str(len(data))
+    with socket.create_connection(("127.0.0.1", web.port), timeout=5) as sock:
+        sock.sendall(UPLOAD_HEAD % ((10 << 20) + 1))  # refused before a byte is sent
+        assert sock.recv(100).startswith(b"HTTP/1.0 413 ")
+
+
+class CountingApp:
+    """Routes for an in-process server: every path answers how many bytes its body had."""
+
+    def find_route(self, method, path):
+        return (lambda request: web_server.plain_text(200, f"{request.body.size} bytes")), None
+
+    def body_limit(self, method, path):
+        return 10 << 20
+
+
+def scratch_files_open() -> int:
+    """Files this process holds open that have no name: TemporaryFile's, like a body's
+    scratch file (Linux shows each as the temporary directory's, deleted)."""
+    deleted = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+            deleted += os.readlink(f"/proc/self/fd/{fd}").endswith("(deleted)")
+    return deleted
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs Linux's /proc")
+def test_past_max_spooled_a_large_body_gets_503_at_once_and_a_small_form_is_still_answered(
+        monkeypatch):
+    monkeypatch.setattr(web_receiver, "MAX_SPOOLED", 2)
+    handler = type("CountingHandler", (web_server.Handler,), {"app": CountingApp()})
+    server = web_server.Server(("127.0.0.1", free_port()), handler, 10, "web.1")
+    server.start()
+    before = scratch_files_open()  # pytest's own, capturing output
+    slow = [socket.create_connection(server.server_address, timeout=5) for _ in range(3)]
+    try:
+        for sock in slow:  # 100 KiB bodies: each one's scratch file, until none is left
+            sock.sendall(UPLOAD_HEAD % (100 << 10) + b"--")
+        [answered], _, _ = select.select(slow, [], [], 5)  # whichever came last
+        refused = answered.recv(1000)
+        assert refused.startswith(b"HTTP/1.0 503 ") and b"Retry-After: 1" in refused
+        url = f"http://127.0.0.1:{server.server_address[1]}/login"
+        assert http("POST", url, b"name=ada", timeout=2).body == b"8 bytes\n"
+        assert scratch_files_open() == before + 2
+        next(sock for sock in slow if sock is not answered).close()  # a client hangs up:
+        # its request ends, and its scratch file with it
+        wait_until(lambda: scratch_files_open() == before + 1, what="its scratch file to go")
+        assert http("POST", url, b"x" * (100 << 10), timeout=2).body == b"102400 bytes\n"
+    finally:
+        for sock in slow:
+            sock.close()
+        server.stop(time.monotonic() + 5)
+        server.server_close()
+    assert scratch_files_open() == before
