@@ -186,11 +186,9 @@ class Router:
         self.connections.add(conn)
 
     def first_choice(self, client_host: str, copies: int) -> int:
-        """Round-robin: the next copy. Sticky: the copy the client's address picks, the
-        same one for as long as the rotation is the same (nginx's `ip_hash`, HAProxy's
-        `balance source`). That is the trap of Factor VI: a session kept in one copy's
-        memory seems safe, until a restart or `web=8` changes the rotation. (And on one
-        machine every client is 127.0.0.1: they all share one copy.)"""
+        """Round-robin: the next copy. Sticky: the one the client's address picks while the
+        rotation is the same (nginx's `ip_hash`): Factor VI's trap, a memory session that
+        seems safe until a restart or `web=8` (and every local client is 127.0.0.1)."""
         if self.sticky:
             return zlib.crc32(client_host.encode()) % copies  # not hash(): salted per run
         self.turn += 1
