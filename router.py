@@ -100,14 +100,13 @@ class Connection:
 class Router:
     """The front door: one thread, one `selectors` loop, plain non-blocking sockets.
 
-    Each client goes to the next address of `rotation` (round-robin), or with `sticky`, to
-    the one its own address picks (see `first_choice`). A copy that refuses, or
-    has not taken the connection within CONNECT_TIMEOUT (frozen, its backlog full), is
-    skipped and the next one tried, each at most once; with none left the client gets a
-    503, not a hang. Then bytes are relayed both ways. A side is not read while the other
-    side's buffer is full (backpressure: a slow client slows its copy, it does not fill our
-    memory), and an end of file is passed on as a half-close, as HTTP/1.0 reads until the
-    close.
+    Each client goes to the next address of `rotation` (round-robin; `sticky`: see
+    `first_choice`). A copy that refuses, or has not taken the connection within
+    CONNECT_TIMEOUT (frozen, its backlog full), is skipped for the next, each tried once;
+    with none left the client gets a 503, not a hang. Then bytes are relayed both ways. A
+    side is not read while the other side's buffer is full (backpressure: a slow client
+    slows its copy, it does not fill our memory), and an end of file is passed on as a
+    half-close, as HTTP/1.0 reads until the close.
 
     Deadlines, checked once a second by `sweep`, so that the relay itself never looks at a
     clock: a copy that has not begun to answer `upstream_timeout` after the client's last
