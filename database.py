@@ -18,9 +18,9 @@ lock past the busy timeout, or Redis is down or frozen. `StoreUnavailable` says 
 either store (`WAITS`). `keep_trying` is how a worker or a clock waits that out: it logs
 one line and tries again, so a result is recorded once and a tick enqueued once, later
 rather than never. A web copy answers 503 and asks the client to come back. A store that
-is full (`StoreFull`: the ceiling STORE_MAX_MB, or a disk nearly full) refuses what would
-grow it, with 507, and is a wait for a worker or a clock too. Every other error stays what
-it is, a bug, and is never mistaken for a wait.
+is full (`StoreFull`: the ceiling STORE_MAX_MB, a disk nearly full, or SQLite's "disk is
+full") refuses what would grow it, with 507, and is a wait for a worker or a clock too.
+Every other error stays what it is, a bug, and is never mistaken for a wait.
 
 It also holds the small helpers every process uses, most of them to read its
 configuration from the environment (Factor III): `ConfigError`, which a process turns
@@ -167,40 +167,71 @@ def is_locked(error: sqlite3.OperationalError) -> bool:
 
 
 @contextmanager
-def locked_is_unavailable() -> Iterator[None]:
-    """Raise `StoreUnavailable` for SQLite's "database is locked"; let every other error
-    through as it is, so that a bug (a missing column, a full disk) looks like one."""
+def waits_recognised() -> Iterator[None]:
+    """Raise `StoreUnavailable` for SQLite's "database is locked" and `StoreFull` for its
+    "database or disk is full" (SQLITE_FULL: the statement, or the transaction, was
+    refused whole); let every other error through as it is, so that a bug (a missing
+    column) looks like one."""
     try:
         yield
     except sqlite3.OperationalError as error:
-        if not is_locked(error):
-            raise
-        raise StoreUnavailable(str(error)) from error
+        if is_locked(error):
+            raise StoreUnavailable(str(error)) from error
+        if "database or disk is full" in str(error):
+            raise StoreFull(f"{error}; make room on the disk") from error
+        raise
+
+
+class Outage:
+    """Who is waiting for the store, in one process: the first thread to meet a store
+    that cannot answer logs the line, the others (a worker's claim loops, its lease
+    renewals) wait in silence until every one of them got through. One wait, one line."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting = 0  # threads waiting now
+
+    def began(self, line: str) -> None:
+        with self.lock:
+            if not self.waiting:
+                log(line)
+            self.waiting += 1
+
+    def ended(self) -> None:
+        with self.lock:
+            self.waiting -= 1
 
 
 def keep_trying(action: Callable[[], T], what: str,
-                stopping: Callable[[], bool] = lambda: False) -> T:
+                stopping: Callable[[], bool] = lambda: False,
+                outage: Outage | None = None) -> T:
     """Run `action` until the store lets it through; return what it returns.
 
     While the store cannot answer (`WAITS`: SQLite locked past its busy timeout, Redis
     down or frozen, the store full), log one line and try again; any other error is a
-    real one and is raised at once. When `stopping()` turns true (a worker at its stop
-    deadline), raise `StillLocked` instead of trying again. Repeating `action` is safe
-    because each of its writes is one statement or one transaction, refused whole (a
-    Redis command cut off mid-reply may have run: the queue's writes are fenced, so a
-    second run of one changes nothing).
+    real one and is raised at once. Threads that share an `outage` log one line between
+    them. When `stopping()` turns true (a worker at its stop deadline), raise
+    `StillLocked` instead of trying again. Repeating `action` is safe because each of its
+    writes is one statement or one transaction, refused whole (a Redis command cut off
+    mid-reply may have run: the queue's writes are fenced, so a second run of one changes
+    nothing).
     """
-    logged = False
-    while True:
-        try:
-            return action()
-        except WAITS as error:
-            if stopping():
-                raise StillLocked(f"{what}: {error}") from None
-            if not logged:
-                log(f"{what}: {error}; trying again until it answers")
-                logged = True
-        time.sleep(RETRY_PAUSE)
+    outage = outage or Outage()
+    waiting = False
+    try:
+        while True:
+            try:
+                return action()
+            except WAITS as error:
+                if stopping():
+                    raise StillLocked(f"{what}: {error}") from None
+                if not waiting:
+                    outage.began(f"{what}: {error}; trying again until it answers")
+                    waiting = True
+            time.sleep(RETRY_PAUSE)
+    finally:
+        if waiting:
+            outage.ended()
 
 
 class Database:
@@ -280,7 +311,7 @@ class Database:
         """A transaction holding SQLite's write lock from its first statement.
 
         An exception inside the block rolls back everything the block wrote."""
-        with self.lock, locked_is_unavailable():
+        with self.lock, waits_recognised():
             conn = self._writer_connection()
             conn.execute("BEGIN IMMEDIATE")
             self._transaction.connection = conn
@@ -295,13 +326,13 @@ class Database:
     def execute(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         """Run one statement that writes: alone it is its own transaction; inside
         `write()`, part of it."""
-        with self.lock, locked_is_unavailable():
+        with self.lock, waits_recognised():
             return self._writer_connection().execute(sql, params).fetchall()
 
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         """Run one read. Inside this thread's `write()`, it is part of the transaction;
         anywhere else it runs on a read connection and never waits for a writer."""
-        with locked_is_unavailable():
+        with waits_recognised():
             conn = getattr(self._transaction, "connection", None)
             if conn is not None:
                 return conn.execute(sql, params).fetchall()
