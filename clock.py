@@ -7,21 +7,26 @@ every periodic job runs twice; or nobody runs one at all, because everyone was a
 Celery beat has lived with these duplicates for years.
 
 The fix, from Rails' Solid Queue: every tick of every schedule is enqueued under a unique
-key, `task@tick-time`, and the jobs table has a unique index on that key. Whichever clock
-copy gets there first inserts the job; the others' inserts do nothing. Ticks are aligned
+key, `task@tick-time` (a unique index on SQLite, a key set in the same script on Redis).
+Whichever clock copy gets there first inserts the job; the others' inserts do nothing. The
+ticks go in the `housekeeping` lane, which no user's job can hold up, and pass the queue's
+quotas: a flood of users' jobs never stops the purges (`job_queue.py`). Ticks are aligned
 to the wall clock (`floor(now / every) * every`), not to each clock's start time, so every
 copy computes the same key for the same tick, and a restart mid-interval finds its tick
 already enqueued. A tick missed while no clock was running is skipped, not caught up.
 
-A locked database is a wait, not a crash: when another process holds the write lock past
-the busy timeout, the clock logs one line and tries again (`keep_trying`) until its tick
-is in. The unique key makes the retry safe: a tick is enqueued once, never twice. A wait
-shorter than the interval loses no tick; ticks that pass during a longer one are skipped,
-as when no clock runs.
+A store that cannot answer is a wait, not a crash: SQLite locked past the busy timeout or
+its disk full, Redis down, frozen or out of memory. The clock logs one line and tries
+again (`keep_trying`) until its tick is in. The unique key makes the retry safe: a tick is
+enqueued once, never twice. A wait shorter than the interval loses no tick; ticks that
+pass during a longer one are skipped, as when no clock runs. The clock wakes at least
+every second and reads the wall clock afresh: stepped back an hour, it does not sleep for
+an hour; stepped forward, it enqueues the tick it lands in.
 
 The clock only enqueues (through `job_queue.py`); `worker.py` runs the jobs.
-Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, PURGE_EVERY
-(whole seconds, default 60, at most 86400), HEARTBEAT_EVERY (default 10, at most 86400),
+Configuration, read once in `main()`: DATABASE_URL and what `database.py` reads with it,
+PURGE_EVERY (whole seconds, default 60, at most 86400: expired sessions, and finished jobs
+past keeping, each on a schedule of its own), HEARTBEAT_EVERY (default 10, at most 86400),
 the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `clock.1`). SIGTERM or SIGINT:
 exit 0 at once, or, if a statement is waiting for a locked database, as soon as it returns
 (at most DATABASE_BUSY_TIMEOUT, which is capped below the default STOP_TIMEOUT:
@@ -39,9 +44,10 @@ from typing import Mapping
 
 from database import (ConfigError, database_from_env, keep_trying, log, process_name,
                       whole_seconds)
-from job_queue import JobQueue
+from job_queue import JobQueue, queue_from_env
 
 MAX_INTERVAL = 86400  # a day: a longer schedule belongs to a cron, not to this clock
+LONGEST_SLEEP = 1.0   # seconds: the wall clock is read again at least this often
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,10 @@ class ClockConfig:
 
 
 def config_from_env(environ: Mapping[str, str]) -> ClockConfig:
+    purge_every = whole_seconds(environ, "PURGE_EVERY", 60, MAX_INTERVAL)
     return ClockConfig(dyno=process_name(environ, "clock.1"), schedules=(
-        Schedule("purge_expired_sessions",
-                 whole_seconds(environ, "PURGE_EVERY", 60, MAX_INTERVAL)),
+        Schedule("purge_expired_sessions", purge_every),
+        Schedule("purge_finished_jobs", purge_every),
         Schedule("heartbeat", whole_seconds(environ, "HEARTBEAT_EVERY", 10, MAX_INTERVAL))))
 
 
@@ -75,7 +82,8 @@ def tick_key(schedule: Schedule, tick: int) -> str:
 def enqueue_tick(queue: JobQueue, schedule: Schedule, tick: int) -> None:
     """Enqueue one tick; the unique key makes a second attempt, from anyone, do nothing."""
     key = tick_key(schedule, tick)
-    job_id = keep_trying(lambda: queue.enqueue(schedule.task, {}, key=key), f"enqueuing {key}")
+    job_id = keep_trying(lambda: queue.enqueue(schedule.task, {}, "housekeeping", key=key),
+                         f"enqueuing {key}")
     if job_id is None:
         log(f"{key} already enqueued (by another clock, or by this one before a restart)")
     else:
@@ -93,21 +101,22 @@ def run_clock(queue: JobQueue, schedules: tuple[Schedule, ...]) -> None:
                 enqueue_tick(queue, schedule, tick)
                 enqueued[schedule.task] = tick
         next_tick = min(current_tick(schedule, now) + schedule.every for schedule in schedules)
-        time.sleep(max(0.0, next_tick - time.time()))
+        time.sleep(min(LONGEST_SLEEP, max(0.0, next_tick - time.time())))
 
 
 def exit_now(signum: int, frame: object) -> None:
-    # Unlike the worker, the clock has nothing to finish. Its only write is one INSERT,
-    # which SQLite commits whole or not at all, and Python runs this handler between
-    # statements, never inside one. A tick left out is enqueued by another copy, or by
-    # this one if it is restarted within the interval (the same key): raising loses nothing.
+    # Unlike the worker, the clock has nothing to finish. Its only write is one insert (a
+    # transaction, a script), which the store makes whole or not at all, and Python runs
+    # this handler between statements, never inside one. A tick left out is enqueued by
+    # another copy, or by this one if it is restarted within the interval (the same key):
+    # raising loses nothing.
     raise SystemExit(0)
 
 
 def main() -> None:
     try:
         config = config_from_env(os.environ)
-        queue = JobQueue(database_from_env(os.environ))
+        queue = queue_from_env(os.environ, database_from_env(os.environ))
     except ConfigError as error:
         print(f"clock: {error}", file=sys.stderr)
         sys.exit(2)

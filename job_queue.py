@@ -3,52 +3,287 @@
 Factor VI keeps state out of the processes, and a job waiting to run is state. The
 terrible day this module prevents: a job lives only in the memory of the process that
 took it, that process is killed half-way (a deploy, a crash, an out-of-memory kill), and
-the job is silently gone; or two copies of a naive worker both take the same job. Here a
-job is a row in the shared SQLite file: the web process and the clock put jobs in
-(`enqueue`), any number of `worker` copies take them out, and any copy can die at any
-moment without losing one.
+the job is silently gone; or two copies of a naive worker both run the same job; or one
+client's flood of jobs leaves everyone else's, and the clock's housekeeping, waiting for
+days. Here the web process and the clock put jobs in (`enqueue`), any number of `worker`
+copies take them out (`claim_next_job`), and any copy can die at any moment.
 
-How a job travels (the design of Solid Queue, GoodJob and Oban, on SQLite):
+One contract, `JobQueue` (read it first: delivery, leases, the fence, retries, give-back),
+and a class per backing service side by side, as `session_store.py` holds sessions:
+`SQLiteJobQueue` makes each step one `BEGIN IMMEDIATE` transaction, `RedisJobQueue` one
+Lua script (`job_scripts.py`). `open_queue` picks the one for the service DATABASE_URL
+names (`database.py`). The design is Solid Queue's, GoodJob's and Oban's; BullMQ's on Redis.
 
-* `enqueue` inserts a row in state `queued`. A job with a unique `key` (the clock's
-  ticks) is inserted at most once, whoever asks.
-* `claim_next_job` takes the oldest ready job in one `BEGIN IMMEDIATE` transaction, so
-  exactly one worker gets it, and gives it a *lease*: the job is ours until `lease_until`.
-* While the task runs, the worker extends the lease (`extend_lease`). A worker killed with
-  SIGKILL stops extending it; when the lease runs out, the next claim puts the job back
-  in the queue and another worker runs it.
-* A task that raises is retried later (`retry_later`), up to `max_attempts`, then marked
-  `dead` with its error kept (`mark_dead`).
-* A worker told to stop that cannot finish in time gives the job back (`give_back`), as
-  Sidekiq does on shutdown: the job is `queued` again at once, for another worker, and
-  this attempt does not count against `max_attempts`.
+**Lanes.** Every job is in one: `housekeeping` (the clock's ticks), `users` (a logged-in
+session's) or `public` (anyone else's). A worker runs one job at a time per lane, so a
+flood of hour-long public jobs delays neither a user's job nor the session purge.
+`enqueue` refuses (429), in the same atomic step, what would pass a quota: MAX_OWN_QUEUED
+unfinished jobs per owner (a hash of a session id), MAX_PUBLIC_QUEUED waiting in the
+public lane, MAX_QUEUED waiting in all. A unique `key` (a clock's tick) is put in once,
+however many clocks ask; keyed ticks pass every quota and the store's ceiling: they are
+few, and the purges they run are what makes room.
 
-Delivery is therefore **at-least-once**, never exactly-once: a worker may finish the work
-and be killed before it records `done`, and then the job runs again elsewhere. So write a
-task to be idempotent: running it twice must do no harm (compute and store a result,
-delete what has expired, upsert rather than append; don't send "one more" email blindly).
+**Leases on no one's wall clock.** A lease that ends at a wall-clock time (`lease_until <
+now`) fails the day a clock steps forward past it (NTP, a resumed VM, two hosts that
+disagree): a second worker takes the job while the first still runs it. So no time is
+stored with a lease. A running job carries a `heartbeat` that its worker adds one to at
+every renewal, and, as in Kubernetes' leader election (client-go's `observedTime`), each
+claiming process notes per running job the pair (attempt, heartbeat) and when *it* first
+saw that pair, on its own `time.monotonic()` (`LeaseWatch`). A pair unchanged for longer
+than the job's own lease (stored with the job: workers may run with different JOB_LEASE)
+means nobody renewed it: the job is recovered by a write fenced on that very pair. No two
+clocks are ever compared. The price: a fresh worker recovers nothing until it has watched
+a job for one lease, so a killed worker's job waits a lease after someone starts watching.
 
-The attempt number is the *fencing token*: a worker that lost its lease (paused, then
-woken) still believes it owns the job, so every write it makes about the job checks
-`attempts` and `state`, and a stale worker's result is discarded, not written over the
-new owner's. So `attempts` only ever grows, even on a give-back: the next owner must
-never hold a token the last one held.
+What still reads the wall clock: `run_at`, when a retry is due, and the ages retention
+compares. A step forward runs retries and purges early, a step back delays them; between
+hosts whose clocks disagree a retry runs early or late by the difference. None of that
+runs a job twice at once. The clock's ticks are the clock's business (`clock.py`).
 
-What a job does is not here: the tasks are in `tasks.py`, run by `worker.py`.
+**Retention.** Done and dead jobs are kept JOB_RETENTION seconds and at most MAX_FINISHED
+of each; the clock's `purge_finished_jobs` deletes the rest in small batches. The
+heartbeat alone finishes 8,640 jobs a day; so done jobs stay at most 10,000 (by default),
+plus those finished since the last purge.
+
+Delivery is **at-least-once**, never exactly-once: a worker may finish the work and be
+killed before it records `done`, and the job runs again elsewhere. So a task must be
+idempotent (compute and store a result, delete what has expired, upsert rather than
+append; don't send "one more" email blindly). Tasks are in `tasks.py`, run by `worker.py`.
 """
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
-from database import ConfigError, Database
+from database import (BackingService, ConfigError, Database, Refused, Room, StoreFull,
+                      room_from_env, whole_seconds)
+from job_scripts import CLAIM, END_ATTEMPT, ENQUEUE, EXTEND, PURGE, SIGHTINGS
+from redis_client import Redis, RedisError, RedisUnavailable
 
+LANES = ("housekeeping", "users", "public")  # a worker's claim loops, in this order
 MAX_ATTEMPTS = 3
+MAX_LIMIT = 1_000_000  # any quota or MAX_FINISHED above this is surely a typo
 
-JOB_TABLES = """
+
+@dataclass(frozen=True)
+class Limits:
+    """What the queue holds at most (the settings of the same names, upper case)."""
+    max_own_queued: int = 10          # unfinished (queued, failed, running) per owner
+    max_public_queued: int = 100      # waiting (queued or failed) in the public lane
+    max_queued: int = 10_000          # waiting in all lanes
+    job_retention: int = 7 * 86400    # seconds a done or dead job is kept
+    max_finished: int = 10_000        # done jobs kept at most, and dead jobs
+
+
+def limits_from_env(environ: Mapping[str, str]) -> Limits:
+    """MAX_OWN_QUEUED, MAX_PUBLIC_QUEUED, MAX_QUEUED, JOB_RETENTION (seconds), MAX_FINISHED;
+    each a whole number from 1, defaults as in `Limits`."""
+    default = Limits()
+    return Limits(*(whole_seconds(environ, name.upper(), getattr(default, name), MAX_LIMIT)
+                    for name in Limits.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class NewJob:  # what `enqueue` hands the store
+    task: str
+    args_json: str
+    lane: str
+    owner: str | None
+    private: bool
+    key: str | None
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as the worker that claimed it holds it. `attempt` is also its fencing token.
+    `args_json` is left as stored: decoding it can fail (`decoded`), and that is the job's
+    failure, for the worker to record, not a crash of the claim."""
+    id: int
+    task: str
+    args_json: str
+    attempt: int
+    max_attempts: int
+    lane: str
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """A running job as a claim reads it: its token, its renewals, its lease in seconds."""
+    id: int
+    attempt: int
+    heartbeat: int
+    lease: float
+
+
+class LeaseWatch:
+    """The running jobs of one lane, as this process has watched them renew.
+
+    For each it notes the pair (attempt, heartbeat) and the monotonic time it first saw
+    that pair. Pairs never repeat: the attempt grows at every claim, the heartbeat at
+    every renewal. So a pair still the same after more than the job's lease means that
+    nobody renewed it for that long, whatever any wall clock says. The note keeps only the
+    jobs still running: it stays as small as the lane's running jobs.
+    """
+
+    def __init__(self, monotonic: Callable[[], float]):
+        self.monotonic = monotonic
+        self.first_seen: dict[int, tuple[int, int, float]] = {}  # id -> attempt, beat, when
+        self.lock = threading.Lock()  # several threads may claim in one lane (tests do)
+
+    def expired(self, read: Callable[[], list[Sighting]]) -> list[Sighting]:
+        """Read the lane's running jobs; those that stopped renewing. A pair is dated after
+        the read that found it, and compared with the time before the read that finds it
+        again: the gap measured is never longer than the real one."""
+        before = self.monotonic()
+        running = read()
+        after = self.monotonic()
+        expired, notes = [], {}
+        with self.lock:
+            for job in running:
+                attempt, heartbeat, when = self.first_seen.get(job.id, (0, 0, after))
+                if (attempt, heartbeat) != (job.attempt, job.heartbeat):
+                    when = after
+                elif before - when > job.lease:
+                    expired.append(job)
+                notes[job.id] = (job.attempt, job.heartbeat, when)
+            self.first_seen = notes
+        return expired
+
+
+def refusal(limit: str, limits: Limits) -> Refused:
+    """Refused(429), saying which limit and what to do."""
+    messages = {
+        "own": f"you have {limits.max_own_queued} jobs queued or running, the most one "
+               f"session may have (MAX_OWN_QUEUED); wait until one is done, then try again",
+        "public": f"the public lane holds {limits.max_public_queued} waiting jobs, its most "
+                  f"(MAX_PUBLIC_QUEUED); log in to use the users' lane, or try again later",
+        "queued": f"the queue holds {limits.max_queued} waiting jobs, its most (MAX_QUEUED); "
+                  f"try again later"}
+    return Refused(429, messages[limit])
+
+
+class JobQueue:
+    """The contract every store fills in; the web process, the clock and workers use it.
+
+    * Delivery is at-least-once: a claimed job that is not recorded as ended (its worker
+      killed, frozen or cut off) is recovered by another worker's claim and runs again.
+    * A claim holds a lease: the worker renews it every third of `lease` seconds. A job
+      whose renewals a claiming process has seen stop for longer than its lease, on that
+      process's monotonic clock, is recovered: `queued` again, or `dead` if it had used
+      its last attempt. Never sooner, whatever the wall clocks do (`LeaseWatch`).
+    * The attempt number is the fencing token. Every write about a claimed job (renew,
+      finish, retry, dead, give back) happens only while the job runs that attempt, and
+      returns False, writing nothing, once it does not: a stale worker's late result is
+      discarded, never written over the new owner's.
+    * A failed attempt is retried at `run_at`, after the worker's backoff; after
+      `max_attempts` the job is dead, its last error kept.
+    * A job given back at a stop deadline is queued at once, and that attempt does not
+      count: `max_attempts` grows by one. `attempts` never goes down, so the next owner
+      never holds a token an earlier one held.
+    * Each method is one atomic step of the store (a transaction, a script), so any
+      process can open a queue and see the same jobs; the object keeps only its notes of
+      the running jobs it watched. A store that cannot answer raises one of
+      `database.WAITS`: callers wait it out. `clock` is the wall clock (`run_at`,
+      retention), `monotonic` times the leases: a test passes fakes for both.
+    """
+    kind = "abstract"
+
+    def __init__(self, limits: Limits, room: Room | None, clock: Callable[[], float],
+                 monotonic: Callable[[], float]):
+        self.limits, self.room, self.clock = limits, room, clock
+        self.watches = {lane: LeaseWatch(monotonic) for lane in LANES}
+
+    def enqueue(self, task: str, args: dict, lane: str = "public", owner: str | None = None,
+                private: bool = False, key: str | None = None,
+                max_attempts: int = MAX_ATTEMPTS) -> int | None:
+        """New job id; None when a job with this unique key already exists.
+
+        `owner`: an opaque string, the same for the jobs of one session (a hash of its id,
+        never the id). `private`: who may read the job's args and result is the web
+        process's business; the queue only keeps the mark. Raises Refused(429) beyond a
+        quota, StoreFull (507) when the store has no room."""
+        if lane not in LANES:
+            raise ValueError(f"lane must be one of {', '.join(LANES)}, got {lane!r}")
+        exempt = lane == "housekeeping" and key is not None  # the clock's ticks
+        if not exempt and self.room is not None:
+            self.room.check()
+        new = NewJob(task, json.dumps(args), lane, owner, private, key, max_attempts)
+        outcome = self._insert(new, exempt)
+        if isinstance(outcome, str):
+            raise refusal(outcome, self.limits)
+        return outcome
+
+    def get(self, job_id: int) -> dict | None:
+        """{id, task, args, state, attempts, max_attempts, worker, result, error, key,
+        private} (args and result decoded), or None when there is no such job."""
+        raise NotImplementedError
+
+    def recent(self, task: str | None = None, before: int | None = None,
+               limit: int = 100) -> list[dict]:
+        """Newest first, the same dicts as `get`: only `task`'s jobs when it is given,
+        only ids below `before` when it is given (the next page starts at the last id)."""
+        raise NotImplementedError
+
+    def claim_next_job(self, worker: str, lane: str, lease: float) -> Job | None:
+        """Recover the lane's jobs whose renewals stopped, then take its oldest ready job
+        for `worker`, leased for `lease` seconds; None when none is ready."""
+        expired = self.watches[lane].expired(lambda: self._running(lane))
+        return self._recover_and_claim(lane, expired, worker, lease)
+
+    def extend_lease(self, job: Job) -> bool:
+        """Renew the lease (one more heartbeat); False when the job is no longer ours."""
+        raise NotImplementedError
+
+    def finish(self, job: Job, result_json: str) -> bool:
+        """Record success; False (nothing written) when the job was lost meanwhile."""
+        return self._end_attempt(job, "done", result=result_json)
+
+    def retry_later(self, job: Job, error: str, delay: float) -> bool:
+        """Record a failure to be retried after `delay` seconds; False if the job was lost."""
+        return self._end_attempt(job, "failed", error=error, run_at=self.clock() + delay)
+
+    def mark_dead(self, job: Job, error: str) -> bool:
+        """Give up on the job, keeping its error; False if the job was lost."""
+        return self._end_attempt(job, "dead", error=error)
+
+    def give_back(self, job: Job) -> bool:
+        """Queue an unfinished job again at once, this attempt not counted (a worker at its
+        stop deadline); False if the job was lost meanwhile."""
+        return self._end_attempt(job, "queued", run_at=self.clock(), more_attempts=1,
+                                 error="given back unfinished at its worker's stop deadline; "
+                                       "this attempt does not count")
+
+    def purge_finished(self, batch: int = 500) -> int:
+        """Delete the done and dead jobs past JOB_RETENTION or beyond the newest
+        MAX_FINISHED of each, `batch` at a time; how many went."""
+        total = 0
+        for state in ("done", "dead"):
+            while True:
+                deleted = self.purge_batch(state, batch)
+                total += deleted
+                if deleted < batch:
+                    break
+        return total
+
+    def purge_batch(self, state: str, batch: int) -> int:
+        """One short step of the purge: at most `batch` of the oldest `state` jobs that
+        are past keeping; how many went."""
+        raise NotImplementedError
+
+    # And four steps of each store's own: `_insert(new, exempt)` (the id; None for a key
+    # already there; the name of a quota it would pass), `_running(lane)` (Sightings),
+    # `_recover_and_claim(...)` and `_end_attempt(...)` (fenced).
+
+
+# --- SQLite: one file, transactions that take the write lock first ------------------------
+
+JOB_TABLE = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
     task TEXT NOT NULL,
@@ -58,172 +293,289 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     max_attempts INTEGER NOT NULL,
     run_at REAL NOT NULL,
-    worker TEXT,
-    lease_until REAL,
-    result TEXT,
-    error TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    private INTEGER NOT NULL DEFAULT 0
+    worker TEXT, result TEXT, error TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, run_at);
 CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task, id)
 """
+# Columns added since the first release: every file gains those it lacks (`add_columns`).
+# A file from before heartbeats held `lease_until` (a wall-clock time); it is left unused.
+ADDED_COLUMNS = {
+    "private": "INTEGER NOT NULL DEFAULT 0",
+    "lane": "TEXT NOT NULL DEFAULT 'public'",
+    "owner": "TEXT",
+    "heartbeat": "INTEGER NOT NULL DEFAULT 0",
+    "lease": "REAL NOT NULL DEFAULT 30",  # JOB_LEASE's default, for jobs running at upgrade
+}
+# Partial indexes hold only the rows each question is about: the waiting jobs (claims in
+# run_at order, and the quotas' counts), the running ones (the lease watch), the
+# unfinished jobs of an owner. Done and dead jobs by age serve the purge.
+JOB_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (lane, run_at)
+    WHERE state IN ('queued', 'failed');
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lane) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS jobs_unfinished_by_owner ON jobs (owner)
+    WHERE state IN ('queued', 'failed', 'running');
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, updated_at)
+"""
 JOB_COLUMNS = "id, task, args, state, attempts, max_attempts, worker, result, error, key, private"
+COUNTS = """SELECT
+    (SELECT count(*) FROM jobs WHERE state IN ('queued', 'failed')),
+    (SELECT count(*) FROM jobs WHERE lane = 'public' AND state IN ('queued', 'failed')),
+    (SELECT count(*) FROM jobs WHERE owner = ? AND state IN ('queued', 'failed', 'running'))"""
 
 
-@dataclass(frozen=True)
-class Job:
-    """A job as the worker that claimed it holds it. `attempt` is also its fencing token.
+class SQLiteJobQueue(JobQueue):
+    """The queue in the shared SQLite file. Each step is one transaction that starts with
+    `BEGIN IMMEDIATE` (`Database.write`), which takes the write lock before the first
+    read: two workers can never both read a job as ready and both take it, and two web
+    copies can never both count a quota as unreached and both pass it."""
+    kind = "sqlite"
 
-    `args_json` is left as stored: decoding it can fail (`decoded`), and that is the job's
-    failure, for the worker to record, not a crash of the claim."""
-    id: int
-    task: str
-    args_json: str
-    attempt: int
-    max_attempts: int
-
-
-class JobQueue:
-    """The queue in the shared SQLite file; used by the web process, the clock and workers.
-
-    Every method is one statement or one transaction, so the queue itself holds no state:
-    any process can create a `JobQueue` and see the same jobs. `clock` gives the time (a
-    test passes a fake one to expire a lease without waiting).
-    """
-
-    def __init__(self, db: Database, clock: Callable[[], float] = time.time):
+    def __init__(self, db: Database, limits: Limits = Limits(), room: Room | None = None,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         if sqlite3.sqlite_version_info < (3, 35, 0):
             raise ConfigError(f"SQLite {sqlite3.sqlite_version} is too old for the job queue: "
                               f"it needs 3.35 or newer (UPDATE ... RETURNING); use a Python "
                               f"built with a newer SQLite")
-        self.db, self.clock = db, clock
-        db.create_tables(JOB_TABLES)
-        add_private_column(db)
+        super().__init__(limits, room, clock, monotonic)
+        self.db = db
+        db.create_tables(JOB_TABLE)  # a file that is not ours fails here: ConfigError
+        add_columns(db)
+        db.create_tables(JOB_INDEXES)
 
-    def enqueue(self, task: str, args: dict, key: str | None = None,
-                max_attempts: int = MAX_ATTEMPTS, private: bool = False) -> int | None:
-        """New job id; None when a job with this unique key already exists.
-
-        `private`: the job was enqueued for a user's session, and who may read its args
-        and result is the web process's business; the queue only keeps the mark."""
+    def _insert(self, new, exempt):
         now = self.clock()
-        rows = self.db.execute(
-            "INSERT INTO jobs (task, args, key, max_attempts, run_at, created_at, updated_at, "
-            "private) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING id",
-            (task, json.dumps(args), key, max_attempts, now, now, now, private))
-        return rows[0]["id"] if rows else None
+        with self.db.write() as conn:
+            if new.key is not None and conn.execute("SELECT 1 FROM jobs WHERE key = ?",
+                                                    (new.key,)).fetchall():
+                return None
+            if not exempt and (limit := self._quota_reached(conn, new)):
+                return limit
+            return conn.execute(
+                "INSERT INTO jobs (task, args, key, lane, owner, private, max_attempts, run_at, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (new.task, new.args_json, new.key, new.lane, new.owner, new.private,
+                 new.max_attempts, now, now, now)).fetchone()[0]
 
-    def get(self, job_id: int) -> dict | None:
-        """The job as JSON-able data (result decoded), or None when there is no such job."""
+    def _quota_reached(self, conn: sqlite3.Connection, new: NewJob) -> str | None:
+        queued, public, own = conn.execute(COUNTS, (new.owner,)).fetchone()
+        if queued >= self.limits.max_queued:
+            return "queued"
+        if new.lane == "public" and public >= self.limits.max_public_queued:
+            return "public"
+        if new.owner is not None and own >= self.limits.max_own_queued:
+            return "own"
+        return None
+
+    def get(self, job_id):
         rows = self.db.query(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return job_as_dict(rows[0]) if rows else None
 
-    def recent(self, task: str | None = None, limit: int = 100) -> list[dict]:
-        """Newest first, the same dicts as `get`; only `task`'s jobs when it is given."""
-        if task is None:
-            rows = self.db.query(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?",
-                                 (limit,))
-        else:
-            rows = self.db.query(f"SELECT {JOB_COLUMNS} FROM jobs WHERE task = ? "
-                                 f"ORDER BY id DESC LIMIT ?", (task, limit))
+    def recent(self, task=None, before=None, limit=100):
+        where = " AND ".join(test for test, value in (("task = ?", task), ("id < ?", before))
+                             if value is not None)
+        params = tuple(value for value in (task, before) if value is not None)
+        rows = self.db.query(f"SELECT {JOB_COLUMNS} FROM jobs {'WHERE ' if where else ''}"
+                             f"{where} ORDER BY id DESC LIMIT ?", (*params, limit))
         return [job_as_dict(row) for row in rows]
 
-    def claim_next_job(self, worker: str, lease: float) -> Job | None:
-        """Take the oldest ready job for `worker`, leased for `lease` seconds; None if none.
+    def claim_next_job(self, worker, lane, lease):
+        # One transaction for the lease watch's read, the recovery and the claim: the
+        # write lock is taken once, and no other claim runs in between.
+        with self.db.write():
+            return super().claim_next_job(worker, lane, lease)
 
-        BEGIN IMMEDIATE takes SQLite's write lock before the first read, so two workers
-        can never both read the same job as ready and both take it: the second waits for
-        the first to commit, then sees the job running.
-        """
+    def _running(self, lane):
+        rows = self.db.query("SELECT id, attempts, heartbeat, lease FROM jobs "
+                             "WHERE lane = ? AND state = 'running'", (lane,))
+        return [Sighting(*row) for row in rows]
+
+    def _recover_and_claim(self, lane, expired, worker, lease):
         now = self.clock()
-        with self.db.write() as conn:
-            self.recover_expired_leases(conn, now)
-            rows = conn.execute(
-                "UPDATE jobs SET state = 'running', worker = ?, lease_until = ?, "
-                "attempts = attempts + 1, updated_at = ? "
-                "WHERE id = (SELECT id FROM jobs WHERE state IN ('queued', 'failed') "
-                "AND run_at <= ? ORDER BY run_at, id LIMIT 1) "
-                "RETURNING id, task, args, attempts, max_attempts",
-                (worker, now + lease, now, now)).fetchall()
-        if not rows:
-            return None
-        row = rows[0]
-        return Job(row["id"], row["task"], row["args"], row["attempts"], row["max_attempts"])
+        for job in expired:  # fenced on the pair seen: a renewal since then wins
+            self.db.execute(
+                "UPDATE jobs SET state = CASE WHEN attempts >= max_attempts "
+                "THEN 'dead' ELSE 'queued' END, "
+                "error = 'lease expired: worker ' || worker || ' stopped heartbeating', "
+                "updated_at = ? WHERE id = ? AND state = 'running' AND attempts = ? "
+                "AND heartbeat = ?", (now, job.id, job.attempt, job.heartbeat))
+        rows = self.db.execute(
+            "UPDATE jobs SET state = 'running', worker = ?, lease = ?, heartbeat = 0, "
+            "attempts = attempts + 1, updated_at = ? "
+            "WHERE id = (SELECT id FROM jobs WHERE lane = ? AND state IN ('queued', 'failed') "
+            "AND run_at <= ? ORDER BY run_at, id LIMIT 1) "
+            "RETURNING id, task, args, attempts, max_attempts, lane",
+            (worker, lease, now, lane, now))
+        return Job(*rows[0]) if rows else None
 
-    def recover_expired_leases(self, conn: sqlite3.Connection, now: float) -> None:
-        """Give back the jobs of workers that stopped heartbeating (killed, frozen, cut off).
+    def extend_lease(self, job):
+        return self._update_if_still_ours(job, "heartbeat = heartbeat + 1", ())
 
-        Called inside the claim's transaction, so recovery and the next claim are one step.
-        A job that already used its last attempt is not run again: it is dead.
-        """
-        conn.execute(
-            "UPDATE jobs SET state = CASE WHEN attempts >= max_attempts "
-            "THEN 'dead' ELSE 'queued' END, "
-            "error = 'lease expired: worker ' || worker || ' stopped heartbeating', "
-            "lease_until = NULL, updated_at = ? "
-            "WHERE state = 'running' AND lease_until < ?", (now, now))
-
-    def extend_lease(self, job: Job, lease: float) -> bool:
-        """Keep the job ours `lease` seconds more; False when another worker owns it now."""
-        now = self.clock()
-        return self._update_if_still_ours(job, "lease_until = ?, updated_at = ?",
-                                          (now + lease, now))
-
-    def finish(self, job: Job, result_json: str) -> bool:
-        """Record success; False (nothing written) when the lease was lost meanwhile."""
+    def _end_attempt(self, job, state, result=None, error=None, run_at=None,
+                     more_attempts=0):
         return self._update_if_still_ours(
-            job, "state = 'done', result = ?, error = NULL, lease_until = NULL, updated_at = ?",
-            (result_json, self.clock()))
-
-    def retry_later(self, job: Job, error: str, delay: float) -> bool:
-        """Record a failure to be retried after `delay` seconds; False if the lease was lost."""
-        now = self.clock()
-        return self._update_if_still_ours(
-            job, "state = 'failed', error = ?, run_at = ?, lease_until = NULL, updated_at = ?",
-            (error, now + delay, now))
-
-    def mark_dead(self, job: Job, error: str) -> bool:
-        """Give up on the job, keeping its error; False if the lease was lost."""
-        return self._update_if_still_ours(
-            job, "state = 'dead', error = ?, lease_until = NULL, updated_at = ?",
-            (error, self.clock()))
-
-    def give_back(self, job: Job) -> bool:
-        """Put an unfinished job back in the queue, ready at once, without counting this
-        attempt (a worker at its stop deadline); False if the lease was lost meanwhile.
-
-        The attempt is given back by allowing one more (`max_attempts + 1`), not by
-        lowering `attempts`: that is the fencing token, and lowering it would hand the
-        next owner the very token this worker holds, so a late write from this worker
-        (its lease thread, say) would pass the fence.
-        """
-        now = self.clock()
-        return self._update_if_still_ours(
-            job, "state = 'queued', max_attempts = max_attempts + 1, run_at = ?, "
-                 "lease_until = NULL, updated_at = ?", (now, now))
+            job, "state = ?, result = ?, error = ?, run_at = coalesce(?, run_at), "
+                 "max_attempts = max_attempts + ?, updated_at = ?",
+            (state, result, storable(error), run_at, more_attempts, self.clock()))
 
     def _update_if_still_ours(self, job: Job, assignments: str, params: tuple) -> bool:
-        """The fence: write only while the job is running *this* attempt.
-
-        A worker whose lease ran out may wake up and try to write. If another worker has
-        claimed the job since, `attempts` has moved on; if the lease was only recovered,
-        the state is no longer 'running'. Either way no row matches and nothing is written.
-        """
+        """The fence: write only while the job is running *this* attempt."""
         rows = self.db.execute(
             f"UPDATE jobs SET {assignments} WHERE id = ? AND attempts = ? "
             f"AND state = 'running' RETURNING id", (*params, job.id, job.attempt))
         return bool(rows)
 
+    def purge_batch(self, state, batch):
+        cutoff = self.clock() - self.limits.job_retention
+        with self.db.write() as conn:
+            count, old = conn.execute("SELECT count(*), total(updated_at < ?) FROM jobs "
+                                      "WHERE state = ?", (cutoff, state)).fetchone()
+            # Both rules pick the oldest: those past retention, those beyond the newest
+            # MAX_FINISHED. The newest id of all stays, so that SQLite never hands it out
+            # again (it takes max(id) + 1): a session that listed it must not see another.
+            return conn.execute(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state = ? "
+                "AND id < (SELECT max(id) FROM jobs) ORDER BY updated_at LIMIT ?)",
+                (state, max(0, min(batch, max(int(old), count - self.limits.max_finished))))
+            ).rowcount
 
-def add_private_column(db: Database) -> None:
-    """A jobs table made before jobs could be private gets the column, once: the check and
-    the change are one transaction, so two processes starting at once cannot both add it."""
+
+def add_columns(db: Database) -> None:
+    """A jobs table made by an earlier release gains the columns it lacks, once: the check
+    and the change are one transaction, so two processes starting at once cannot both add
+    them. Its unique-keyed jobs were the clock's ticks: they join the housekeeping lane."""
     with db.write() as conn:
-        columns = [row["name"] for row in conn.execute("PRAGMA table_info(jobs)")]
-        if "private" not in columns:
-            conn.execute("ALTER TABLE jobs ADD COLUMN private INTEGER NOT NULL DEFAULT 0")
+        columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for name, definition in ADDED_COLUMNS.items():
+            if name not in columns:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+        if "lane" not in columns:
+            conn.execute("UPDATE jobs SET lane = 'housekeeping' WHERE key IS NOT NULL")
+        conn.execute("DROP INDEX IF EXISTS jobs_ready")  # (state, run_at): now jobs_waiting
+
+
+def job_as_dict(row: sqlite3.Row) -> dict:
+    job = dict(row)
+    job["private"] = bool(job["private"])
+    job["args"], job["result"] = shown(job["args"]), shown(job["result"])
+    return job
+
+
+# --- Redis: a hash per job, sets that say where it is, a script per step ----------------
+
+class RedisJobQueue(JobQueue):
+    """The queue in Redis. Where SQLite takes its write lock, Redis runs a script whole
+    (`job_scripts.py`). Nothing blocks: a worker polls as on SQLite, so no call waits
+    longer than the client's reply timeout (a blocking BLMOVE would have to)."""
+    kind = "redis"
+
+    def __init__(self, redis: Redis, limits: Limits = Limits(), room: Room | None = None,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
+        super().__init__(limits, room, clock, monotonic)
+        self.redis = redis
+
+    def _script(self, script: str, *args: str | int | float):
+        with redis_waits_recognised():
+            return self.redis.eval(script, (), args)
+
+    def _insert(self, new, exempt):
+        limits = self.limits
+        outcome = self._script(
+            ENQUEUE, new.task, new.args_json, new.lane, new.owner or "", int(new.private),
+            new.key or "", new.max_attempts, repr(self.clock()), int(exempt),
+            limits.max_own_queued, limits.max_public_queued, limits.max_queued, *LANES)
+        return outcome.decode() if isinstance(outcome, bytes) else outcome
+
+    def get(self, job_id):
+        with redis_waits_recognised():
+            reply = self.redis.execute("HGETALL", f"job:{int(job_id)}")
+        return job_from_hash(int(job_id), reply) if reply else None
+
+    def recent(self, task=None, before=None, limit=100):
+        index = "jobs:all" if task is None else f"jobs:task:{task}"
+        newest = "+inf" if before is None else f"({int(before)}"
+        with redis_waits_recognised(), self.redis.connection() as conn:
+            ids = conn.execute("ZRANGE", index, newest, "-inf", "BYSCORE", "REV", "LIMIT", 0,
+                               limit)
+            replies = conn.pipeline([("HGETALL", b"job:" + job_id) for job_id in ids])
+        return [job_from_hash(int(job_id), reply)  # a job purged meanwhile is left out
+                for job_id, reply in zip(ids, replies) if reply]
+
+    def _running(self, lane):
+        return [Sighting(int(job_id), int(attempt), int(heartbeat), float(lease))
+                for job_id, attempt, heartbeat, lease in self._script(SIGHTINGS, lane)]
+
+    def _recover_and_claim(self, lane, expired, worker, lease):
+        pairs = [value for job in expired for value in (job.id, job.attempt, job.heartbeat)]
+        reply = self._script(CLAIM, lane, worker, repr(float(lease)), repr(self.clock()),
+                             *pairs)
+        if reply is None:
+            return None
+        job_id, task, args_json, attempt, max_attempts = reply
+        return Job(int(job_id), task.decode(), args_json.decode(), attempt, int(max_attempts),
+                   lane)
+
+    def extend_lease(self, job):
+        return self._script(EXTEND, job.id, job.attempt) == 1
+
+    def _end_attempt(self, job, state, result=None, error=None, run_at=None,
+                     more_attempts=0):
+        now = self.clock()
+        return self._script(END_ATTEMPT, job.id, job.attempt, state, repr(now),
+                            repr(now if run_at is None else run_at), more_attempts,
+                            result or "", storable(error) or "") == 1
+
+    def purge_batch(self, state, batch):
+        return self._script(PURGE, state, repr(self.clock() - self.limits.job_retention),
+                            self.limits.max_finished, batch)
+
+
+@contextmanager
+def redis_waits_recognised() -> Iterator[None]:
+    """What Redis refuses for now is a wait, as SQLite's lock and full disk are: out of
+    memory (maxmemory) is a full store; loading its data after a restart, or busy with
+    a script, it cannot answer yet."""
+    try:
+        yield
+    except RedisError as error:
+        if error.code == "OOM":
+            raise StoreFull(f"redis is out of memory ({error}); make room") from None
+        if error.code in ("LOADING", "BUSY"):
+            raise RedisUnavailable(f"redis cannot answer yet ({error})") from None
+        raise
+
+
+def job_from_hash(job_id: int, reply: list[bytes]) -> dict:
+    """HGETALL's field, value, field, value... as the same dict `job_as_dict` makes."""
+    job = {name.decode(): value.decode() for name, value in zip(reply[::2], reply[1::2])}
+    return {"id": job_id, "task": job["task"], "args": shown(job["args"]),
+            "state": job["state"], "attempts": int(job["attempts"]),
+            "max_attempts": int(job["max_attempts"]), "worker": job.get("worker"),
+            "result": shown(job.get("result")), "error": job.get("error"),
+            "key": job.get("key"), "private": job["private"] == "1"}
+
+
+def open_queue(service: BackingService, limits: Limits = Limits(), room: Room | None = None,
+               clock: Callable[[], float] = time.time,
+               monotonic: Callable[[], float] = time.monotonic) -> JobQueue:
+    """The queue in the backing service `database_from_env` opened: SQLite or Redis."""
+    if isinstance(service, Redis):
+        return RedisJobQueue(service, limits, room, clock, monotonic)
+    return SQLiteJobQueue(service, limits, room, clock, monotonic)
+
+
+def queue_from_env(environ: Mapping[str, str], service: BackingService) -> JobQueue:
+    """The queue, with its limits (`limits_from_env`) and the store's ceiling, STORE_MAX_MB."""
+    return open_queue(service, limits_from_env(environ), room_from_env(environ, service))
+
+
+def storable(text: str | None) -> str | None:
+    """An error's text as either store can keep it: a lone surrogate (from a client's JSON
+    "\\ud800", quoted in an error) cannot be encoded as UTF-8; it is written as \\ud800."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode()
 
 
 def decoded(text: str) -> object:
@@ -245,10 +597,3 @@ def shown(text: str | None) -> object:
         return decoded(text)
     except ValueError as error:
         return f"(cannot be shown: {error})"
-
-
-def job_as_dict(row: sqlite3.Row) -> dict:
-    job = dict(row)
-    job["private"] = bool(job["private"])
-    job["args"], job["result"] = shown(job["args"]), shown(job["result"])
-    return job

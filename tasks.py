@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable
 
 from database import log
+from job_queue import JobQueue
 from session_store import SessionStore
 
 
@@ -32,6 +33,7 @@ class TaskContext:
     store: SessionStore
     attempt: int  # 1 on the first run; a task can see that it is being retried
     worker: str
+    queue: JobQueue  # for the housekeeping of the queue itself
 
 
 WHITESPACE = b" \t\n\r\x0b\x0c"  # what bytes.split() splits on
@@ -98,6 +100,11 @@ def purge_expired_sessions(args: dict, ctx: TaskContext) -> dict:
     return {"purged": ctx.store.purge_expired()}
 
 
+def purge_finished_jobs(args: dict, ctx: TaskContext) -> dict:
+    """Delete done and dead jobs past JOB_RETENTION or beyond MAX_FINISHED, in batches."""
+    return {"purged": ctx.queue.purge_finished()}
+
+
 def heartbeat(args: dict, ctx: TaskContext) -> str:
     """A visible sign that the clock and the workers are alive."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -117,6 +124,7 @@ TASKS: dict[str, Callable[[dict, TaskContext], object]] = {
     "sleep": sleep,
     "wordcount": wordcount,
     "purge_expired_sessions": purge_expired_sessions,
+    "purge_finished_jobs": purge_finished_jobs,
     "heartbeat": heartbeat,
     "fail": fail,
 }

@@ -30,6 +30,7 @@ session may hold: `MAX_CART_ITEMS`, `MAX_UPLOADS`, `MAX_OWN_JOBS`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 
 from database import (ConfigError, database_from_env, log, positive_number, process_name,
                       stop_timeout)
-from job_queue import JobQueue
+from job_queue import JobQueue, queue_from_env
 from session_store import Session, SessionStore, empty_session, store_from_env
 from page import news_address, render_page, with_query
 from web_input import (COOKIE_NAME, MAX_FORM_BYTES, ClientError, FilePart, parse_multipart,
@@ -232,11 +233,15 @@ class App:
     def enqueue_private_or_public(self, request: Request, form: dict, task: str,
                                   args: dict) -> Response:
         """A job sent with a session, or from the page (which then gets one), is private to
-        that session. One sent with no session at all (curl) is public."""
+        that session. One sent with no session at all (curl) is public. A logged-in
+        session's job goes in the users' lane, any other in the public lane."""
         back = return_path(form.get("next"))
-        if back is None and self.store.load(request.sid) is None:
+        data = self.store.load(request.sid)
+        if back is None and data is None:
             return redirect(f"/jobs/{self.queue.enqueue(task, args)}")
-        job_id = self.queue.enqueue(task, args, private=True)
+        lane = "users" if data and data.get("user") else "public"
+        owner = owner_of(request.sid) if data else None  # a stale cookie owns nothing
+        job_id = self.queue.enqueue(task, args, lane, owner, private=True)
 
         def own(session: Session) -> None:
             renew_if_anonymous(session)
@@ -300,6 +305,11 @@ def field_text(part: FilePart | None) -> str | None:
 
 
 PUBLIC_JOB_FIELDS = ("id", "task", "state", "attempts", "worker", "key", "private")
+
+
+def owner_of(sid: str) -> str:
+    """Whose job it is, for the queue's quota: a hash of the session id, never the id."""
+    return hashlib.sha256(sid.encode()).hexdigest()[:32]
 
 
 def public_face(job: dict) -> dict:
@@ -421,7 +431,7 @@ def main() -> None:
         config = config_from_env(os.environ)
         db = database_from_env(os.environ)
         store = store_from_env(os.environ, db)
-        server = serve(App(store, JobQueue(db), config))
+        server = serve(App(store, queue_from_env(os.environ, db), config))
     except ConfigError as error:
         print(f"webapp: {error}", file=sys.stderr)
         sys.exit(2)

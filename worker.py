@@ -3,41 +3,50 @@
 Factor VIII says you scale a process type by running more copies of it, and Factor VI says
 each copy keeps nothing it cannot lose. The terrible day this module prevents: a web
 request runs a slow job inside itself, the copy is killed half-way (a deploy, a crash, an
-out-of-memory kill), and the job is silently gone. Here the web process only records the
-job in the shared queue (`job_queue.py`) and answers at once; any number of `worker`
-copies take jobs from it, one job per copy at a time, and any copy can be killed at any
-moment: its lease runs out and another copy runs the job.
+out-of-memory kill), and the job is silently gone; or one client's flood of hour-long jobs
+holds every worker, and a user's job, and the session purge, wait for days. Here the web
+process only records the job in the shared queue (`job_queue.py`) and answers at once;
+any number of `worker` copies take jobs from it, and any copy can be killed at any moment:
+another copy runs its job once the job's lease is seen to run out.
 
-What a worker does with a job: claim it, run the task (from `tasks.py`) on a thread of its
-own while a second thread keeps the job's lease alive, then record how it ended: `done`,
-failed and retried later with exponential backoff and jitter, or `dead` after
-`max_attempts` (an unknown task name, or arguments that cannot be decoded, are dead at
-once). Every record goes through the queue's fence, so a worker that lost its lease never
-overwrites the new owner's result.
+A worker runs one claim loop per lane (`housekeeping`, `users`, `public`; WORKER_LANES),
+each on a thread of its own and one job at a time: a flood in the public lane occupies
+the public loop only, so even one worker copy still runs users' jobs and the clock's
+housekeeping beside it. More throughput comes from more copies, not from more threads.
 
-A locked database is a wait, not a crash: when another process holds the write lock past
-the busy timeout, the worker logs one line and tries again (`keep_trying`), so the result
-is recorded once, later. Meanwhile the lease may run out and another worker may run the
-job again; the fence then discards this worker's late result.
+What a loop does with a job: claim it, run the task (from `tasks.py`) on a thread of its
+own while another thread renews the job's lease every third of it, then record how it
+ended: `done`, failed and retried later with exponential backoff and jitter, or `dead`
+after `max_attempts` (an unknown task name, or arguments that cannot be decoded, are dead
+at once). Every record goes through the queue's fence, so a worker that lost the job
+never overwrites the new owner's result.
 
-Stopping has a deadline of its own. SIGTERM or SIGINT: take no new job, wait for the one
-in hand up to STOP_TIMEOUT seconds, and if it is not finished by then, give it back to the
-queue (`queued` again, the attempt not counted, as Sidekiq does on shutdown) and exit 0;
-a second signal stops waiting at once. The task runs on its own thread precisely so that
-the worker can stop waiting for it; the abandoned thread ends with the process. Nobody
-needs to SIGKILL the worker, which matters when the process manager itself was killed.
-One write already waiting for a locked database when the deadline comes can add up to
-DATABASE_BUSY_TIMEOUT; if the database is still locked then, the worker exits anyway and
-the job's lease returns it to the queue.
+A store that cannot answer is a wait, not a crash: SQLite locked past the busy timeout or
+its disk full, Redis down, frozen or out of memory. Every claim, renewal and record waits
+it out (`keep_trying`): the copy logs one line for the whole wait, however many of its
+threads wait, and carries on by itself once the store answers. Meanwhile a job's lease
+may be seen to run out and another worker may run the job again; the fence then discards
+this worker's late result.
 
-Configuration, read once in `main()`: DATABASE_URL, DATABASE_BUSY_TIMEOUT, SESSION_STORE
-(the tasks read uploads through it: with `memory` the worker has its own empty dict, never
-the web copy's, so a `wordcount` cannot find the upload and ends dead; that is Factor VI's
-lesson again), the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`),
-JOB_LEASE (seconds, default 30, from 1 to 3600), POLL_INTERVAL (idle sleep, default 0.5,
-from 0.01 to 60), RETRY_BACKOFF (base seconds, default 2, at most 300), STOP_TIMEOUT (default 25,
-under Heroku's 30 s before SIGKILL; at most 3600), WORKER_BURST=1 (exit 0 when nothing is
-ready, like rq's burst mode).
+Stopping has a deadline of its own. SIGTERM or SIGINT: take no new job, wait for the jobs
+in hand up to STOP_TIMEOUT seconds, and give back to the queue any not finished by then
+(`queued` again, the attempt not counted, as Sidekiq does on shutdown), then exit 0; a
+second signal stops waiting at once. A task runs on its own thread precisely so that the
+worker can stop waiting for it; the abandoned thread ends with the process. Nobody needs
+to SIGKILL the worker, which matters when the process manager itself was killed. If the
+store still cannot answer at the deadline, the worker exits anyway and the job returns to
+the queue through its lease. A claim loop that dies of a bug ends the copy (exit 1) so
+that the platform restarts it, rather than leave a lane that nobody serves.
+
+Configuration, read once in `main()`: DATABASE_URL and what `database.py` reads with it,
+SESSION_STORE (the tasks read uploads through it: with `memory` the worker has its own
+empty dict, never the web copy's, so a `wordcount` cannot find the upload and ends dead;
+that is Factor VI's lesson again), the queue's limits (`job_queue.limits_from_env`), the
+copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`), WORKER_LANES (default
+`housekeeping,users,public`), JOB_LEASE (seconds, default 30, from 1 to 3600),
+POLL_INTERVAL (idle sleep, default 0.5, from 0.01 to 60), RETRY_BACKOFF (base seconds,
+default 2, at most 300), STOP_TIMEOUT (default 25, under Heroku's 30 s before SIGKILL; at
+most 3600), WORKER_BURST=1 (exit 0 when no lane has a job ready, like rq's burst mode).
 """
 from __future__ import annotations
 
@@ -48,13 +57,14 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
-from database import (ConfigError, StillLocked, StoreUnavailable, database_from_env,
-                      keep_trying, log, positive_number, process_name, stop_timeout)
-from job_queue import Job, JobQueue, decoded
+from database import (ConfigError, Outage, StillLocked, database_from_env, keep_trying, log,
+                      positive_number, process_name, stop_timeout)
+from job_queue import LANES, Job, JobQueue, decoded, queue_from_env
 from session_store import SessionStore, store_from_env
 from tasks import TASKS, TaskContext
 
@@ -65,6 +75,7 @@ WAKE_EVERY = 0.1         # seconds: how soon a waiting worker notices a stop sig
 @dataclass(frozen=True)
 class WorkerConfig:
     dyno: str
+    lanes: tuple[str, ...]
     lease: float
     poll_interval: float
     retry_backoff: float
@@ -75,6 +86,7 @@ class WorkerConfig:
 def config_from_env(environ: Mapping[str, str]) -> WorkerConfig:
     return WorkerConfig(
         dyno=process_name(environ, "worker.1"),
+        lanes=lanes_from_env(environ),
         lease=positive_number(environ, "JOB_LEASE", 30, 3600, minimum=1),
         poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60, minimum=0.01),
         retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2, MAX_RETRY_DELAY),
@@ -82,8 +94,18 @@ def config_from_env(environ: Mapping[str, str]) -> WorkerConfig:
         burst=environ.get("WORKER_BURST", "") == "1")
 
 
+def lanes_from_env(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """WORKER_LANES: the lanes this copy serves, comma-separated, each at most once."""
+    text = environ.get("WORKER_LANES", ",".join(LANES))
+    lanes = tuple(lane.strip() for lane in text.split(","))
+    if not set(lanes) <= set(LANES) or len(set(lanes)) != len(lanes):
+        raise ConfigError(f"WORKER_LANES must name some of {', '.join(LANES)}, each once, "
+                          f"separated by commas, got {text!r}")
+    return lanes
+
+
 class StopRequest:
-    """Set by the signal handler, read by the loop. The handler does nothing else: work in
+    """Set by the signal handler, read by the loops. The handler does nothing else: work in
     a handler can deadlock on a lock the interrupted code holds (gunicorn #3198).
 
     The deadline starts when the signal arrives; a second signal moves it to now."""
@@ -109,6 +131,22 @@ class StopRequest:
         wake_at = time.monotonic() + seconds
         while not self.requested() and time.monotonic() < wake_at:
             time.sleep(min(WAKE_EVERY, max(0.0, wake_at - time.monotonic())))
+
+
+@dataclass
+class Worker:
+    """What the claim loops of one worker copy share."""
+    queue: JobQueue
+    store: SessionStore
+    config: WorkerConfig
+    stop: StopRequest
+    outage: Outage = field(default_factory=Outage)  # one line per wait, for all threads
+    crashed: threading.Event = field(default_factory=threading.Event)
+
+    def record(self, action: Callable[[], bool], what: str) -> bool:
+        """Write how a job ended, waiting out a store that cannot answer, but not past
+        the stop deadline (then `StillLocked`)."""
+        return keep_trying(action, what, self.stop.time_is_up, self.outage)
 
 
 class TaskRun:
@@ -148,25 +186,28 @@ def retry_delay(attempt: int, base: float) -> float:
     return delay + random.uniform(0, delay / 10)
 
 
-def renew_lease(queue: JobQueue, job: Job, lease: float, finished: threading.Event) -> None:
-    """Extend the lease every third of it, so that two missed renewals (a slow disk, a busy
-    database) still do not lose the job; stop when the job ends or is no longer ours."""
-    while not finished.wait(lease / 3):
-        try:
-            if not queue.extend_lease(job, lease):
+def renew_lease(worker: Worker, job: Job, finished: threading.Event) -> None:
+    """Renew the lease every third of it, so that two missed renewals (a slow disk, a busy
+    database) still do not lose the job; stop when the job ends or is no longer ours.
+    `Event.wait` times this on the monotonic clock, as the other workers time the lease."""
+    try:
+        while not finished.wait(worker.config.lease / 3):
+            if not keep_trying(lambda: worker.queue.extend_lease(job),
+                               f"renewing the lease of job {job.id}", finished.is_set,
+                               worker.outage):
                 return
-        except StoreUnavailable as error:  # locked past the busy timeout: try next time
-            log(f"job {job.id} could not extend its lease ({error}); trying again")
+    except StillLocked:  # the job ended while the store could not answer
+        return
 
 
 @contextmanager
-def lease_kept_alive(queue: JobQueue, job: Job, lease: float) -> Iterator[None]:
+def lease_kept_alive(worker: Worker, job: Job) -> Iterator[None]:
     """Run the block while a background thread keeps the job's lease from running out.
 
-    The thread is told to stop, not waited for: it may be waiting for a locked database,
-    and the fence makes a late extension harmless."""
+    The thread is told to stop, not waited for: it may be waiting for the store, and the
+    fence makes a late renewal harmless."""
     finished = threading.Event()
-    threading.Thread(target=renew_lease, args=(queue, job, lease, finished),
+    threading.Thread(target=renew_lease, args=(worker, job, finished),
                      name=f"lease-{job.id}", daemon=True).start()
     try:
         yield
@@ -179,81 +220,110 @@ def log_outcome(job: Job, written: bool, line: str) -> None:
     log(line if written else f"job {job.id} lease lost; result discarded")
 
 
-def give_up(queue: JobQueue, job: Job, error: str, stop: StopRequest) -> None:
-    written = keep_trying(lambda: queue.mark_dead(job, error),
-                          f"recording job {job.id} as dead", stop.time_is_up)
+def give_up(worker: Worker, job: Job, error: str) -> None:
+    written = worker.record(lambda: worker.queue.mark_dead(job, error),
+                            f"recording job {job.id} as dead")
     log_outcome(job, written, f"job {job.id} {job.task} dead after {job.attempt} "
                               f"attempt{'s' if job.attempt != 1 else ''}: {error}")
 
 
-def record_failure(queue: JobQueue, job: Job, error: str, config: WorkerConfig,
-                   stop: StopRequest) -> None:
+def record_failure(worker: Worker, job: Job, error: str) -> None:
     if job.attempt >= job.max_attempts:
-        give_up(queue, job, error, stop)
+        give_up(worker, job, error)
         return
-    delay = retry_delay(job.attempt, config.retry_backoff)
-    written = keep_trying(lambda: queue.retry_later(job, error, delay),
-                          f"recording job {job.id} as failed", stop.time_is_up)
+    delay = retry_delay(job.attempt, worker.config.retry_backoff)
+    written = worker.record(lambda: worker.queue.retry_later(job, error, delay),
+                            f"recording job {job.id} as failed")
     log_outcome(job, written, f"job {job.id} {job.task} failed (attempt {job.attempt}/"
                               f"{job.max_attempts}): {error}; retry in {delay:.1f}s")
 
 
-def hand_back_unfinished(queue: JobQueue, job: Job, config: WorkerConfig,
-                         stop: StopRequest) -> None:
+def hand_back_unfinished(worker: Worker, job: Job) -> None:
     """The stop deadline came first: the job goes back to the queue for another worker.
-    The deadline has passed, so this is one try: if the database is locked even now,
+    The deadline has passed, so this is one try: if the store cannot answer even now,
     the worker leaves anyway (`StillLocked`) and the job's lease returns it later."""
-    written = keep_trying(lambda: queue.give_back(job), f"giving job {job.id} back",
-                          stop.time_is_up)
+    written = worker.record(lambda: worker.queue.give_back(job), f"giving job {job.id} back")
     log_outcome(job, written, f"job {job.id} {job.task} given back to the queue, unfinished "
-                              f"after STOP_TIMEOUT={config.stop_timeout:g}s; this attempt "
-                              f"does not count")
+                              f"after STOP_TIMEOUT={worker.config.stop_timeout:g}s; this "
+                              f"attempt does not count")
 
 
-def run_job(queue: JobQueue, job: Job, store: SessionStore, config: WorkerConfig,
-            stop: StopRequest) -> None:
+def run_job(worker: Worker, job: Job) -> None:
     """Run one claimed job and record how it ended. A task's exception never ends the
     worker: it is the job's failure, retried or kept as the job's error."""
     task = TASKS.get(job.task)
     if task is None:
-        give_up(queue, job, f"unknown task {job.task!r} (known: {', '.join(sorted(TASKS))})",
-                stop)
+        give_up(worker, job, f"unknown task {job.task!r} (known: {', '.join(sorted(TASKS))})")
         return
     try:
         args = decoded(job.args_json)
     except ValueError as error:
-        give_up(queue, job, f"its arguments cannot be decoded: {error}", stop)
+        give_up(worker, job, f"its arguments cannot be decoded: {error}")
         return
     log(f"job {job.id} {job.task} started (attempt {job.attempt}/{job.max_attempts})")
     started = time.monotonic()
-    with lease_kept_alive(queue, job, config.lease):
-        run = TaskRun(task, args, TaskContext(store, job.attempt, config.dyno), f"job-{job.id}")
-        in_time = run.wait(stop)
+    context = TaskContext(worker.store, job.attempt, worker.config.dyno, worker.queue)
+    with lease_kept_alive(worker, job):
+        run = TaskRun(task, args, context, f"job-{job.id}")
+        in_time = run.wait(worker.stop)
     if not in_time:
-        hand_back_unfinished(queue, job, config, stop)
+        hand_back_unfinished(worker, job)
     elif run.error is not None:
-        record_failure(queue, job, run.error, config, stop)
+        record_failure(worker, job, run.error)
     else:
-        written = keep_trying(lambda: queue.finish(job, run.result_json),
-                              f"recording job {job.id} as done", stop.time_is_up)
+        written = worker.record(lambda: worker.queue.finish(job, run.result_json),
+                                f"recording job {job.id} as done")
         log_outcome(job, written,
                     f"job {job.id} {job.task} done in {time.monotonic() - started:.2f}s")
 
 
-def work(queue: JobQueue, store: SessionStore, config: WorkerConfig, stop: StopRequest) -> None:
-    """One job at a time until asked to stop (or, in burst mode, until nothing is ready).
-    More throughput comes from more worker copies, not from threads in this one."""
-    while not stop.requested():
-        job = keep_trying(lambda: queue.claim_next_job(config.dyno, config.lease),
-                          f"{config.dyno} claiming a job", stop.requested)
+def work(worker: Worker, lane: str) -> None:
+    """One job at a time from `lane` until asked to stop (or, in burst mode, until none is
+    ready). The claim waits out a store that cannot answer, until a stop signal."""
+    config = worker.config
+    while not worker.stop.requested():
+        job = keep_trying(lambda: worker.queue.claim_next_job(config.dyno, lane, config.lease),
+                          f"{config.dyno} claiming a job", worker.stop.requested, worker.outage)
         if job is not None:
-            run_job(queue, job, store, config, stop)
+            run_job(worker, job)
         elif config.burst:
-            log(f"{config.dyno} found no job ready (burst mode)")
+            log(f"{config.dyno} found no job ready in lane {lane} (burst mode)")
             return
         else:
-            stop.sleep(config.poll_interval)  # idle: poll again soon, without a busy loop
-    log(f"{config.dyno} got {stop.signal_name}: stopping between jobs")
+            worker.stop.sleep(config.poll_interval)  # idle: poll again soon, not busily
+
+
+def claim_loop(worker: Worker, lane: str) -> None:
+    """A lane's thread. A store still unavailable at the stop deadline ends it; a bug
+    ends the whole copy, loudly (`crashed`), never just this lane."""
+    try:
+        work(worker, lane)
+    except StillLocked as error:  # raised only once told to stop
+        log(f"{worker.config.dyno} stops with the store still unavailable ({error}); any job "
+            f"it held returns to the queue when its lease runs out")
+    except Exception:
+        traceback.print_exc()
+        worker.crashed.set()
+
+
+def run_lanes(worker: Worker) -> int:
+    """Start a claim loop per lane and wait for them all to end; the exit code."""
+    loops = [threading.Thread(target=claim_loop, args=(worker, lane), name=f"lane-{lane}",
+                              daemon=True) for lane in worker.config.lanes]
+    for loop in loops:
+        loop.start()
+    announced = False
+    while any(loop.is_alive() for loop in loops):
+        if worker.crashed.is_set():
+            log(f"{worker.config.dyno} stops: a claim loop failed (above); the jobs in hand "
+                f"return to the queue when their leases run out")
+            return 1
+        if worker.stop.requested() and not announced:
+            log(f"{worker.config.dyno} got {worker.stop.signal_name}: taking no new job, "
+                f"finishing those in hand for at most {worker.config.stop_timeout:g}s")
+            announced = True
+        time.sleep(WAKE_EVERY)
+    return 1 if worker.crashed.is_set() else 0
 
 
 def main() -> None:
@@ -261,21 +331,19 @@ def main() -> None:
         config = config_from_env(os.environ)
         db = database_from_env(os.environ)
         store = store_from_env(os.environ, db)
-        queue = JobQueue(db)
+        queue = queue_from_env(os.environ, db)
     except ConfigError as error:
         print(f"worker: {error}", file=sys.stderr)
         sys.exit(2)
     stop = StopRequest(config.stop_timeout)
     signal.signal(signal.SIGTERM, stop.record)
     signal.signal(signal.SIGINT, stop.record)
-    log(f"{config.dyno} ready (pid {os.getpid()}, lease {config.lease:g}s)")
-    try:
-        work(queue, store, config, stop)
-    except StillLocked as error:  # raised only once told to stop
-        log(f"{config.dyno} stops with the database still locked ({error}); any job it "
-            f"held returns to the queue when its lease runs out")
+    log(f"{config.dyno} ready (pid {os.getpid()}, lease {config.lease:g}s, "
+        f"lanes {', '.join(config.lanes)}, {queue.kind} queue)")
+    code = run_lanes(Worker(queue, store, config, stop))
     db.close()
     log(f"{config.dyno} stopped")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Callable
 import pytest
 
 from database import database_from_env
-from job_queue import JobQueue
+from job_queue import JobQueue, open_queue
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -206,8 +206,24 @@ def spawn(tmp_path):
 def queue(tmp_path):
     """The queue the worker processes of this test use (the same DATABASE_URL)."""
     db = database_from_env(app_env(tmp_path))
-    yield JobQueue(db)
+    yield open_queue(db)
     db.close()
+
+
+@dataclass
+class Backing:
+    env: dict         # what puts a test's processes on this store (DATABASE_URL)
+    queue: JobQueue   # the test's own handle on it
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backing(request, tmp_path) -> Backing:
+    """The same test on each backing service: a SQLite file, or the shared Redis emptied."""
+    url = (request.getfixturevalue("fresh_redis") if request.param == "redis"
+           else f"sqlite:///{tmp_path}/app.db")
+    service = database_from_env({"DATABASE_URL": url})
+    yield Backing({"DATABASE_URL": url}, open_queue(service))
+    service.close()
 
 
 @dataclass

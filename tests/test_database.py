@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, get, post_form, session_cookie, write_lock_held
 from database import (ConfigError, Database, Room, StillLocked, database_path, keep_trying,
                       positive_number, process_name, whole_seconds)
-from job_queue import JobQueue
+from job_queue import open_queue
 from session_store import SQLiteStore
 
 
@@ -32,12 +32,12 @@ def test_a_new_file_opens_while_another_opener_holds_its_write_lock(tmp_path):
 OPENER = """
 import os, sys
 from database import database_from_env
-from job_queue import JobQueue
+from job_queue import open_queue
 from session_store import store_from_env
 sys.stdin.read(1)  # every copy is released at the same instant
 db = database_from_env(os.environ)
 store_from_env(os.environ, db)
-JobQueue(db)
+open_queue(db)
 """
 
 
@@ -163,4 +163,4 @@ def test_a_file_that_is_not_this_apps_database_is_a_configuration_error(tmp_path
         SQLiteStore(foreign, 60, Room(foreign, 1 << 30))
     (tmp_path / "notes.txt").write_text("not SQLite at all\n" * 100)
     with pytest.raises(ConfigError, match="not a database of this app"):
-        JobQueue(Database(tmp_path / "notes.txt"))
+        open_queue(Database(tmp_path / "notes.txt"))

@@ -1,4 +1,6 @@
-"""worker.py: the queue in-process with a fake clock, and real worker processes on it."""
+"""worker.py: real worker processes, on SQLite and on Redis: jobs run once, survive a killed
+or frozen worker and a frozen or restarted Redis, and lanes keep a flood from starving
+anyone. (The queue's own contract is tests/test_job_queue.py.)"""
 import re
 import signal
 import sys
@@ -7,32 +9,15 @@ from collections import Counter
 
 import pytest
 
-from conftest import write_lock_held, app_env, get, post_form, upload, wait_until
-from database import database_from_env
-from job_queue import JOB_TABLES, JobQueue
+from conftest import app_env, get, post_form, upload, wait_until, write_lock_held
+from database import ConfigError, Refused, database_from_env
+from job_queue import JobQueue, limits_from_env, open_queue
 from tasks import number_arg
-from worker import StopRequest
+from worker import StopRequest, config_from_env
 
 FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
 STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)
-
-
-class FakeClock:
-    """The time, moved by the test: a lease expires without waiting for it."""
-
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def queue_on_fake_clock(tmp_path):
-    """A queue whose time the test moves (`queue.clock.now += 31`), in-process only."""
-    db = database_from_env(app_env(tmp_path))
-    yield JobQueue(db, clock=FakeClock())
-    db.close()
+WAITING = "; trying again until it answers"  # the one line a process logs per wait
 
 
 @pytest.fixture
@@ -48,60 +33,26 @@ def start_worker(spawn, tmp_path):
     return start
 
 
+@pytest.fixture
+def start_workers(start_worker):
+    """start_workers(3, **env): worker.1, worker.2, worker.3, started side by side."""
+
+    def start(count: int, **env):
+        workers = {f"worker.{n}": start_worker(False, DYNO=f"worker.{n}", **env)
+                   for n in range(1, count + 1)}
+        wait_until(lambda: all(" ready (pid " in worker.output() for worker in workers.values()),
+                   what="the workers to start")
+        return workers
+
+    return start
+
+
 def wait_for_state(queue: JobQueue, job_id: int, *states: str, timeout: float = 10) -> dict:
     def reached():
         job = queue.get(job_id)
         return job if job["state"] in states else None
 
     return wait_until(reached, timeout, what=f"job {job_id} to be {' or '.join(states)}")
-
-
-# --- The queue itself, in-process -----------------------------------------------------
-
-def test_a_unique_key_is_enqueued_once(queue):
-    first = queue.enqueue("heartbeat", {}, key="heartbeat@12:00")
-    assert first is not None
-    assert queue.enqueue("heartbeat", {}, key="heartbeat@12:00") is None
-    assert [job["id"] for job in queue.recent("heartbeat")] == [first]
-
-
-def test_a_stale_worker_cannot_extend_or_finish_a_job_it_lost(queue_on_fake_clock):
-    queue = queue_on_fake_clock
-    job_id = queue.enqueue("sleep", {"seconds": 1})
-    stale = queue.claim_next_job("worker.1", lease=30)
-    queue.clock.now += 31  # worker.1 froze: no heartbeat for longer than its lease
-    fresh = queue.claim_next_job("worker.2", lease=30)
-    assert (stale.id, fresh.id) == (job_id, job_id)
-    assert (stale.attempt, fresh.attempt) == (1, 2)
-
-    assert not queue.extend_lease(stale, lease=30)
-    assert not queue.finish(stale, '"from worker.1"')
-    assert not queue.mark_dead(stale, "worker.1 gave up")
-    assert queue.finish(fresh, '"from worker.2"')
-    job = queue.get(job_id)
-    assert (job["state"], job["worker"], job["result"]) == ("done", "worker.2", "from worker.2")
-
-
-def test_a_lease_that_runs_out_on_the_last_attempt_makes_the_job_dead(queue_on_fake_clock):
-    queue = queue_on_fake_clock
-    job_id = queue.enqueue("sleep", {"seconds": 1}, max_attempts=1)
-    assert queue.claim_next_job("worker.1", lease=30).id == job_id
-    queue.clock.now += 31
-    assert queue.claim_next_job("worker.2", lease=30) is None
-    job = queue.get(job_id)
-    assert job["state"] == "dead"
-    assert job["error"] == "lease expired: worker worker.1 stopped heartbeating"
-
-
-def test_a_job_given_back_is_queued_at_once_with_its_attempt_not_counted(queue_on_fake_clock):
-    queue = queue_on_fake_clock
-    job_id = queue.enqueue("sleep", {"seconds": 60})
-    first = queue.claim_next_job("worker.1", lease=30)
-    assert queue.give_back(first)
-    second = queue.claim_next_job("worker.2", lease=30)
-    assert (second.id, second.attempt, second.max_attempts) == (job_id, 2, 4)
-    assert not queue.extend_lease(first, lease=30)  # the token never repeats: still fenced
-    assert not queue.give_back(first)
 
 
 def test_a_second_stop_signal_moves_the_deadline_to_now():
@@ -122,21 +73,12 @@ def test_a_number_argument_out_of_range_is_a_clear_error(value, shown):
         number_arg({"seconds": value}, "seconds", maximum=3600)
 
 
-def test_a_failed_job_waits_for_its_retry_time(queue_on_fake_clock):
-    queue = queue_on_fake_clock
-    job_id = queue.enqueue("fail", {})
-    assert queue.retry_later(queue.claim_next_job("worker.1", lease=30), "boom", delay=5)
-    assert queue.claim_next_job("worker.1", lease=30) is None
-    queue.clock.now += 5
-    assert queue.claim_next_job("worker.1", lease=30).attempt == 2
-    assert queue.get(job_id)["error"] == "boom"
-
-
 # --- Real worker processes ------------------------------------------------------------
 
-def test_thirty_jobs_over_three_workers_each_run_exactly_once(queue, start_worker):
-    workers = [start_worker(DYNO=f"worker.{n}") for n in (1, 2, 3)]
-    ids = [queue.enqueue("sleep", {"seconds": 0.05 + 0.05 * (n % 4)}) for n in range(30)]
+def test_thirty_jobs_over_three_workers_each_run_exactly_once(backing, start_workers):
+    queue = backing.queue
+    workers = start_workers(3, **backing.env).values()
+    ids = [queue.enqueue("sleep", {"seconds": 0.02 + 0.02 * (n % 4)}) for n in range(30)]
     for job_id in ids:
         wait_for_state(queue, job_id, "done")
     assert [worker.stop() for worker in workers] == [0, 0, 0]
@@ -149,23 +91,37 @@ def test_thirty_jobs_over_three_workers_each_run_exactly_once(queue, start_worke
     assert sorted(started) == sorted(ids)
 
 
-def test_a_job_longer_than_its_lease_stays_with_its_live_worker(queue, start_worker):
-    workers = [start_worker(DYNO=f"worker.{n}") for n in (1, 2)]
-    job_id = queue.enqueue("sleep", {"seconds": 1.7})  # JOB_LEASE=1: renewed, not lost
+def test_a_job_longer_than_its_lease_stays_with_its_live_worker(queue, start_workers):
+    workers = start_workers(2).values()
+    job_id = queue.enqueue("sleep", {"seconds": 1.4})  # JOB_LEASE=1: renewed, not lost
     job = wait_for_state(queue, job_id, "done", "failed", "dead")
     assert (job["state"], job["attempts"]) == ("done", 1)
     assert sum(len(STARTED.findall(worker.output())) for worker in workers) == 1
 
 
-def test_a_killed_workers_job_is_finished_by_another_after_the_lease(queue, start_worker):
-    first = start_worker(DYNO="worker.1")
-    job_id = queue.enqueue("sleep", {"seconds": 1})
-    wait_for_state(queue, job_id, "running")
-    first.popen.kill()  # SIGKILL: no goodbye, no more heartbeats
-    second = start_worker(DYNO="worker.2")
+def test_a_killed_workers_job_is_finished_by_another_after_the_lease(backing, start_workers):
+    queue, workers = backing.queue, start_workers(2, **backing.env)
+    job_id = queue.enqueue("sleep", {"seconds": 0.5})
+    killed = wait_for_state(queue, job_id, "running")["worker"]
+    workers[killed].popen.kill()  # SIGKILL: no goodbye, no more renewals
     job = wait_for_state(queue, job_id, "done", "dead")
-    assert (job["state"], job["attempts"], job["worker"]) == ("done", 2, "worker.2")
-    assert f"job {job_id} sleep started (attempt 2/3)" in second.output()
+    other = ({*workers} - {killed}).pop()  # it watched the renewals stop for a lease
+    assert (job["state"], job["attempts"], job["worker"]) == ("done", 2, other)
+    assert f"job {job_id} sleep started (attempt 2/3)" in workers[other].output()
+
+
+def test_a_frozen_workers_job_is_run_by_another_and_its_late_result_discarded(
+        queue, start_workers):
+    workers = start_workers(2)
+    job_id = queue.enqueue("sleep", {"seconds": 0.5})
+    frozen = wait_for_state(queue, job_id, "running")["worker"]
+    workers[frozen].send_signal(signal.SIGSTOP)  # paused mid-job: a long GC, a VM migrated
+    job = wait_for_state(queue, job_id, "done")
+    assert (job["attempts"], job["worker"]) == (2, ({*workers} - {frozen}).pop())
+    workers[frozen].send_signal(signal.SIGCONT)  # it wakes, ends its sleep, tries to record
+    wait_until(lambda: f"job {job_id} lease lost; result discarded" in workers[frozen].output(),
+               what="the stale result to be refused")
+    assert queue.get(job_id) == job
 
 
 def test_a_task_that_fails_twice_then_succeeds_is_done_after_three_attempts(queue, start_worker):
@@ -232,7 +188,8 @@ def test_an_idle_worker_stops_at_once_whatever_its_poll_interval(start_worker):
 
 
 def test_a_database_locked_past_the_busy_timeout_is_waited_out(queue, start_worker, tmp_path):
-    worker = start_worker(DATABASE_BUSY_TIMEOUT=0.2, JOB_LEASE=5)
+    # One lane: the other loops' claims would meet the lock too, and log the copy's line.
+    worker = start_worker(DATABASE_BUSY_TIMEOUT=0.2, JOB_LEASE=5, WORKER_LANES="public")
     job_id = queue.enqueue("sleep", {"seconds": 0.5})
     wait_for_state(queue, job_id, "running")
     with write_lock_held(tmp_path / "app.db"):  # the task ends while the lock is held
@@ -261,6 +218,14 @@ def test_arguments_no_task_can_use_fail_the_job_not_the_worker(queue, start_work
     assert worker.popen.poll() is None
 
 
+def test_a_worker_for_some_lanes_leaves_the_other_lanes_jobs(queue, start_worker):
+    public = queue.enqueue("sleep", {"seconds": 0})
+    users = queue.enqueue("sleep", {"seconds": 0}, "users")
+    worker = start_worker(wait_ready=False, WORKER_BURST=1, WORKER_LANES="users")
+    assert worker.popen.wait(10) == 0
+    assert (queue.get(users)["state"], queue.get(public)["state"]) == ("done", "queued")
+
+
 def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
     job_id = queue.enqueue("sleep", {"seconds": 0})
     worker = start_worker(wait_ready=False, WORKER_BURST=1)
@@ -268,28 +233,26 @@ def test_burst_mode_exits_0_when_no_job_is_ready(queue, start_worker):
     assert queue.get(job_id)["state"] == "done"
 
 
-def test_a_jobs_table_made_before_private_jobs_gains_the_column_once(tmp_path):
-    db = database_from_env(app_env(tmp_path))
-    db.create_tables(JOB_TABLES.replace(",\n    private INTEGER NOT NULL DEFAULT 0", ""))
-    db.execute("INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
-               "VALUES ('sleep', '{}', 3, 0, 0, 0)")  # a job from before
-    JobQueue(db)
-    queue = JobQueue(db)  # a second process opening the same file changes nothing
-    assert queue.get(1)["private"] is False
-    assert queue.get(queue.enqueue("sleep", {}, private=True))["private"] is True
-    db.close()
+def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker):
+    worker = start_worker(wait_ready=False, WORKER_LANES="users,vip")
+    assert worker.popen.wait(10) == 2
+    assert worker.output() == ("worker: WORKER_LANES must name some of housekeeping, users, "
+                               "public, each once, separated by commas, got 'users,vip'\n")
 
 
 @pytest.mark.parametrize("variable, value", [
     ("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10"), ("POLL_INTERVAL", "1e-9"),
-    ("JOB_LEASE", "0.001"), ("STOP_TIMEOUT", "0"),
-    ("DATABASE_BUSY_TIMEOUT", "3600"),
+    ("JOB_LEASE", "0.001"), ("STOP_TIMEOUT", "0"), ("DATABASE_BUSY_TIMEOUT", "3600"),
+    ("WORKER_LANES", "public,public"), ("WORKER_LANES", ""), ("MAX_QUEUED", "0"),
+    ("JOB_RETENTION", "1.5"), ("REDIS_TIMEOUT", "60"),
 ])
-def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker, variable, value):
-    worker = start_worker(wait_ready=False, **{variable: value})
-    assert worker.popen.wait(10) == 2
-    lines = worker.output().splitlines()
-    assert len(lines) == 1 and variable in lines[0] and f"'{value}'" in lines[0]
+def test_every_setting_the_worker_reads_is_checked_and_named(tmp_path, variable, value):
+    environ = {"DATABASE_URL": f"sqlite:///{tmp_path}/app.db", variable: value}
+    with pytest.raises(ConfigError, match=f"{variable} .*'{re.escape(value)}'"):
+        config_from_env(environ)
+        limits_from_env(environ)
+        database_from_env({**environ, "DATABASE_URL": "redis://127.0.0.1:1"}
+                          if variable == "REDIS_TIMEOUT" else environ)
 
 
 def test_an_upload_made_on_one_web_copy_is_counted_by_a_worker_and_seen_on_another(
@@ -331,3 +294,65 @@ def test_what_a_client_put_in_a_jobs_args_reaches_the_log_escaped(queue, start_w
     output = worker.output()
     assert not {"\x1b", "\x07"} & set(output)
     assert not any(line.startswith("08:00:00 system") for line in output.splitlines())
+
+
+def heartbeats_done(queue: JobQueue) -> int:
+    return sum(job["state"] == "done" for job in queue.recent("heartbeat"))
+
+
+def start_clock(spawn, tmp_path, **env):
+    return spawn([sys.executable, "clock.py"],
+                 app_env(tmp_path, HEARTBEAT_EVERY=1, PURGE_EVERY=3600, **env))
+
+
+def test_a_flood_of_public_jobs_delays_neither_a_users_job_nor_the_housekeeping(
+        backing, start_worker, spawn, tmp_path):
+    queue, accepted = backing.queue, 0
+    for _ in range(300):  # what 300 cookieless POST /jobs of an hour's sleep become
+        try:
+            accepted += bool(queue.enqueue("sleep", {"seconds": 3600}))
+        except Refused as refusal:
+            assert refusal.status == 429
+    assert accepted == 100  # MAX_PUBLIC_QUEUED
+    worker = start_worker(**backing.env)  # one copy
+    start_clock(spawn, tmp_path, **backing.env)
+    wait_until(lambda: STARTED.search(worker.output()), what="the flood to hold the public lane")
+    job_id = queue.enqueue("sleep", {"seconds": 0.1}, "users", owner="alice")
+    enqueued = time.monotonic()
+    wait_for_state(queue, job_id, "done")
+    assert time.monotonic() - enqueued < 3
+    wait_until(lambda: heartbeats_done(queue), what="a heartbeat to run meanwhile")
+    assert len(STARTED.findall(worker.output())) >= 3  # public, users, housekeeping
+
+
+def test_a_frozen_then_restarted_redis_is_waited_out_by_the_worker_and_the_clock(
+        start_redis, start_worker, spawn, tmp_path):
+    redis = start_redis("--appendonly", "yes", "--appendfsync", "always")
+    env = {"DATABASE_URL": redis.url, "REDIS_TIMEOUT": 0.3}  # a frozen Redis is seen soon
+    queue = open_queue(database_from_env({"DATABASE_URL": redis.url}))
+    worker, clock = start_worker(**env), start_clock(spawn, tmp_path, **env)
+    wait_until(lambda: heartbeats_done(queue), what="a first heartbeat")
+
+    def waited(times: int) -> bool:
+        return worker.output().count(WAITING) == clock.output().count(WAITING) == times
+
+    def carried_on() -> bool:  # each logged its work again after its last wait
+        return (STARTED.search(worker.output().rsplit(WAITING, 1)[1])
+                and "enqueued" in clock.output().rsplit(WAITING, 1)[1])
+
+    redis.freeze()  # SIGSTOP: its port still accepts, nothing answers
+    try:
+        wait_until(lambda: waited(1), what="the worker and the clock to wait")
+    finally:
+        redis.thaw()
+    wait_until(carried_on, what="both to carry on by themselves")
+
+    job_id = queue.enqueue("sleep", {"seconds": 0.5})
+    wait_for_state(queue, job_id, "running")
+    redis.stop()  # SIGKILL; its append-only file keeps what it was told
+    wait_until(lambda: waited(2), what="both to wait again")
+    redis.start()  # on the same port and files
+    job = wait_for_state(queue, job_id, "done")
+    assert (job["attempts"], job["worker"]) == (1, "worker.1")  # it lived through the restart
+    wait_until(carried_on, what="both to carry on after the restart")
+    assert waited(2) and worker.popen.poll() is None and clock.popen.poll() is None
