@@ -24,7 +24,8 @@ Every other error stays what it is, a bug, and is never mistaken for a wait.
 
 It also holds the small helpers every process uses, most of them to read its
 configuration from the environment (Factor III): `ConfigError`, which a process turns
-into one line on stderr and exit code 2, `positive_number` and `whole_seconds` (each
+into one line on stderr and exit code 2, `positive_number`, `whole_seconds` and
+`whole_number` (each
 with a sane maximum, so that `POLL_INTERVAL=1e10` is refused at start instead of
 crashing `time.sleep` later), `stop_timeout` (how long a copy may take to stop),
 `process_name` (which copy am I: web.1, worker.2), and `log`, one line to stdout with
@@ -89,6 +90,19 @@ def whole_seconds(environ: Mapping[str, str], name: str, default: int, maximum: 
         raise ConfigError(f"{name} must be a whole number of seconds from 1 to {maximum}, "
                           f"got {environ[name]!r}")
     return int(value)
+
+
+def whole_number(environ: Mapping[str, str], name: str, default: int, maximum: int,
+                 unit: str = "") -> int:
+    """Read a whole number from 1 to `maximum`: a count, or a size in `unit`s. Digits only
+    (no sign, no exponent), and no more of them than `maximum` has, so that a 5,000-digit
+    typo is refused rather than converted."""
+    text = environ.get(name, str(default))
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(maximum))
+            and 1 <= int(text) <= maximum):
+        raise ConfigError(f"{name} must be a whole number{f' of {unit}' if unit else ''} "
+                          f"from 1 to {maximum}, got {text!r}")
+    return int(text)
 
 
 def stop_timeout(environ: Mapping[str, str]) -> float:
@@ -447,11 +461,9 @@ class Room:
 
 def room_from_env(environ: Mapping[str, str], service: BackingService) -> Room:
     """STORE_MAX_MB: what the store may hold, in MB (default 1024)."""
-    text = environ.get("STORE_MAX_MB", str(DEFAULT_STORE_MAX_MB))
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 1 << 20):
-        raise ConfigError(f"STORE_MAX_MB must be a whole number of megabytes from 1 to "
-                          f"{1 << 20}, got {text!r}")
-    return Room(service, int(text) << 20)
+    megabytes = whole_number(environ, "STORE_MAX_MB", DEFAULT_STORE_MAX_MB, 1 << 20,
+                             "megabytes")
+    return Room(service, megabytes << 20)
 
 
 def database_from_env(environ: Mapping[str, str]) -> BackingService:

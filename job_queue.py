@@ -61,13 +61,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
 from database import (BackingService, ConfigError, Database, Refused, Room, StoreFull,
-                      room_from_env, whole_seconds)
+                      room_from_env, whole_number, whole_seconds)
 from job_scripts import CLAIM, END_ATTEMPT, ENQUEUE, EXTEND, PURGE, SIGHTINGS
 from redis_client import Redis, RedisError, RedisUnavailable
 
 LANES = ("housekeeping", "users", "public")  # a worker's claim loops, in this order
 MAX_ATTEMPTS = 3
-MAX_LIMIT = 1_000_000  # any quota or MAX_FINISHED above this is surely a typo
+MAX_COUNT, MAX_RETENTION = 1_000_000, 400 * 86400  # settings above these are typos
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,17 @@ class Limits:
     max_own_queued: int = 10          # unfinished (queued, failed, running) per owner
     max_public_queued: int = 100      # waiting (queued or failed) in the public lane
     max_queued: int = 10_000          # waiting in all lanes
-    job_retention: int = 7 * 86400    # seconds a done or dead job is kept
     max_finished: int = 10_000        # done jobs kept at most, and dead jobs
+    job_retention: int = 7 * 86400    # seconds a done or dead job is kept
 
 
 def limits_from_env(environ: Mapping[str, str]) -> Limits:
-    """MAX_OWN_QUEUED, MAX_PUBLIC_QUEUED, MAX_QUEUED, JOB_RETENTION (seconds), MAX_FINISHED;
-    each a whole number from 1, defaults as in `Limits`."""
+    """Each limit from the setting of its name, upper case; the defaults are `Limits`'."""
     default = Limits()
-    return Limits(*(whole_seconds(environ, name.upper(), getattr(default, name), MAX_LIMIT)
-                    for name in Limits.__dataclass_fields__))
+    counts = (whole_number(environ, name.upper(), getattr(default, name), MAX_COUNT)
+              for name in ("max_own_queued", "max_public_queued", "max_queued", "max_finished"))
+    return Limits(*counts, whole_seconds(environ, "JOB_RETENTION", default.job_retention,
+                                         MAX_RETENTION))
 
 
 @dataclass(frozen=True)
@@ -264,11 +265,10 @@ class JobQueue:
         MAX_FINISHED of each, `batch` at a time; how many went."""
         total = 0
         for state in ("done", "dead"):
-            while True:
+            deleted = batch
+            while deleted == batch:  # a batch short of full was the last
                 deleted = self.purge_batch(state, batch)
                 total += deleted
-                if deleted < batch:
-                    break
         return total
 
     def purge_batch(self, state: str, batch: int) -> int:
@@ -276,9 +276,8 @@ class JobQueue:
         are past keeping; how many went."""
         raise NotImplementedError
 
-    # And four steps of each store's own: `_insert(new, exempt)` (the id; None for a key
-    # already there; the name of a quota it would pass), `_running(lane)` (Sightings),
-    # `_recover_and_claim(...)` and `_end_attempt(...)` (fenced).
+    # Each store's own steps: `_insert` (the id; None for a key already there; the name of
+    # a quota it would pass), `_running`, `_recover_and_claim`, `_end_attempt` (fenced).
 
 
 # --- SQLite: one file, transactions that take the write lock first ------------------------

@@ -282,8 +282,13 @@ def work(worker: Worker, lane: str) -> None:
     ready). The claim waits out a store that cannot answer, until a stop signal."""
     config = worker.config
     while not worker.stop.requested():
-        job = keep_trying(lambda: worker.queue.claim_next_job(config.dyno, lane, config.lease),
-                          f"{config.dyno} claiming a job", worker.stop.requested, worker.outage)
+        try:
+            job = keep_trying(lambda: worker.queue.claim_next_job(config.dyno, lane,
+                                                                  config.lease),
+                              f"{config.dyno} claiming a job", worker.stop.requested,
+                              worker.outage)
+        except StillLocked:  # told to stop while the store cannot answer: nothing in hand
+            return
         if job is not None:
             run_job(worker, job)
         elif config.burst:
@@ -298,9 +303,9 @@ def claim_loop(worker: Worker, lane: str) -> None:
     ends the whole copy, loudly (`crashed`), never just this lane."""
     try:
         work(worker, lane)
-    except StillLocked as error:  # raised only once told to stop
-        log(f"{worker.config.dyno} stops with the store still unavailable ({error}); any job "
-            f"it held returns to the queue when its lease runs out")
+    except StillLocked as error:  # a job in hand, the deadline passed, the store silent
+        log(f"{worker.config.dyno} stops with the store still unavailable ({error}); the "
+            f"job returns to the queue when its lease is seen to run out")
     except Exception:
         traceback.print_exc()
         worker.crashed.set()
