@@ -318,17 +318,17 @@ def run_lanes(worker: Worker) -> int:
     for loop in loops:
         loop.start()
     announced = False
-    while any(loop.is_alive() for loop in loops):
-        if worker.crashed.is_set():
-            log(f"{worker.config.dyno} stops: a claim loop failed (above); the jobs in hand "
-                f"return to the queue when their leases run out")
-            return 1
+    while (alive := [loop for loop in loops if loop.is_alive()]) and not worker.crashed.is_set():
         if worker.stop.requested() and not announced:
             log(f"{worker.config.dyno} got {worker.stop.signal_name}: taking no new job, "
                 f"finishing those in hand for at most {worker.config.stop_timeout:g}s")
             announced = True
-        time.sleep(WAKE_EVERY)
-    return 1 if worker.crashed.is_set() else 0
+        alive[0].join(WAKE_EVERY)  # back at once when it ends, or to look at the others
+    if worker.crashed.is_set():
+        log(f"{worker.config.dyno} stops: a claim loop failed (above); the jobs in hand "
+            f"return to the queue when their leases are seen to run out")
+        return 1
+    return 0
 
 
 def main() -> None:
