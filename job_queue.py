@@ -16,12 +16,11 @@ names (`database.py`). The design is Solid Queue's, GoodJob's and Oban's; BullMQ
 
 **Lanes.** Every job is in one: `housekeeping` (the clock's ticks), `users` (a logged-in
 session's) or `public` (anyone else's). A worker runs one job at a time per lane, so a
-flood of hour-long public jobs delays neither a user's job nor the session purge.
-`enqueue` refuses (429), in the same atomic step, what would pass a quota: MAX_OWN_QUEUED
+flood of hour-long public jobs delays neither a user's job nor the session purge. In the
+same atomic step `enqueue` refuses (429) what would pass a quota: MAX_OWN_QUEUED
 unfinished jobs per owner (a hash of a session id), MAX_PUBLIC_QUEUED waiting in the
-public lane, MAX_QUEUED waiting in all. A unique `key` (a clock's tick) is put in once,
-however many clocks ask; keyed ticks pass every quota and the store's ceiling: they are
-few, and the purges they run are what makes room.
+public lane, MAX_QUEUED in all. A unique `key` (a clock's tick) goes in once, however many
+clocks ask; keyed ticks pass the quotas and the ceiling: they make room (the purges).
 
 **Leases on no one's wall clock.** A lease that ends at a wall-clock time (`lease_until <
 now`) fails the day a clock steps forward past it (NTP, a resumed VM, two hosts that
@@ -40,10 +39,9 @@ compares. A step forward runs retries and purges early, a step back delays them;
 hosts whose clocks disagree a retry runs early or late by the difference. None of that
 runs a job twice at once. The clock's ticks are the clock's business (`clock.py`).
 
-**Retention.** Done and dead jobs are kept JOB_RETENTION seconds and at most MAX_FINISHED
-of each; the clock's `purge_finished_jobs` deletes the rest in small batches. The
-heartbeat alone finishes 8,640 jobs a day; so done jobs stay at most 10,000 (by default),
-plus those finished since the last purge.
+**Retention.** Done and dead jobs are kept JOB_RETENTION seconds, at most MAX_FINISHED
+of each; `purge_finished_jobs` (a clock's schedule) deletes the rest in small batches. The
+heartbeat alone finishes 8,640 jobs a day: kept to 10,000, plus those since the last purge.
 
 Delivery is **at-least-once**, never exactly-once: a worker may finish the work and be
 killed before it records `done`, and the job runs again elsewhere. So a task must be
@@ -172,26 +170,24 @@ def refusal(limit: str, limits: Limits) -> Refused:
 class JobQueue:
     """The contract every store fills in; the web process, the clock and workers use it.
 
-    * Delivery is at-least-once: a claimed job that is not recorded as ended (its worker
-      killed, frozen or cut off) is recovered by another worker's claim and runs again.
+    * Delivery is at-least-once: a claimed job not recorded as ended (its worker killed,
+      frozen, cut off) is recovered by another worker's claim and runs again.
     * A claim holds a lease: the worker renews it every third of `lease` seconds. A job
       whose renewals a claiming process has seen stop for longer than its lease, on that
       process's monotonic clock, is recovered: `queued` again, or `dead` if it had used
       its last attempt. Never sooner, whatever the wall clocks do (`LeaseWatch`).
     * The attempt number is the fencing token. Every write about a claimed job (renew,
-      finish, retry, dead, give back) happens only while the job runs that attempt, and
-      returns False, writing nothing, once it does not: a stale worker's late result is
-      discarded, never written over the new owner's.
-    * A failed attempt is retried at `run_at`, after the worker's backoff; after
-      `max_attempts` the job is dead, its last error kept.
+      finish, retry, dead, give back) happens only while the job runs that attempt, else
+      returns False, writing nothing: a stale worker's late result is discarded.
+    * A failed attempt is retried at `run_at` (the worker's backoff); after `max_attempts`
+      the job is dead, its last error kept.
     * A job given back at a stop deadline is queued at once, and that attempt does not
       count: `max_attempts` grows by one. `attempts` never goes down, so the next owner
       never holds a token an earlier one held.
-    * Each method is one atomic step of the store (a transaction, a script), so any
-      process can open a queue and see the same jobs; the object keeps only its notes of
-      the running jobs it watched. A store that cannot answer raises one of
-      `database.WAITS`: callers wait it out. `clock` is the wall clock (`run_at`,
-      retention), `monotonic` times the leases: a test passes fakes for both.
+    * Each method is one atomic step of the store (a transaction, a script): any process
+      can open a queue and see the same jobs; the object keeps only its notes of running
+      jobs. A store that cannot answer raises one of `database.WAITS`: callers wait.
+      `clock` is the wall clock (`run_at`, retention), `monotonic` times the leases.
     """
     kind = "abstract"
 
@@ -306,9 +302,8 @@ ADDED_COLUMNS = {
     "heartbeat": "INTEGER NOT NULL DEFAULT 0",
     "lease": "REAL NOT NULL DEFAULT 30",  # JOB_LEASE's default, for jobs running at upgrade
 }
-# Partial indexes hold only the rows each question is about: the waiting jobs (claims in
-# run_at order, and the quotas' counts), the running ones (the lease watch), the
-# unfinished jobs of an owner. Done and dead jobs by age serve the purge.
+# Partial indexes hold only the rows a question is about: waiting jobs (claims in run_at
+# order, quotas), running ones (the lease watch), an owner's unfinished. By age: the purge.
 JOB_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (lane, run_at)
     WHERE state IN ('queued', 'failed');
@@ -490,8 +485,8 @@ class RedisJobQueue(JobQueue):
 
     def get(self, job_id):
         with redis_waits_recognised():
-            reply = self.redis.execute("HGETALL", f"job:{int(job_id)}")
-        return job_from_hash(int(job_id), reply) if reply else None
+            values = self.redis.execute("HMGET", f"job:{int(job_id)}", *SHOWN)
+        return job_from_hash(int(job_id), values)
 
     def recent(self, task=None, before=None, limit=100):
         index = "jobs:all" if task is None else f"jobs:task:{task}"
@@ -499,9 +494,9 @@ class RedisJobQueue(JobQueue):
         with redis_waits_recognised(), self.redis.connection() as conn:
             ids = conn.execute("ZRANGE", index, newest, "-inf", "BYSCORE", "REV", "LIMIT", 0,
                                limit)
-            replies = conn.pipeline([("HGETALL", b"job:" + job_id) for job_id in ids])
-        return [job_from_hash(int(job_id), reply)  # a job purged meanwhile is left out
-                for job_id, reply in zip(ids, replies) if reply]
+            replies = conn.pipeline([("HMGET", b"job:" + job_id, *SHOWN) for job_id in ids])
+        jobs = [job_from_hash(int(job_id), values) for job_id, values in zip(ids, replies)]
+        return [job for job in jobs if job]  # a job purged meanwhile is left out
 
     def _running(self, lane):
         return [Sighting(int(job_id), int(attempt), int(heartbeat), float(lease))
@@ -547,9 +542,16 @@ def redis_waits_recognised() -> Iterator[None]:
         raise
 
 
-def job_from_hash(job_id: int, reply: list[bytes]) -> dict:
-    """HGETALL's field, value, field, value... as the same dict `job_as_dict` makes."""
-    job = {name.decode(): value.decode() for name, value in zip(reply[::2], reply[1::2])}
+# What a job shows of its hash: HMGET of these, not HGETALL of all 16 (a page lists 100).
+SHOWN = ("task", "args", "state", "attempts", "max_attempts", "worker", "result", "error",
+         "key", "private")
+
+
+def job_from_hash(job_id: int, values: list[bytes | None]) -> dict | None:
+    """HMGET's values of SHOWN as the same dict `job_as_dict` makes; None for no such job."""
+    job = {name: value.decode() for name, value in zip(SHOWN, values) if value is not None}
+    if not job:
+        return None
     return {"id": job_id, "task": job["task"], "args": shown(job["args"]),
             "state": job["state"], "attempts": int(job["attempts"]),
             "max_attempts": int(job["max_attempts"]), "worker": job.get("worker"),
