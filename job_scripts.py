@@ -22,12 +22,22 @@ or `jobs:` (sessions use `session:` and `upload:`):
     jobs:owner:<owner>   set: the owner's unfinished jobs (its quota)
     jobs:key:<key>       the id of the job enqueued with this unique key (a clock's tick)
 
-The scripts name their keys inside rather than in KEYS, which a single Redis allows and
-Redis Cluster (which this app does not use) would not. Times and leases arrive as text
-(a float's repr) and are stored as they came: Lua's own numbers print only 14 digits.
+The scripts need Redis 7 (their flags), and name their keys inside rather than in KEYS,
+which a single Redis allows and Redis Cluster (which this app does not use) would not.
+Times and leases arrive as text (a float's repr) and are stored as they came: Lua's own
+numbers print only 14 digits.
 Waiting jobs with the same run_at are taken in the order of their ids as text ("10"
 before "9"): run_at has microseconds, so that is a tie between jobs enqueued at once.
 """
+
+# The first line of each script says what it may do (Redis 7's script flags). A script that
+# grows the store is refused whole when Redis is out of memory (maxmemory), before it has
+# written anything: the caller gets OOM, a full store, a wait. Scripts that only move,
+# renew, end or delete jobs run even then: they are how a full queue drains, and a
+# renewal refused would let another worker run the job beside its live one.
+GROWS = "#!lua\n"
+MOVES = "#!lua flags=allow-oom\n"
+READS = "#!lua flags=no-writes\n"
 
 LUA_HELPERS = """
 local function running_lane(id, attempt)  -- the fence: the job's lane, if it runs `attempt`
@@ -49,7 +59,7 @@ end
 """
 # ARGV: task, args, lane, owner, private, key, max_attempts, now, exempt, the three quotas,
 # then the lanes. Returns the new id, nil for a key already there, or the quota's name.
-ENQUEUE = """
+ENQUEUE = GROWS + """
 local task, args, lane, owner, private, key, max_attempts, now, exempt = unpack(ARGV, 1, 9)
 if key ~= '' and redis.call('EXISTS', 'jobs:key:' .. key) == 1 then return false end
 if exempt == '0' then
@@ -79,7 +89,7 @@ redis.call('ZADD', 'jobs:task:' .. task, id, id)
 return id
 """
 # ARGV: lane. Returns {id, attempts, heartbeat, lease} for each running job of the lane.
-SIGHTINGS = """
+SIGHTINGS = READS + """
 local seen = {}
 for _, id in ipairs(redis.call('SMEMBERS', 'jobs:running:' .. ARGV[1])) do
   local job = redis.call('HMGET', 'job:' .. id, 'attempts', 'heartbeat', 'lease')
@@ -89,7 +99,7 @@ return seen
 """
 # ARGV: lane, worker, lease, now, then (id, attempt, heartbeat) of each expired job.
 # Recovers those still showing that pair, then claims; returns the job claimed, or nil.
-CLAIM = LUA_HELPERS + """
+CLAIM = MOVES + LUA_HELPERS + """
 local lane, worker, lease, now = unpack(ARGV, 1, 4)
 for i = 5, #ARGV, 3 do
   local id = ARGV[i]
@@ -114,14 +124,14 @@ local job = redis.call('HMGET', 'job:' .. id, 'task', 'args', 'max_attempts')
 return {id, job[1], job[2], attempt, job[3]}
 """
 # ARGV: id, attempt. 1 if renewed, 0 if the job is no longer running this attempt.
-EXTEND = LUA_HELPERS + """
+EXTEND = MOVES + LUA_HELPERS + """
 if not running_lane(ARGV[1], ARGV[2]) then return 0 end
 redis.call('HINCRBY', 'job:' .. ARGV[1], 'heartbeat', 1)
 return 1
 """
 # ARGV: id, attempt, new state, now, run_at, attempts to add to max_attempts, result,
 # error ('' for none). 1 if written, 0 if the job is no longer running this attempt.
-END_ATTEMPT = LUA_HELPERS + """
+END_ATTEMPT = MOVES + LUA_HELPERS + """
 local id, attempt, state, now, run_at, more = unpack(ARGV, 1, 6)
 local lane = running_lane(id, attempt)
 if not lane then return 0 end
@@ -135,7 +145,7 @@ return 1
 """
 # ARGV: state (done or dead), cutoff time, how many to keep, batch. Deletes the oldest
 # past the cutoff or beyond the newest `keep`, at most `batch`; returns how many.
-PURGE = """
+PURGE = MOVES + """
 local finished = 'jobs:' .. ARGV[1]
 local old = redis.call('ZCOUNT', finished, '-inf', '(' .. ARGV[2])
 local beyond = redis.call('ZCARD', finished) - tonumber(ARGV[3])

@@ -143,6 +143,27 @@ def test_a_stale_workers_renewal_and_records_are_discarded(open_one):
     assert (job["state"], job["worker"], job["result"]) == ("done", "worker.2", "from worker.2")
 
 
+def test_on_redis_a_renewal_between_the_watchers_read_and_its_recovery_wins(fresh_redis):
+    # On SQLite the read and the recovery are one transaction; on Redis two scripts, and
+    # the recovery is fenced on the pair that was read.
+    first, watched = open_queue(Redis(fresh_redis)), FakeClock(0)
+    second = open_queue(Redis(fresh_redis), monotonic=watched)
+    first.enqueue("sleep", {})
+    job = first.claim_next_job("worker.1", "public", LEASE)
+    second.claim_next_job("worker.2", "public", LEASE)
+    watched.now = LEASE + 1  # worker.1 looks gone...
+    read_running = second._running
+
+    def read_then_renew(lane):  # ...but its renewal lands right after the watcher's read
+        seen = read_running(lane)
+        assert first.extend_lease(job)
+        return seen
+
+    second._running = read_then_renew
+    assert second.claim_next_job("worker.2", "public", LEASE) is None
+    assert first.finish(job, "null")
+
+
 def test_a_lease_that_runs_out_on_the_last_attempt_makes_the_job_dead(open_one):
     first, watched = open_one(), FakeClock(0)
     second = open_one(monotonic=watched)
@@ -322,13 +343,18 @@ def test_paging_goes_back_by_id_and_a_job_looks_the_same_on_both_stores(queue):
     assert queue.get(10 ** 6) is None
 
 
-def test_redis_out_of_memory_is_a_full_store(fresh_redis):
+def test_redis_out_of_memory_refuses_new_jobs_but_lets_the_queue_drain(fresh_redis):
     redis = Redis(fresh_redis)
     queue = open_queue(redis)
-    redis.execute("CONFIG", "SET", "maxmemory", "1")
+    running, waiting = (queue.enqueue("sleep", {}) for _ in range(2))
+    job = queue.claim_next_job("worker.1", "public", LEASE)
+    redis.execute("CONFIG", "SET", "maxmemory", "1")  # Redis full, and refusing to grow
     try:
         with pytest.raises(StoreFull, match="out of memory"):
             queue.enqueue("heartbeat", {}, "housekeeping", key="heartbeat@0")
+        assert queue.extend_lease(job) and queue.finish(job, "null")  # no lease is lost
+        assert queue.claim_next_job("worker.1", "public", LEASE).id == waiting
+        assert queue.get(running)["state"] == "done"
     finally:
         redis.execute("CONFIG", "SET", "maxmemory", "0")
     assert queue.enqueue("heartbeat", {}, "housekeeping", key="heartbeat@0")
