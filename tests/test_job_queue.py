@@ -326,6 +326,15 @@ def test_purging_keeps_the_newest_and_the_young_and_goes_in_batches(open_one):
     assert [job["id"] for job in queue.recent()] == [done[-1]]
 
 
+def test_ids_count_up_even_when_every_job_is_past_keeping(queue):
+    ids = [queue.enqueue("sleep", {}) for _ in range(3)]
+    for _ in ids:
+        queue.finish(queue.claim_next_job("worker.1", "public", LEASE), "null")
+    queue.clock.now += 8 * 86400  # a quiet week: all past JOB_RETENTION
+    queue.purge_finished()
+    assert queue.enqueue("sleep", {}) > max(ids)  # never an id a session may still list
+
+
 def test_paging_goes_back_by_id_and_a_job_looks_the_same_on_both_stores(queue):
     ids = [queue.enqueue("sleep", {"seconds": n}) for n in range(5)]
     queue.enqueue("heartbeat", {}, "housekeeping", key="heartbeat@0")
