@@ -63,7 +63,9 @@ MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader carries ex
 PAGE_UPLOADS = 20             # of yours
 PAGE_OWN_JOBS = 10            # of yours
 PAGE_QUEUE_JOBS = 10          # of everyone's
-LISTED_JOBS = 100             # GET /jobs: the newest this many
+LISTED_JOBS = 100             # GET /jobs: the newest this many,
+MAX_LIST_BYTES = 1 << 20      # ... in at most this many bytes of JSON
+LIST_PAGE = 20                # ... read from the queue this many at a time
 
 
 # --- The application: one method per route -----------------------------------------
@@ -261,10 +263,35 @@ class App:
         return as_json(job_as_seen_by(job, self.store.load(request.sid)))
 
     def list_jobs(self, request: Request) -> Response:
-        task = request.query.get("task")
+        """The newest jobs (of one task, with `?task=`), at most LISTED_JOBS of them and at
+        most MAX_LIST_BYTES: a job's args may be 64 KiB, and a list of a hundred would be
+        megabytes for anyone to ask for again and again. The rest is a page further on,
+        `?before=<id>`, named in a `Link: <...>; rel="next"` header (as GitHub's API
+        pages). Jobs are read a page of LIST_PAGE at a time, so a cut list reads little."""
+        task, before = request.query.get("task"), request.query.get("before")
+        older_than = whole_number(before) if before is not None else None
+        if before is not None and older_than is None:
+            raise ClientError(400, f"'before' must be a job id, got {before!r}")
         session = self.store.load(request.sid)
-        return as_json([job_as_seen_by(job, session)
-                        for job in self.queue.recent(task=task, limit=LISTED_JOBS)])
+        listed: list[str] = []  # each job's JSON, as json.dumps writes it in a list
+        size, cut = 2, False    # the brackets; stopped by the size, with jobs left
+        while len(listed) < LISTED_JOBS and not cut:
+            wanted = min(LIST_PAGE, LISTED_JOBS - len(listed))
+            page = self.queue.recent(task, older_than, wanted)
+            for job in page:
+                text = json.dumps(job_as_seen_by(job, session))
+                if listed and size + len(text) + 2 > MAX_LIST_BYTES:
+                    cut = True
+                    break
+                listed.append(text)
+                size, older_than = size + len(text) + 2, job["id"]
+            if len(page) < wanted:  # no older job is left
+                break
+        response = Response(200, f"[{', '.join(listed)}]".encode(), "application/json")
+        if cut or len(listed) == LISTED_JOBS:
+            more = with_query("/jobs", **({"task": task} if task else {}), before=older_than)
+            response.headers.append(("Link", f'<{more}>; rel="next"'))
+        return response
 
     def healthz(self, request: Request) -> Response:
         return plain_text(200, "ok")

@@ -699,3 +699,31 @@ def test_a_multipart_part_with_kilobytes_of_headers_is_refused(start_web):
     response = http("POST", web.url + "/uploads", body,
                     {"Content-Type": "multipart/form-data; boundary=B"})
     assert response.status == 400 and b"headers are over" in response.body
+
+
+def test_the_job_list_is_bounded_in_bytes_and_pages_on(start_web):
+    web = start_web()
+    big = '{"pad": "' + "x" * (60 << 10) + '"}'  # 60 KiB of args each: public, so listed
+    ids = [int(post_form(web.url + "/jobs", {"task": "sleep", "args": big})
+               .headers["location"].rsplit("/", 1)[1]) for _ in range(30)]
+    seen, url, pages = [], web.url + "/jobs?task=sleep", 0
+    while url:
+        answer = get(url)
+        assert answer.status == 200 and len(answer.body) <= 1 << 20
+        seen += [job["id"] for job in answer.json()]
+        pages += 1
+        link = answer.headers.get("link")
+        url = web.url + link[1:link.index(">")] if link else None
+    assert seen == sorted(ids, reverse=True) and pages >= 2  # each once, newest first
+    assert get(web.url + "/jobs?before=x").status == 400
+
+
+def test_cookieless_jobs_past_the_public_quota_get_429_and_a_users_job_still_goes_in(
+        start_web):
+    web = start_web(MAX_PUBLIC_QUEUED=3)
+    answers = [post_form(web.url + "/jobs", {"task": "sleep", "args": '{"seconds": 3600}'})
+               for _ in range(5)]
+    assert [answer.status for answer in answers] == [303, 303, 303, 429, 429]
+    assert b"MAX_PUBLIC_QUEUED" in answers[-1].body
+    sid = session_cookie(post_form(web.url + "/login", {"name": "ada"}))
+    assert post_form(web.url + "/jobs", {"task": "sleep", "args": "{}"}, sid).status == 303
