@@ -26,7 +26,7 @@ an hour; stepped forward, it enqueues the tick it lands in.
 The clock only enqueues (through `job_queue.py`); `worker.py` runs the jobs.
 Configuration, read once in `main()`: DATABASE_URL and what `database.py` reads with it,
 PURGE_EVERY (whole seconds, default 60, at most 86400: expired sessions, and finished jobs
-past keeping, each on a schedule of its own), HEARTBEAT_EVERY (default 10, at most 86400),
+past keeping, each on a schedule of its own), HEARTBEAT_EVERY (default 30, at most 86400),
 the copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `clock.1`). SIGTERM or SIGINT:
 exit 0 at once, or, if a statement is waiting for a locked database, as soon as it returns
 (at most DATABASE_BUSY_TIMEOUT, which is capped below the default STOP_TIMEOUT:
@@ -67,7 +67,7 @@ def config_from_env(environ: Mapping[str, str]) -> ClockConfig:
     return ClockConfig(dyno=process_name(environ, "clock.1"), schedules=(
         Schedule("purge_expired_sessions", purge_every),
         Schedule("purge_finished_jobs", purge_every),
-        Schedule("heartbeat", whole_seconds(environ, "HEARTBEAT_EVERY", 10, MAX_INTERVAL))))
+        Schedule("heartbeat", whole_seconds(environ, "HEARTBEAT_EVERY", 30, MAX_INTERVAL))))
 
 
 def current_tick(schedule: Schedule, now: float) -> int:

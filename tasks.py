@@ -97,12 +97,19 @@ def count_words(chunks: Iterable[bytes]) -> dict:
 
 
 def purge_expired_sessions(args: dict, ctx: TaskContext) -> dict:
-    return {"purged": ctx.store.purge_expired()}
+    """Delete expired sessions and the uploads they held (Redis expires them itself)."""
+    purged = ctx.store.purge_expired()
+    if purged:
+        log(f"purged {purged} expired session{'s' if purged != 1 else ''} and their uploads")
+    return {"purged": purged}
 
 
 def purge_finished_jobs(args: dict, ctx: TaskContext) -> dict:
     """Delete done and dead jobs past JOB_RETENTION or beyond MAX_FINISHED, in batches."""
-    return {"purged": ctx.queue.purge_finished()}
+    purged = ctx.queue.purge_finished()
+    if purged:
+        log(f"purged {purged} finished job{'s' if purged != 1 else ''} past keeping")
+    return {"purged": purged}
 
 
 def heartbeat(args: dict, ctx: TaskContext) -> str:

@@ -260,7 +260,11 @@ def run_job(worker: Worker, job: Job) -> None:
     except ValueError as error:
         give_up(worker, job, f"its arguments cannot be decoded: {error}")
         return
-    log(f"job {job.id} {job.task} started (attempt {job.attempt}/{job.max_attempts})")
+    # The clock's ticks come every few seconds and say what they did themselves: a line
+    # each for their start and end would scroll the launcher's `ps` table out of sight.
+    quiet = job.lane == "housekeeping"
+    if not quiet:
+        log(f"job {job.id} {job.task} started (attempt {job.attempt}/{job.max_attempts})")
     started = time.monotonic()
     context = TaskContext(worker.store, job.attempt, worker.config.dyno, worker.queue)
     with lease_kept_alive(worker, job):
@@ -273,6 +277,8 @@ def run_job(worker: Worker, job: Job) -> None:
     else:
         written = worker.record(lambda: worker.queue.finish(job, run.result_json),
                                 f"recording job {job.id} as done")
+        if written and quiet:
+            return
         log_outcome(job, written,
                     f"job {job.id} {job.task} done in {time.monotonic() - started:.2f}s")
 

@@ -329,7 +329,7 @@ def test_a_flood_of_public_jobs_delays_neither_a_users_job_nor_the_housekeeping(
     wait_for_state(queue, job_id, "done")
     assert time.monotonic() - enqueued < 3
     wait_until(lambda: heartbeats_done(queue), what="a heartbeat to run meanwhile")
-    assert len(STARTED.findall(worker.output())) >= 3  # public, users, housekeeping
+    assert len(STARTED.findall(worker.output())) >= 2  # public, users (a tick says less)
 
 
 def test_a_frozen_then_restarted_redis_is_waited_out_by_the_worker_and_the_clock(
@@ -344,7 +344,7 @@ def test_a_frozen_then_restarted_redis_is_waited_out_by_the_worker_and_the_clock
         return worker.output().count(WAITING) == clock.output().count(WAITING) == times
 
     def carried_on() -> bool:  # each logged its work again after its last wait
-        return (STARTED.search(worker.output().rsplit(WAITING, 1)[1])
+        return ("heartbeat at" in worker.output().rsplit(WAITING, 1)[1]
                 and "enqueued" in clock.output().rsplit(WAITING, 1)[1])
 
     redis.freeze()  # SIGSTOP: its port still accepts, nothing answers
