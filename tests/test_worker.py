@@ -7,13 +7,14 @@ from collections import Counter
 
 import pytest
 
-from conftest import write_lock_held, app_env, get, post_form, upload, wait_until
+from conftest import (Proc, Spawner, app_env, get, post_form, start_webapps, upload,
+                      wait_until, write_lock_held)
 from database import database_from_env
 from job_queue import JOB_TABLES, JobQueue
 from tasks import number_arg
 from worker import StopRequest
 
-FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
+FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.01, "RETRY_BACKOFF": 0.01}  # each at its minimum
 STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)
 
 
@@ -42,10 +43,22 @@ def start_worker(spawn, tmp_path):
     def start(wait_ready: bool = True, **env):
         proc = spawn([sys.executable, "worker.py"], app_env(tmp_path, **{**FAST, **env}))
         if wait_ready:
-            wait_until(lambda: " ready (pid " in proc.output(), what="the worker to start")
+            wait_until_ready(proc)
         return proc
 
     return start
+
+
+def wait_until_ready(worker) -> None:
+    wait_until(lambda: " ready (pid " in worker.output(), what="the worker to start")
+
+
+def start_workers(start_worker, count: int) -> list:
+    """worker.1 to worker.<count>, started at once (their start-ups overlap), all ready."""
+    workers = [start_worker(wait_ready=False, DYNO=f"worker.{n}") for n in range(1, count + 1)]
+    for worker in workers:
+        wait_until_ready(worker)
+    return workers
 
 
 def wait_for_state(queue: JobQueue, job_id: int, *states: str, timeout: float = 10) -> dict:
@@ -135,8 +148,8 @@ def test_a_failed_job_waits_for_its_retry_time(queue_on_fake_clock):
 # --- Real worker processes ------------------------------------------------------------
 
 def test_thirty_jobs_over_three_workers_each_run_exactly_once(queue, start_worker):
-    workers = [start_worker(DYNO=f"worker.{n}") for n in (1, 2, 3)]
-    ids = [queue.enqueue("sleep", {"seconds": 0.05 + 0.05 * (n % 4)}) for n in range(30)]
+    workers = start_workers(start_worker, 3)
+    ids = [queue.enqueue("sleep", {"seconds": 0.02 + 0.02 * (n % 4)}) for n in range(30)]
     for job_id in ids:
         wait_for_state(queue, job_id, "done")
     assert [worker.stop() for worker in workers] == [0, 0, 0]
@@ -150,8 +163,10 @@ def test_thirty_jobs_over_three_workers_each_run_exactly_once(queue, start_worke
 
 
 def test_a_job_longer_than_its_lease_stays_with_its_live_worker(queue, start_worker):
-    workers = [start_worker(DYNO=f"worker.{n}") for n in (1, 2)]
-    job_id = queue.enqueue("sleep", {"seconds": 1.7})  # JOB_LEASE=1: renewed, not lost
+    workers = start_workers(start_worker, 2)
+    # JOB_LEASE=1: unrenewed, the lease would run out at 1 s and the idle worker, polling
+    # every 10 ms, would take the job long before it ends.
+    job_id = queue.enqueue("sleep", {"seconds": 1.4})
     job = wait_for_state(queue, job_id, "done", "failed", "dead")
     assert (job["state"], job["attempts"]) == ("done", 1)
     assert sum(len(STARTED.findall(worker.output())) for worker in workers) == 1
@@ -159,7 +174,7 @@ def test_a_job_longer_than_its_lease_stays_with_its_live_worker(queue, start_wor
 
 def test_a_killed_workers_job_is_finished_by_another_after_the_lease(queue, start_worker):
     first = start_worker(DYNO="worker.1")
-    job_id = queue.enqueue("sleep", {"seconds": 1})
+    job_id = queue.enqueue("sleep", {"seconds": 0.7})
     wait_for_state(queue, job_id, "running")
     first.popen.kill()  # SIGKILL: no goodbye, no more heartbeats
     second = start_worker(DYNO="worker.2")
@@ -280,21 +295,37 @@ def test_a_jobs_table_made_before_private_jobs_gains_the_column_once(tmp_path):
     db.close()
 
 
-@pytest.mark.parametrize("variable, value", [
+BAD_SETTINGS = [
     ("JOB_LEASE", "abc"), ("POLL_INTERVAL", "1e10"), ("POLL_INTERVAL", "1e-9"),
     ("JOB_LEASE", "0.001"), ("STOP_TIMEOUT", "0"),
     ("DATABASE_BUSY_TIMEOUT", "3600"),
-])
-def test_a_bad_setting_exits_2_with_one_line_naming_it(start_worker, variable, value):
-    worker = start_worker(wait_ready=False, **{variable: value})
+]
+
+
+@pytest.fixture(scope="module")
+def bad_setting_runs(tmp_path_factory) -> dict[tuple[str, str], Proc]:
+    """A worker per bad setting, all started at once: each has only to start, read its
+    environment and exit, and a Python start-up is most of that time."""
+    spawner = Spawner(tmp_path_factory.mktemp("bad-settings"))
+    try:
+        yield {(variable, value): spawner([sys.executable, "worker.py"],
+                                          app_env(spawner.folder, **{**FAST, variable: value}))
+               for variable, value in BAD_SETTINGS}
+    finally:
+        spawner.end()
+
+
+@pytest.mark.parametrize("variable, value", BAD_SETTINGS)
+def test_a_bad_setting_exits_2_with_one_line_naming_it(bad_setting_runs, variable, value):
+    worker = bad_setting_runs[variable, value]
     assert worker.popen.wait(10) == 2
     lines = worker.output().splitlines()
     assert len(lines) == 1 and variable in lines[0] and f"'{value}'" in lines[0]
 
 
 def test_an_upload_made_on_one_web_copy_is_counted_by_a_worker_and_seen_on_another(
-        queue, start_web, start_worker):
-    one, two = start_web(DYNO="web.1"), start_web(DYNO="web.2")
+        queue, spawn, start_worker):
+    one, two = start_webapps(spawn, {"DYNO": "web.1"}, {"DYNO": "web.2"})
     made = upload(one.url, b"one two three\nfour five\n", "text/plain")
     assert made.status == 303
     upload_id = made.headers["location"].rsplit("/", 1)[1]
