@@ -194,16 +194,19 @@ def app_env(tmp_path: Path, **overrides) -> dict:
 
 
 class Spawner:
-    """Starts processes, their logs in `folder`; `end()` kills every group it started."""
+    """Starts processes, their logs in `folder`; `end()` kills every group it started.
+    A test may start processes from two threads at once: each gets a log of its own."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.started: list[Proc] = []
+        self.lock = threading.Lock()
 
     def __call__(self, args: list, env: dict, cwd: Path = REPO,
                  stdin=subprocess.DEVNULL) -> Proc:
-        proc = Proc(args, env, cwd, self.folder / f"proc-{len(self.started)}.log", stdin)
-        self.started.append(proc)
+        with self.lock:
+            proc = Proc(args, env, cwd, self.folder / f"proc-{len(self.started)}.log", stdin)
+            self.started.append(proc)
         return proc
 
     def end(self) -> None:
