@@ -29,7 +29,7 @@ from collections import Counter
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -212,6 +212,23 @@ class Spawner:
     def end(self) -> None:
         for proc in self.started:
             proc.kill_group()
+
+
+@contextmanager
+def run_each(folder: Path, script: str, settings: list[dict]) -> Iterator[list[Proc]]:
+    """`python <script>` once per environment in `settings`, all started at once, each with
+    a folder (a database) of its own: for processes that only start, read their settings
+    and exit, where a Python start-up is most of the time. They end with the block."""
+    spawner = Spawner(folder)
+    try:
+        runs = []
+        for number, env in enumerate(settings):
+            (folder / f"run-{number}").mkdir()
+            runs.append(spawner([sys.executable, script],
+                                app_env(folder / f"run-{number}", **env)))
+        yield runs
+    finally:
+        spawner.end()
 
 
 @pytest.fixture

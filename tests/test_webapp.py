@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import (Proc, Spawner, Web, app_env, free_port, get, http, multipart, post_form,
-                      responds, session_cookie, start_webapps, upload, wait_until)
+                      responds, run_each, session_cookie, start_webapps, upload, wait_until)
 import web_server
 from database import database_from_env
 from session_store import store_from_env
@@ -362,25 +362,17 @@ BAD_CONFIGURATIONS = [
 
 
 @pytest.fixture(scope="module")
-def bad_configuration_runs(tmp_path_factory) -> dict[str, Proc]:
-    """A copy per bad configuration (by its repr), all started at once: each has only to
-    start, read its environment and exit, and a Python start-up is most of that time."""
-    spawner = Spawner(tmp_path_factory.mktemp("bad-configurations"))
-    runs = {}
-    try:
-        for number, (env, _) in enumerate(BAD_CONFIGURATIONS):
-            folder = spawner.folder / f"copy-{number}"  # a database each, like the tests' own
-            folder.mkdir()
-            runs[repr(env)] = spawner([sys.executable, "webapp.py"], app_env(folder, **env))
+def bad_configuration_runs(tmp_path_factory) -> list[Proc]:
+    """A copy per bad configuration, in its order, all started at once."""
+    with run_each(tmp_path_factory.mktemp("bad-configurations"), "webapp.py",
+                  [env for env, _ in BAD_CONFIGURATIONS]) as runs:
         yield runs
-    finally:
-        spawner.end()
 
 
 @pytest.mark.parametrize("env, variable", BAD_CONFIGURATIONS)
 def test_bad_configuration_exits_2_with_one_line_naming_the_variable(bad_configuration_runs,
                                                                      env, variable):
-    proc = bad_configuration_runs[repr(env)]
+    proc = bad_configuration_runs[BAD_CONFIGURATIONS.index((env, variable))]
     assert proc.popen.wait(10) == 2
     lines = proc.output().strip().splitlines()
     assert len(lines) == 1 and variable in lines[0], lines

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import (Proc, Spawner, app_env, get, post_form, start_webapps, upload,
+from conftest import (Proc, app_env, get, post_form, run_each, start_webapps, upload,
                       wait_until, write_lock_held)
 from database import database_from_env
 from job_queue import JOB_TABLES, JobQueue
@@ -304,15 +304,10 @@ BAD_SETTINGS = [
 
 @pytest.fixture(scope="module")
 def bad_setting_runs(tmp_path_factory) -> dict[tuple[str, str], Proc]:
-    """A worker per bad setting, all started at once: each has only to start, read its
-    environment and exit, and a Python start-up is most of that time."""
-    spawner = Spawner(tmp_path_factory.mktemp("bad-settings"))
-    try:
-        yield {(variable, value): spawner([sys.executable, "worker.py"],
-                                          app_env(spawner.folder, **{**FAST, variable: value}))
-               for variable, value in BAD_SETTINGS}
-    finally:
-        spawner.end()
+    """A worker per bad setting, all started at once."""
+    with run_each(tmp_path_factory.mktemp("bad-settings"), "worker.py",
+                  [{**FAST, variable: value} for variable, value in BAD_SETTINGS]) as runs:
+        yield dict(zip(BAD_SETTINGS, runs))
 
 
 @pytest.mark.parametrize("variable, value", BAD_SETTINGS)
