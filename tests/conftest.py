@@ -395,6 +395,16 @@ def write_lock_held(path: Path, at_most: float = 5.0):
         holder.join()
 
 
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (browser.py) for every test that drives a page: starting one
+    takes most of a second. Each test opens pages of its own."""
+    from browser import Browser  # only a session that asks for a browser needs it
+
+    with Browser() as chromium:
+        yield chromium
+
+
 # --- Launchers and their copies, for the launcher and router tests -----------------------
 
 WEBAPP = REPO / "webapp.py"
