@@ -4,11 +4,13 @@ import signal
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
 
 import pytest
 
-from conftest import (Proc, app_env, get, post_form, run_each, start_webapps, upload,
-                      wait_until, write_lock_held)
+from conftest import (Proc, Spawner, app_env, get, post_form, run_each, start_webapps,
+                      upload, wait_until, write_lock_held)
 from database import database_from_env
 from job_queue import JOB_TABLES, JobQueue
 from tasks import number_arg
@@ -47,6 +49,36 @@ def start_worker(spawn, tmp_path):
         return proc
 
     return start
+
+
+@dataclass
+class SharedWorker:
+    queue: JobQueue
+    proc: Proc
+
+
+@pytest.fixture(scope="module")
+def module_worker(tmp_path_factory) -> Iterator[SharedWorker]:
+    spawner = Spawner(tmp_path_factory.mktemp("shared-worker"))
+    db = database_from_env(app_env(spawner.folder))
+    try:
+        proc = spawner([sys.executable, "worker.py"], app_env(spawner.folder, **FAST))
+        wait_until_ready(proc)
+        yield SharedWorker(JobQueue(db), proc)
+    finally:
+        spawner.end()
+        db.close()
+
+
+@pytest.fixture
+def shared_worker(module_worker) -> Iterator[SharedWorker]:
+    """worker.1 with short leases, started once for the module's tests that only need their
+    jobs run (each its own jobs) and leave it running; a test that ends it fails."""
+    if module_worker.proc.popen.poll() is not None:
+        pytest.fail("the shared worker died in an earlier test")
+    yield module_worker
+    if module_worker.proc.popen.poll() is not None:
+        pytest.fail(f"the shared worker died during this test:\n{module_worker.proc.output()}")
 
 
 def wait_until_ready(worker) -> None:
@@ -183,16 +215,16 @@ def test_a_killed_workers_job_is_finished_by_another_after_the_lease(queue, star
     assert f"job {job_id} sleep started (attempt 2/3)" in second.output()
 
 
-def test_a_task_that_fails_twice_then_succeeds_is_done_after_three_attempts(queue, start_worker):
-    start_worker()
+def test_a_task_that_fails_twice_then_succeeds_is_done_after_three_attempts(shared_worker):
+    queue = shared_worker.queue
     job_id = queue.enqueue("fail", {"times": 2})
     job = wait_for_state(queue, job_id, "done", "dead")
     assert (job["state"], job["attempts"]) == ("done", 3)
     assert job["result"] == {"succeeded_on_attempt": 3}
 
 
-def test_a_task_that_always_fails_ends_dead_with_its_error(queue, start_worker):
-    worker = start_worker()
+def test_a_task_that_always_fails_ends_dead_with_its_error(shared_worker):
+    queue, worker = shared_worker.queue, shared_worker.proc
     job_id = queue.enqueue("fail", {})
     job = wait_for_state(queue, job_id, "dead", "done")
     assert (job["state"], job["attempts"]) == ("dead", 3)
@@ -201,8 +233,8 @@ def test_a_task_that_always_fails_ends_dead_with_its_error(queue, start_worker):
     assert f"job {job_id} fail dead after 3 attempts: RuntimeError" in worker.output()
 
 
-def test_an_unknown_task_is_dead_at_once_and_the_worker_carries_on(queue, start_worker):
-    worker = start_worker()
+def test_an_unknown_task_is_dead_at_once_and_the_worker_carries_on(shared_worker):
+    queue, worker = shared_worker.queue, shared_worker.proc
     unknown = queue.enqueue("send_invoices", {})
     after = queue.enqueue("sleep", {"seconds": 0})
     job = wait_for_state(queue, unknown, "dead", "done")
@@ -259,14 +291,14 @@ def test_a_database_locked_past_the_busy_timeout_is_waited_out(queue, start_work
     assert f"recording job {job_id} as done: database is locked; trying again" in worker.output()
 
 
-def test_arguments_no_task_can_use_fail_the_job_not_the_worker(queue, start_worker):
+def test_arguments_no_task_can_use_fail_the_job_not_the_worker(shared_worker):
+    queue, worker = shared_worker.queue, shared_worker.proc
     too_long = queue.db.execute(  # stored by an older Python, or by hand: no 4,300-digit limit
         "INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
         "VALUES ('sleep', ?, 1, 0, 0, 0) RETURNING id", ('{"seconds": 1' + "0" * 5000 + "}",)
     )[0]["id"]
     too_big = queue.enqueue("sleep", {"seconds": 1e308}, max_attempts=1)
-    after = queue.enqueue("sleep", {"seconds": 0})
-    worker = start_worker()
+    after = queue.enqueue("sleep", {"seconds": 0})  # run after them: first in, first out
     assert wait_for_state(queue, after, "done")["worker"] == "worker.1"
     errors = [queue.get(job_id)["error"] for job_id in (too_long, too_big)]
     assert errors[0].startswith(("its arguments cannot be decoded: Exceeds the limit",
@@ -347,11 +379,11 @@ def test_with_the_memory_store_the_worker_cannot_see_the_upload(queue, start_web
     assert f"no upload {upload_id} in the memory store" in job["error"]
 
 
-def test_what_a_client_put_in_a_jobs_args_reaches_the_log_escaped(queue, start_worker):
+def test_what_a_client_put_in_a_jobs_args_reaches_the_log_escaped(shared_worker):
+    queue, worker = shared_worker.queue, shared_worker.proc
     # A wordcount of an upload that does not exist: its error quotes the id it was given.
     forged = "x\n08:00:00 system   | web.1 killed by SIGKILL\x1b]0;owned\x07"
     job_id = queue.enqueue("wordcount", {"upload": forged}, max_attempts=1)
-    worker = start_worker()
     wait_for_state(queue, job_id, "dead")
     wait_until(lambda: f"job {job_id} wordcount dead" in worker.output(), what="its log line")
     output = worker.output()
