@@ -14,6 +14,7 @@ import struct
 import sys
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -466,13 +467,23 @@ def test_the_platforms_health_checks_are_answered_but_not_logged(web):
     assert web.proc.output().count("GET /healthz") == logged_before + 1
 
 
+@pytest.fixture(scope="module")
+def impatient_copy(tmp_path_factory) -> Iterator[Web]:
+    """A copy that gives a client half a second (CLIENT_TIMEOUT) for a head or a body."""
+    spawner = Spawner(tmp_path_factory.mktemp("impatient-copy"))
+    try:
+        yield start_webapps(spawner, {"CLIENT_TIMEOUT": "0.5"})[0]
+    finally:
+        spawner.end()
+
+
 @pytest.mark.parametrize("head, trickle", [
     (b"", b"GET /healthz HTTP/1.0\r\nX-Slow: " + b"a" * 100),
     (b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
      b"Content-Length: 100\r\n\r\nitem=", b"a" * 95),
 ], ids=["head", "body"])
-def test_a_request_that_trickles_in_gets_a_408_at_its_deadline(start_web, head, trickle):
-    web = start_web(CLIENT_TIMEOUT="0.5")
+def test_a_request_that_trickles_in_gets_a_408_at_its_deadline(impatient_copy, head, trickle):
+    web = impatient_copy
     with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
         sock.sendall(head)
         started = time.monotonic()
