@@ -8,7 +8,9 @@ Starting a copy costs a Python start-up (a tenth of a second, more on a busy mac
 a module whose tests only need "a copy" shares one: `web` is web.1 of `shared_copies`,
 two copies on one SQLite file started once per module. Such tests make their own sessions
 (each its own cookie), so they cannot see each other's; a test that needs other settings,
-or stops or kills its copy, starts its own with `start_web`.
+or stops or kills its copy, starts its own with `start_web`. In the same spirit the
+session has one Chromium (`browser`), and processes that only check their settings start
+all at once (`run_each`).
 """
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ import urllib.parse
 from collections import Counter
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+from browser import Browser
 from database import database_from_env
 from job_queue import JobQueue
 
@@ -262,12 +266,12 @@ def start_webapps(spawn: Spawner, *envs: dict) -> list[Web]:
     """Run `python webapp.py` once per environment, each on a free port, all at once (so
     their start-ups overlap), and wait until every one answers /healthz."""
     webs = []
-    for env in envs:
+    for overrides in envs:
         port = free_port()
-        env = app_env(spawn.folder, PORT=port, **env)
+        env = app_env(spawn.folder, PORT=port, **overrides)
         webs.append(Web(spawn([sys.executable, "webapp.py"], env), port, env))
     for web in webs:
-        wait_until(lambda: serving(web), what="webapp.py to answer /healthz")
+        wait_until(partial(serving, web), what="webapp.py to answer /healthz")
     return webs
 
 
@@ -399,8 +403,6 @@ def write_lock_held(path: Path, at_most: float = 5.0):
 def browser():
     """One headless Chromium (browser.py) for every test that drives a page: starting one
     takes most of a second. Each test opens pages of its own."""
-    from browser import Browser  # only a session that asks for a browser needs it
-
     with Browser() as chromium:
         yield chromium
 
