@@ -90,7 +90,7 @@ def test_with_sqlite_each_form_returns_to_the_page_and_every_copy_knows_you(
     assert shown(page, "#uploads a") == "naïve café.txt"
     submit(page, "#uploads form")  # count its words
     back_on_the_page_saying(r"put job \d+ \(wordcount\) in the queue; a worker will take it")
-    submit(page, "#enqueue", args='{"seconds": 0.5}')
+    submit(page, "#enqueue", args='{"seconds": 0.8}')
     back_on_the_page_saying(r"put job \d+ \(sleep\) in the queue; a worker will take it")
 
     [sleep, _] = jobs_shown(page)  # the newest first; the word count is under it
@@ -99,7 +99,7 @@ def test_with_sqlite_each_form_returns_to_the_page_and_every_copy_knows_you(
     page.wait_for("[...document.querySelectorAll('#your-jobs tr[data-job]')]"
                   ".every(row => row.dataset.state === 'done')")
     assert page.evaluate("window.notReloaded") is True
-    assert jobs_shown(page) == [("sleep", "done", '{"slept":0.5}'),
+    assert jobs_shown(page) == [("sleep", "done", '{"slept":0.8}'),
                                 ("wordcount", "done", '{"words":3,"lines":1,"bytes":14}')]
 
     page.click("#spread")
