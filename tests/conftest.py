@@ -235,6 +235,12 @@ def run_each(folder: Path, script: str, settings: list[dict]) -> Iterator[list[P
         spawner.end()
 
 
+def selected(request: pytest.FixtureRequest, test: Callable) -> bool:
+    """Will this session run `test`? A story begun in the background for a test that was
+    not selected would only cost time."""
+    return test in {item.function for item in request.session.items}
+
+
 @pytest.fixture
 def spawn(tmp_path):
     """spawn(args, env) starts a process; every one is killed (whole group) at teardown."""

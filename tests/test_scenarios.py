@@ -31,7 +31,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import REPO, Launcher, Proc, Spawner, free_port, get, responds, wait_until
+from conftest import (REPO, Launcher, Proc, Spawner, free_port, get, responds, selected,
+                      wait_until)
 
 README = (REPO / "README.md").read_text()
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -175,19 +176,21 @@ class Background:
 def background(request, tmp_path_factory):
     """Begins scenarios 3 and 6 on threads as the module starts, for the tests selected.
     A failure there is kept in its Future, for its own test to report."""
-    selected = {item.function for item in request.session.items}
     spawner = Spawner(tmp_path_factory.mktemp("background"))
     try:
         with two_terminals(spawner.folder / "scenario-6", spawner) as jobs_terminals, \
                 ThreadPoolExecutor(2) as threads:  # waited for before the processes end
+
+            def begin(test: Callable, story: Callable, *args) -> Future | None:
+                return threads.submit(story, *args) if selected(request, test) else None
+
             yield Background(
                 jobs_terminals,
-                threads.submit(restart_both_stores, spawner.folder / "scenario-3", spawner)
-                if test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones in selected
-                else None,
-                threads.submit(begin_scenario_6, jobs_terminals)
-                if test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_once
-                in selected else None)
+                begin(test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones,
+                      restart_both_stores, spawner.folder / "scenario-3", spawner),
+                begin(
+                    test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_once,
+                    begin_scenario_6, jobs_terminals))
     finally:
         spawner.end()
 
