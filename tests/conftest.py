@@ -238,7 +238,7 @@ def run_each(folder: Path, script: str, settings: list[dict]) -> Iterator[list[P
 def selected(request: pytest.FixtureRequest, test: Callable) -> bool:
     """Will this session run `test`? A story begun in the background for a test that was
     not selected would only cost time."""
-    return test in {item.function for item in request.session.items}
+    return any(getattr(item, "function", None) is test for item in request.session.items)
 
 
 @pytest.fixture
