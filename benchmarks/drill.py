@@ -21,11 +21,11 @@ waits for the jobs it was promised, and checks what the users would find:
   kill is at-least-once delivery working: counted, not lost. No clock tick was doubled.
 * requests: one in flight on a copy as it was SIGKILLed may fail; any other is unexplained.
 
-Run `python benchmarks/drill.py` (30 s, 8 users; `--seconds N`, `--users N`): exit code 0
-when nothing was lost, 1 otherwise, 2 for bad arguments. Then watch Factor VI fail with
-`SESSION_STORE=memory python benchmarks/drill.py --seconds 5`: each copy keeps its own
-sessions and uploads, and the next request lands on one that never heard of the user.
-Jobs live in SQLite whatever the store.
+Run `python benchmarks/drill.py` (30 s, 8 users, 5 s leases; `--seconds N`, `--users N`,
+`--lease N`): exit code 0 when nothing was lost, 1 otherwise, 2 for bad arguments. Then
+watch Factor VI fail with `SESSION_STORE=memory python benchmarks/drill.py --seconds 5`:
+each copy keeps its own sessions and uploads, and the next request lands on one that
+never heard of the user. Jobs live in SQLite whatever the store.
 """
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ from bench import (FORM, REPO, STARTED, OneLineParser, StartError, app_env,
                    started_copies, wait_until_served)
 
 FORMATION = {"web": 4, "worker": 3, "clock": 2}
-JOB_LEASE = 5            # seconds: a killed worker's job is back in the queue this soon
+JOB_LEASE = 5            # seconds, unless --lease: a killed worker's job is back this soon
 CHAOS_EVERY = 2.0        # seconds between two rounds of kills
 KILL_MARGIN = 0.5        # a killed copy's socket outlives it a moment: failures this soon, too
-SETTLE = JOB_LEASE + 10  # seconds, after the chaos, for the promised jobs to be done
+SETTLE = 10              # seconds beyond a lease, after the chaos, for the promised jobs
 THINK = (0.01, 0.05)     # a user's pause between two requests, in seconds
 UPLOAD_SHARE, JOB_SHARE = 0.03, 0.02  # of a user's requests; the others add to the cart
 BOUNDARY = "drill-boundary"
@@ -70,6 +70,7 @@ class Options:
     seconds: float
     users: int
     store: str
+    lease: float
 
 
 @dataclass(frozen=True)
@@ -216,11 +217,13 @@ def fetch_json(port: int, path: str, cookie: str | None = None) -> object:
     return json.loads(body)
 
 
-def settle(port: int, job_ids: list[int], log: Path, workdir: Path) -> dict[int, dict]:
+def settle(port: int, job_ids: list[int], log: Path, workdir: Path,
+           lease: float) -> dict[int, dict]:
     """Poll each promised job until it is done or dead, and the rolling restart until it
-    is done, for at most SETTLE seconds: a killed worker's job waits out its lease."""
+    is done, for at most a lease and SETTLE seconds: a killed worker's job waits out its
+    lease."""
     jobs: dict[int, dict] = {}
-    deadline = time.monotonic() + SETTLE
+    deadline = time.monotonic() + lease + SETTLE
     while time.monotonic() < deadline:
         for job_id in job_ids:
             if jobs.get(job_id, {}).get("state") not in ("done", "dead"):
@@ -309,14 +312,15 @@ def run_drill(options: Options, workdir: Path) -> int:
     args = [sys.executable, str(REPO / "launcher.py"),
             *(f"{kind}={count}" for kind, count in FORMATION.items()), "--port", str(front),
             "--procfile", str(REPO / "Procfile"), "--grace", "5"]
-    env = app_env(workdir, options.store, JOB_LEASE=JOB_LEASE, POLL_INTERVAL=0.1,
+    env = app_env(workdir, options.store, JOB_LEASE=options.lease, POLL_INTERVAL=0.1,
                   HEARTBEAT_EVERY=1)
     users = [User(f"user{number}") for number in range(1, options.users + 1)]
     try:
         with running(args, env, log, stdin=subprocess.PIPE) as launcher:
             wait_until_served(front, FORMATION["web"], launcher, log)
             kills = shop_under_chaos(users, front, launcher, log, workdir, options.seconds)
-            jobs = settle(front, [job for user in users for job in user.jobs], log, workdir)
+            jobs = settle(front, [job for user in users for job in user.jobs], log, workdir,
+                          options.lease)
             rolled = web_rolled_over(log, workdir)  # now: once stopped, every process is gone
             checks = [check_user(user, front) for user in users]
             heartbeats = Counter(job["key"] for job in fetch_json(front, "/jobs?task=heartbeat"))
@@ -375,15 +379,20 @@ def read_options(argv: list[str]) -> Options:
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="how long the users shop under chaos (30)")
     parser.add_argument("--users", type=int, default=8, help="simulated users (8)")
+    parser.add_argument("--lease", type=float, default=JOB_LEASE,
+                        help=f"the workers' job lease in seconds ({JOB_LEASE}): how long a "
+                             f"killed worker's job waits")
     args = parser.parse_args(argv)
     store = os.environ.get("SESSION_STORE", "sqlite")
     if not 1 <= args.seconds <= 3600:
         parser.error(f"--seconds must be from 1 to 3600, got {args.seconds:g}")
     if not 1 <= args.users <= 64:
         parser.error(f"--users must be from 1 to 64, got {args.users}")
+    if not 1 <= args.lease <= 3600:  # JOB_LEASE's own bounds
+        parser.error(f"--lease must be from 1 to 3600, got {args.lease:g}")
     if store not in ("sqlite", "memory"):
         parser.error(f"SESSION_STORE must be 'sqlite' or 'memory', got {store!r}")
-    return Options(args.seconds, args.users, store)
+    return Options(args.seconds, args.users, store, args.lease)
 
 
 def main(argv: list[str] | None = None) -> int:

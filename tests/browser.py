@@ -66,7 +66,7 @@ from pathlib import Path
 TIMEOUT = 10.0  # seconds for any one answer from the browser
 START_TIMEOUT = 30.0  # the first answer: a cold start on a busy two-core machine is slow
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
-POLL_INTERVAL = 0.05
+POLL_INTERVAL = 0.01  # seconds between two evaluations in wait_for: each is one message
 EVENTS_KEPT = 1000  # events nobody asked for are dropped beyond this, oldest first
 WINDOW_SIZE = (1000, 1400)
 

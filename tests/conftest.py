@@ -3,6 +3,14 @@
 Every process a test starts goes through the `spawn` fixture, which starts it in its own
 process group and, whatever happens in the test, kills that whole group at teardown. So a
 failing test never leaves a web copy, a worker or a launcher behind.
+
+Starting a copy costs a Python start-up (a tenth of a second, more on a busy machine), so
+a module whose tests only need "a copy" shares one: `web` is web.1 of `shared_copies`,
+two copies on one SQLite file started once per module. Such tests make their own sessions
+(each its own cookie), so they cannot see each other's; a test that needs other settings,
+or stops or kills its copy, starts its own with `start_web`. In the same spirit the
+session has one Chromium (`browser`), and processes that only check their settings start
+all at once (`run_each`).
 """
 from __future__ import annotations
 
@@ -25,11 +33,13 @@ import urllib.parse
 from collections import Counter
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
+from browser import Browser
 from database import database_from_env
 from job_queue import JobQueue, open_queue
 
@@ -55,6 +65,9 @@ def free_port() -> int:
         return port
 
 
+POLL_EVERY = 0.01  # seconds: what wait_until polls is cheap (a file, a row, a refused connect)
+
+
 def wait_until(condition: Callable, timeout: float = 10.0, what: str = "condition"):
     """Poll `condition` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
@@ -64,7 +77,7 @@ def wait_until(condition: Callable, timeout: float = 10.0, what: str = "conditio
             return value
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(POLL_EVERY)
 
 
 @dataclass
@@ -187,19 +200,56 @@ def app_env(tmp_path: Path, **overrides) -> dict:
     return env
 
 
+class Spawner:
+    """Starts processes, their logs in `folder`; `end()` kills every group it started.
+    A test may start processes from two threads at once: each gets a log of its own."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started: list[Proc] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, args: list, env: dict, cwd: Path = REPO,
+                 stdin=subprocess.DEVNULL) -> Proc:
+        with self.lock:
+            proc = Proc(args, env, cwd, self.folder / f"proc-{len(self.started)}.log", stdin)
+            self.started.append(proc)
+        return proc
+
+    def end(self) -> None:
+        for proc in self.started:
+            proc.kill_group()
+
+
+@contextmanager
+def run_each(folder: Path, script: str, settings: list[dict]) -> Iterator[list[Proc]]:
+    """`python <script>` once per environment in `settings`, all started at once, each with
+    a folder (a database) of its own: for processes that only start, read their settings
+    and exit, where a Python start-up is most of the time. They end with the block."""
+    spawner = Spawner(folder)
+    try:
+        runs = []
+        for number, env in enumerate(settings):
+            (folder / f"run-{number}").mkdir()
+            runs.append(spawner([sys.executable, script],
+                                app_env(folder / f"run-{number}", **env)))
+        yield runs
+    finally:
+        spawner.end()
+
+
+def selected(request: pytest.FixtureRequest, test: Callable) -> bool:
+    """Will this session run `test`? A story begun in the background for a test that was
+    not selected would only cost time."""
+    return any(getattr(item, "function", None) is test for item in request.session.items)
+
+
 @pytest.fixture
 def spawn(tmp_path):
     """spawn(args, env) starts a process; every one is killed (whole group) at teardown."""
-    started: list[Proc] = []
-
-    def start(args: list, env: dict, cwd: Path = REPO, stdin=subprocess.DEVNULL) -> Proc:
-        proc = Proc(args, env, cwd, tmp_path / f"proc-{len(started)}.log", stdin)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill_group()
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.end()
 
 
 @pytest.fixture
@@ -230,30 +280,63 @@ def backing(request, tmp_path) -> Backing:
 class Web:
     proc: Proc
     port: int
+    env: dict  # its environment: `database_from_env(web.env)` opens its database
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
 
-@pytest.fixture
-def start_web(spawn, tmp_path):
-    """start_web(**env) runs `python webapp.py` on a free port and waits for /healthz."""
-
-    def start(**env) -> Web:
+def start_webapps(spawn: Spawner, *envs: dict) -> list[Web]:
+    """Run `python webapp.py` once per environment, each on a free port, all at once (so
+    their start-ups overlap), and wait until every one answers /healthz."""
+    webs = []
+    for overrides in envs:
         port = free_port()
-        proc = spawn([sys.executable, "webapp.py"], app_env(tmp_path, PORT=port, **env))
-        web = Web(proc, port)
+        env = app_env(spawn.folder, PORT=port, **overrides)
+        webs.append(Web(spawn([sys.executable, "webapp.py"], env), port, env))
+    for web in webs:
+        wait_until(partial(serving, web), what="webapp.py to answer /healthz")
+    return webs
 
-        def ready():
-            if proc.popen.poll() is not None:
-                pytest.fail(f"webapp.py exited early:\n{proc.output()}")
-            return responds(web.url + "/healthz")
 
-        wait_until(ready, what="webapp.py to answer /healthz")
-        return web
+def serving(web: Web) -> bool:
+    """Does the copy answer /healthz yet? A copy that exited fails the test at once."""
+    if web.proc.popen.poll() is not None:
+        pytest.fail(f"webapp.py exited early:\n{web.proc.output()}")
+    return responds(web.url + "/healthz")
 
-    return start
+
+@pytest.fixture
+def start_web(spawn):
+    """start_web(**env) runs `python webapp.py` on a free port and waits for /healthz."""
+    return lambda **env: start_webapps(spawn, env)[0]
+
+
+@pytest.fixture(scope="module")
+def shared_copies(tmp_path_factory):
+    """web.1 and web.2 on one SQLite file, started once for the module's tests that only
+    need copies with the default settings and leave them running."""
+    spawner = Spawner(tmp_path_factory.mktemp("shared-copies"))
+    try:
+        yield start_webapps(spawner, {"DYNO": "web.1"}, {"DYNO": "web.2"})
+    finally:
+        spawner.end()
+
+
+@pytest.fixture
+def web(shared_copies):
+    """web.1 of the module's shared copies; a test that ends one fails in its teardown."""
+    check_alive(shared_copies, "in an earlier test")
+    yield shared_copies[0]
+    check_alive(shared_copies, "during this test")
+
+
+def check_alive(copies: list[Web], when: str) -> None:
+    for copy in copies:
+        if copy.proc.popen.poll() is not None:
+            pytest.fail(f"the shared copy {copy.env['DYNO']} died {when}:\n"
+                        f"{copy.proc.output()[-2000:]}")
 
 
 STARTED = re.compile(r"\| (\S+) started \(pid=(\d+)(?:, port=(\d+))?\)")  # system lines
@@ -358,6 +441,14 @@ def write_lock_held(path: Path, at_most: float = 5.0):
     finally:
         release.set()
         holder.join()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (browser.py) for every test that drives a page: starting one
+    takes most of a second. Each test opens pages of its own."""
+    with Browser() as chromium:
+        yield chromium
 
 
 # --- Launchers and their copies, for the launcher and router tests -----------------------

@@ -2,7 +2,7 @@
 
 The page tests trust the harness to click, post and upload as a browser does; these tests
 show it does, on a page small enough that a failure can only be the harness's. One Chromium
-serves the whole module; the tests that end a browser start their own.
+serves the session (conftest's `browser`); the tests that end a browser start their own.
 """
 import email.parser
 import email.policy
@@ -95,18 +95,13 @@ def first_part(body: bytes, content_type: str):
 def site():
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), TinySite)
     server.site = Site(f"http://127.0.0.1:{server.server_port}")
-    thread = threading.Thread(target=server.serve_forever)
+    # shutdown() waits for serve_forever to notice, which it does once per poll_interval
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     yield server.site
     server.shutdown()
     server.server_close()
     thread.join()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with Browser() as browser:
-        yield browser
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +172,7 @@ def test_set_files_uploads_the_files_bytes_and_name(page, site, tmp_path):
 
 def test_wait_for_sees_a_change_made_later_without_a_reload(page):
     page.evaluate("setTimeout(() => document.body.insertAdjacentHTML("
-                  "'beforeend', '<p id=late>done</p>'), 300)")
+                  "'beforeend', '<p id=late>done</p>'), 100)")
     # Until then the expression throws (no #late yet): that counts as "not yet".
     assert page.wait_for("document.querySelector('#late').textContent") == "done"
     assert page.evaluate("document.querySelector('#count') !== null")  # the same document

@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 
 from clock import Schedule, config_from_env, current_tick, tick_key
-from conftest import write_lock_held, app_env, wait_until
+from conftest import app_env, wait_until, write_lock_held
 from database import ConfigError
 
 ENQUEUED = re.compile(r"^enqueued (\S+) as job \d+$", re.MULTILINE)

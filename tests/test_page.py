@@ -5,8 +5,8 @@ what, an upload keeps its UTF-8 name, a job's state changes on the page while it
 and all twelve tiles of the spread know you. With the memory store the page says where
 the login happened and that this copy never heard of it, and most tiles do not know you.
 A page of another site that posts forms to ours changes nothing. One Chromium serves the
-module (headless, driven by `browser.py`); each test starts its own launcher (or copy)
-and opens its own private window.
+session (conftest's `browser`, headless, driven by `browser.py`); each test starts its own
+launcher (or copy) and opens its own private window.
 """
 import http.server
 import re
@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from browser import Browser, find_chromium
+from browser import find_chromium
 from conftest import REPO, Launcher, app_env, free_port
 
 if find_chromium() is None:
@@ -23,12 +23,6 @@ if find_chromium() is None:
                 "(install it: apt-get install chromium)", allow_module_level=True)
 
 PROCFILE = f"web: python {REPO / 'webapp.py'}\nworker: python {REPO / 'worker.py'}\n"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with Browser() as chromium:
-        yield chromium
 
 
 @pytest.fixture
@@ -39,7 +33,7 @@ def house(spawn, tmp_path):
     def start(store: str) -> Launcher:
         (tmp_path / "Procfile").write_text(PROCFILE)
         port = free_port()
-        env = app_env(tmp_path, SESSION_STORE=store, POLL_INTERVAL=0.1)
+        env = app_env(tmp_path, SESSION_STORE=store, POLL_INTERVAL=0.01)
         proc = spawn([sys.executable, str(REPO / "launcher.py"), "--port", str(port),
                       "web=4", "worker=1"], env, cwd=tmp_path)
         launchers.append(Launcher(proc, port))
@@ -100,7 +94,7 @@ def test_with_sqlite_each_form_returns_to_the_page_and_every_copy_knows_you(
     assert shown(page, "#uploads a") == "naïve café.txt"
     submit(page, "#uploads form")  # count its words
     back_on_the_page_saying(r"put job \d+ \(wordcount\) in the queue; a worker will take it")
-    submit(page, "#enqueue", args='{"seconds": 1}')
+    submit(page, "#enqueue", args='{"seconds": 0.8}')
     back_on_the_page_saying(r"put job \d+ \(sleep\) in the queue; a worker will take it")
 
     [sleep, _] = jobs_shown(page)  # the newest first; the word count is under it
@@ -109,7 +103,7 @@ def test_with_sqlite_each_form_returns_to_the_page_and_every_copy_knows_you(
     page.wait_for("[...document.querySelectorAll('#your-jobs tr[data-job]')]"
                   ".every(row => row.dataset.state === 'done')")
     assert page.evaluate("window.notReloaded") is True
-    assert jobs_shown(page) == [("sleep", "done", '{"slept":1}'),
+    assert jobs_shown(page) == [("sleep", "done", '{"slept":0.8}'),
                                 ("wordcount", "done", '{"words":3,"lines":1,"bytes":14}')]
     # The same jobs in "The queue" follow along: one page never says done and queued.
     page.wait_for("[...document.querySelectorAll('#queue tr[data-job]')]"

@@ -2,10 +2,16 @@
 
 Each test reads its scenario's blocks from README.md: the `sh` block that starts the
 launcher (terminal 1), the `text` blocks typed at its prompt, and the other `sh` blocks
-(terminal 2). It runs them as written, in a copy of the project, with one change: the
-front port is a free one instead of 5000. Between blocks the test does what a person
+(terminal 2). It runs them as written, in a copy of the project, with two changes: the
+front port is a free one instead of 5000, and scenario 6's job lease is 1 s instead of 3
+(the same story, sooner). Between blocks the test does what a person
 would do (wait for the copies to be up, pick a pid from the log) and then asserts what
 the README says you will see.
+
+Most of the time is waiting on timers the README sets: scenario 3's loop of requests
+runs for five seconds, and scenario 6's jobs sleep five seconds once a lease has run out.
+So those two stories begin on threads as the module starts (`background`), each in a
+copy of the project of its own, and their tests, last, check what they found.
 """
 from __future__ import annotations
 
@@ -15,15 +21,17 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
-from conftest import REPO, Launcher, Proc, free_port, get, wait_until
+from conftest import REPO, Launcher, Proc, Spawner, free_port, get, selected, wait_until
 
 README = (REPO / "README.md").read_text()
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -56,7 +64,7 @@ def scenario(number: int) -> Scenario:
 class Terminals:
     """A copy of the project, and the two terminals the README talks about."""
     project: Path
-    spawn: Callable[..., Proc]  # the conftest fixture: each process ends with the test
+    spawn: Callable[..., Proc]  # a conftest Spawner: each process ends with its owner
     launchers: list[Launcher] = field(default_factory=list)
 
     def env(self, port: int) -> dict[str, str]:
@@ -84,16 +92,26 @@ class Terminals:
         return done.stdout
 
 
-@pytest.fixture
-def terminals(tmp_path, spawn):
-    project = tmp_path / "project"
-    project.mkdir()
+@contextmanager
+def two_terminals(folder: Path, spawn: Callable[..., Proc]) -> Iterator[Terminals]:
+    """Terminals in a fresh copy of the project under `folder` (its own var/app.db and
+    cookies.txt); every launcher started there, and its copies, end with the block."""
+    project = folder / "project"
+    project.mkdir(parents=True)
     for name in APP_FILES:
         shutil.copy(REPO / name, project)
     found = Terminals(project, spawn)
-    yield found
-    for launcher in found.launchers:
-        launcher.end()
+    try:
+        yield found
+    finally:
+        for launcher in found.launchers:
+            launcher.end()
+
+
+@pytest.fixture
+def terminals(tmp_path, spawn):
+    with two_terminals(tmp_path, spawn) as found:
+        yield found
 
 
 def users_and_copies(output: str) -> tuple[list, set[str]]:
@@ -119,34 +137,6 @@ def test_try_it_2_sqlite_store_knows_you_on_every_copy(terminals):
     assert users == ["ada"] * 4 and len(copies) == 4
 
 
-def restart_and_ask(terminals: Terminals, command: str, during=None) -> list[dict]:
-    """Log in as ada, type `restart web` (while `during` runs), ask the new copies."""
-    launcher = terminals.start_launcher(command, web=4)
-    terminals.run(launcher, scenario(1).shell[0])
-    old_pids = web_pids(launcher)
-    with ThreadPoolExecutor(1) as terminal_2:
-        loop = terminal_2.submit(terminals.run, launcher, during) if during else None
-        launcher.send(scenario(3).prompt[0])
-        launcher.wait_for("rolling restart done")
-        if loop:
-            assert not loop.done(), "the loop ended before the restart did"
-            assert loop.result().split() == ["200"] * 20
-    output = terminals.run(launcher, scenario(3).shell[1])
-    sessions = [json.loads(line) for line in output.splitlines()]
-    assert len({s["pid"] for s in sessions} - old_pids) == 4  # four new processes answered
-    launcher.end()
-    return sessions
-
-
-def test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones(terminals):
-    # The requests sent during the restart are scenario 3's point; for the memory store
-    # the README asks only to "log in, `restart web`, ask again".
-    sqlite = restart_and_ask(terminals, scenario(2).launcher, during=scenario(3).shell[0])
-    assert [session["user"] for session in sqlite] == ["ada"] * 4
-    memory = restart_and_ask(terminals, scenario(1).launcher)
-    assert [session["user"] for session in memory] == [None] * 4
-
-
 def test_try_it_4_a_killed_copy_is_replaced_while_every_request_is_answered(terminals):
     launcher = terminals.start_launcher(scenario(2).launcher, web=4)
     statuses = terminals.run(launcher, scenario(4).shell[0]).split()
@@ -169,15 +159,117 @@ def test_try_it_5_scaling_is_a_number_typed_at_the_prompt(terminals):
     assert counts == [("8", "web.1"), ("8", "web.2")]
 
 
-def test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_once(terminals):
-    jobs, clocks = scenario(6), scenario(7)
-    launcher = terminals.start_launcher(jobs.launcher, web=2)
+# --- Scenarios 3 and 6, begun in the background ----------------------------------------
+#
+# Their tests come last, and only collect what the stories found: by then the five
+# seconds of scenario 3's loop and of scenario 6's jobs have passed beside the tests above.
+
+@dataclass
+class Background:
+    jobs_terminals: Terminals  # scenario 6's: its launcher runs on into scenario 7
+    restarts: Future | None    # of restart_both_stores, if its test was selected
+    jobs: Future | None        # of begin_scenario_6, if its test was selected
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(request, tmp_path_factory):
+    """Begins scenarios 3 and 6 on threads as the module starts, for the tests selected.
+    A failure there is kept in its Future, for its own test to report."""
+    spawner = Spawner(tmp_path_factory.mktemp("background"))
+    try:
+        with two_terminals(spawner.folder / "scenario-6", spawner) as jobs_terminals, \
+                ThreadPoolExecutor(2) as threads:  # waited for before the processes end
+
+            def begin(test: Callable, story: Callable, *args) -> Future | None:
+                return threads.submit(story, *args) if selected(request, test) else None
+
+            yield Background(
+                jobs_terminals,
+                begin(test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones,
+                      restart_both_stores, spawner.folder / "scenario-3", spawner),
+                begin(
+                    test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_once,
+                    begin_scenario_6, jobs_terminals))
+    finally:
+        spawner.end()
+
+
+RESTART_HANGS = 60  # seconds: a rolling restart of four copies takes one, or a few when busy
+
+
+def restart_both_stores(folder: Path, spawn: Callable[..., Proc]) -> tuple[list, list]:
+    """Scenario 3 with the SQLite store and with memory, side by side, each in a project of
+    its own (its own cookies.txt): the sessions each set of new copies answered."""
+    with two_terminals(folder / "sqlite", spawn) as sqlite, \
+            two_terminals(folder / "memory", spawn) as memory, ThreadPoolExecutor(1) as beside:
+        # The requests sent during the restart are scenario 3's point; for the memory store
+        # the README asks only to "log in, `restart web`, ask again".
+        forgotten = beside.submit(restart_and_ask, memory, scenario(1).launcher)
+        kept = restart_and_ask(sqlite, scenario(2).launcher, during=scenario(3).shell[0])
+        return kept, forgotten.result()
+
+
+def restart_and_ask(terminals: Terminals, command: str, during=None) -> list[dict]:
+    """Log in as ada, type `restart web` (while `during` runs), ask the new copies."""
+    launcher = terminals.start_launcher(command, web=4)
+    terminals.run(launcher, scenario(1).shell[0])
+    old_pids = web_pids(launcher)
+    if during:
+        statuses = ask_during_restart(terminals, launcher, during)
+        assert statuses == ["200"] * len(statuses) and len(statuses) >= 20, statuses
+    else:
+        launcher.send(scenario(3).prompt[0])
+        launcher.wait_for("rolling restart done", timeout=RESTART_HANGS)
+    output = terminals.run(launcher, scenario(3).shell[1])
+    sessions = [json.loads(line) for line in output.splitlines()]
+    assert len({s["pid"] for s in sessions} - old_pids) == 4  # four new processes answered
+    launcher.end()
+    return sessions
+
+
+def ask_during_restart(terminals: Terminals, launcher: Launcher, loop: str) -> list[str]:
+    """Type `restart web` while terminal 2 runs `loop`, and run it again until the launcher
+    says the restart is done, as a person would keep asking: every status it printed."""
+    statuses = []
+    with ThreadPoolExecutor(1) as terminal_2:
+        running = terminal_2.submit(terminals.run, launcher, loop)
+        launcher.send(scenario(3).prompt[0])
+        deadline = time.monotonic() + RESTART_HANGS
+        while True:
+            statuses += running.result().split()
+            if "rolling restart done" in launcher.output():
+                return statuses
+            if time.monotonic() > deadline:
+                pytest.fail(f"no rolling restart done after {RESTART_HANGS}s:\n"
+                            f"{launcher.output()}")
+            running = terminal_2.submit(terminals.run, launcher, loop)
+
+
+def test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones(background):
+    sqlite, memory = background.restarts.result()
+    assert [session["user"] for session in sqlite] == ["ada"] * 4
+    assert [session["user"] for session in memory] == [None] * 4
+
+
+def begin_scenario_6(terminals: Terminals) -> tuple[Launcher, int]:
+    """Scenario 6 as far as the kill: the launcher, its job lease made 1 s (the README's 3 s
+    is for a person with a `ps` table to read), three jobs that sleep 5 s and, "within the
+    5 seconds", kill -9 worker.2, whose job the test reads from the log."""
+    jobs = scenario(6)
+    launcher = terminals.start_launcher(re.sub(r"\bJOB_LEASE=\d+", "JOB_LEASE=1", jobs.launcher),
+                                        web=2)
     launcher.wait_for(" ready (pid", 4)  # three workers and the clock
     terminals.run(launcher, jobs.shell[0])
-    # "Within the 5 seconds, kill -9 the pid of worker.2": the test reads it from the log.
     [job_id] = wait_until(lambda: re.findall(r"worker\.2 +\| job (\d+) sleep started",
                                              launcher.output()), what="worker.2's job")
     os.kill(launcher.pids("worker.2")[-1], signal.SIGKILL)
+    return launcher, int(job_id)
+
+
+def test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_once(background):
+    jobs, clocks = scenario(6), scenario(7)
+    terminals = background.jobs_terminals
+    launcher, job_id = background.jobs.result()
 
     def sleep_jobs_done():
         found = get(f"http://127.0.0.1:{launcher.port}/jobs?task=sleep").json()
@@ -185,7 +277,7 @@ def test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_onc
 
     wait_until(sleep_jobs_done, timeout=20, what="the three sleep jobs done")
     found = {job["id"]: job for job in json.loads(terminals.run(launcher, jobs.shell[1]))}
-    assert found[int(job_id)]["attempts"] == 2
+    assert found[job_id]["attempts"] == 2
     assert sorted(job["attempts"] for job in found.values()) == [1, 1, 2]
 
     launcher.send(clocks.prompt[0])

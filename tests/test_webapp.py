@@ -1,4 +1,8 @@
-"""webapp.py as real processes on free ports: stateless with SQLite, forgetful with memory."""
+"""webapp.py as real processes on free ports: stateless with SQLite, forgetful with memory.
+
+Most tests talk to the module's shared copies (`web`, `shared_copies` in conftest), each
+with sessions of its own; a test that needs other settings, or stops its copy, starts one.
+"""
 import html
 import json
 import os
@@ -10,11 +14,12 @@ import struct
 import sys
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
-from conftest import (Web, app_env, free_port, get, http, multipart, post_form, responds,
-                      session_cookie, upload, wait_until)
+from conftest import (Proc, Spawner, Web, app_env, free_port, get, http, multipart, post_form,
+                      responds, run_each, session_cookie, start_webapps, upload, wait_until)
 import web_server
 from database import database_from_env
 from session_store import store_from_env
@@ -26,8 +31,19 @@ def login(url: str, name: str, cookie: str | None = None) -> str:
     return session_cookie(response)
 
 
-def test_two_copies_on_one_sqlite_file_serve_each_others_sessions_and_uploads(start_web):
-    one, two = start_web(DYNO="web.1"), start_web(DYNO="web.2")
+@pytest.fixture(scope="module")
+def memory_copies(tmp_path_factory):
+    """web.1 and web.2 with SESSION_STORE=memory, for this module's tests of forgetting."""
+    spawner = Spawner(tmp_path_factory.mktemp("memory-copies"))
+    try:
+        yield start_webapps(spawner, {"SESSION_STORE": "memory", "DYNO": "web.1"},
+                            {"SESSION_STORE": "memory", "DYNO": "web.2"})
+    finally:
+        spawner.end()
+
+
+def test_two_copies_on_one_sqlite_file_serve_each_others_sessions_and_uploads(shared_copies):
+    one, two = shared_copies
     sid = login(one.url, "ada")
     assert post_form(two.url + "/cart", {"item": "tea"}, sid).status == 303
     response = get(one.url + "/session", sid)
@@ -45,9 +61,8 @@ def test_two_copies_on_one_sqlite_file_serve_each_others_sessions_and_uploads(st
     assert get(one.url + "/session", sid).json()["uploads"] == [upload_id]
 
 
-def test_memory_store_forgets_you_on_another_copy(start_web):
-    one = start_web(SESSION_STORE="memory", DYNO="web.1")
-    two = start_web(SESSION_STORE="memory", DYNO="web.2")
+def test_memory_store_forgets_you_on_another_copy(memory_copies):
+    one, two = memory_copies
     sid = login(one.url, "ada")
     assert get(one.url + "/session", sid).json()["user"] == "ada"
     assert get(two.url + "/session", sid).json() | {"pid": 0} == {
@@ -59,8 +74,8 @@ def test_memory_store_forgets_you_on_another_copy(start_web):
     assert get(two.url + made.headers["location"]).status == 404
 
 
-def test_two_hundred_concurrent_cart_additions_across_two_copies_all_land(start_web):
-    copies = [start_web(DYNO="web.1"), start_web(DYNO="web.2")]
+def test_two_hundred_concurrent_cart_additions_across_two_copies_all_land(shared_copies):
+    copies = shared_copies
     sid = login(copies[0].url, "ada")
     failures = []
 
@@ -80,8 +95,7 @@ def test_two_hundred_concurrent_cart_additions_across_two_copies_all_land(start_
     assert sorted(cart) == sorted(f"{c}-{n}" for c in range(10) for n in range(20))
 
 
-def test_login_issues_a_new_session_id_with_safe_cookie_attributes(start_web):
-    web = start_web()
+def test_login_issues_a_new_session_id_with_safe_cookie_attributes(web):
     first = session_cookie(post_form(web.url + "/cart", {"item": "tea"}))
     response = post_form(web.url + "/login", {"name": "ada"}, first)
     second = session_cookie(response)
@@ -101,21 +115,18 @@ def test_cookie_is_secure_when_asked(start_web):
     assert "; Secure" in post_form(web.url + "/login", {"name": "ada"}).headers["set-cookie"]
 
 
-def test_a_cookie_naming_an_unknown_session_is_replaced_not_adopted(start_web):
-    web = start_web()
+def test_a_cookie_naming_an_unknown_session_is_replaced_not_adopted(web):
     response = post_form(web.url + "/cart", {"item": "tea"}, "made-up-by-the-client")
     assert session_cookie(response) not in (None, "made-up-by-the-client")
     assert get(web.url + "/session", "made-up-by-the-client").json()["cart"] == []
 
 
-def test_reading_a_page_never_issues_a_session(start_web):
-    web = start_web()
+def test_reading_a_page_never_issues_a_session(web):
     assert "set-cookie" not in get(web.url + "/").headers
     assert "set-cookie" not in get(web.url + "/", "unknown-to-this-copy").headers
 
 
-def test_logout_ends_the_session(start_web):
-    web = start_web()
+def test_logout_ends_the_session(web):
     sid = login(web.url, "ada")
     response = post_form(web.url + "/logout", {}, sid)
     assert response.status == 303 and "Max-Age=0" in response.headers["set-cookie"]
@@ -130,8 +141,7 @@ def test_expired_sessions_vanish(start_web):
                timeout=5, what="the session to expire")
 
 
-def test_user_text_is_html_escaped(start_web):
-    web = start_web()
+def test_user_text_is_html_escaped(web):
     sid = login(web.url, "<script>alert(1)</script>")
     post_form(web.url + "/cart", {"item": "<b>&"}, sid)
     upload(web.url, b"x", "text/<i>", sid, filename="<img src=x onerror=alert(1)>.txt")
@@ -140,8 +150,7 @@ def test_user_text_is_html_escaped(start_web):
     assert "&lt;b&gt;&amp;" in page and "<img" not in page and "<i>" not in page
 
 
-def test_an_upload_is_served_only_to_the_session_that_made_it(start_web):
-    web = start_web()
+def test_an_upload_is_served_only_to_the_session_that_made_it(web):
     owner, other = login(web.url, "ada"), login(web.url, "bob")
     location = upload(web.url, b"ada's secret", "text/plain", owner).headers["location"]
     assert get(web.url + location, owner).body == b"ada's secret"
@@ -153,8 +162,7 @@ def test_an_upload_is_served_only_to_the_session_that_made_it(start_web):
         assert response.body == missing.body.replace(b"no-such-upload", upload_id.encode())
 
 
-def test_a_planted_session_id_never_sees_what_the_victim_uploads_or_enqueues(start_web):
-    web = start_web()
+def test_a_planted_session_id_never_sees_what_the_victim_uploads_or_enqueues(web):
     planted = session_cookie(post_form(web.url + "/cart", {"item": "bait"}))  # the attacker's
     made = upload(web.url, b"the victim's secret", "text/plain", planted)
     victim = session_cookie(made)
@@ -171,8 +179,7 @@ def test_a_planted_session_id_never_sees_what_the_victim_uploads_or_enqueues(sta
     assert "args" not in get(web.url + job.headers["location"], victim).json()
 
 
-def test_a_jobs_args_and_result_are_shown_only_to_the_session_that_enqueued_it(start_web):
-    web = start_web()
+def test_a_jobs_args_and_result_are_shown_only_to_the_session_that_enqueued_it(web):
     owner = login(web.url, "ada")
     enqueued = post_form(web.url + "/jobs", {"task": "sleep", "args": '{"seconds": 7}'}, owner)
     location = enqueued.headers["location"]
@@ -180,8 +187,9 @@ def test_a_jobs_args_and_result_are_shown_only_to_the_session_that_enqueued_it(s
     for cookie in (login(web.url, "bob"), None):
         job = get(web.url + location, cookie).json()
         assert set(job) == {"id", "task", "state", "attempts", "worker", "key", "private"}
-        [listed] = get(web.url + "/jobs?task=sleep", cookie).json()
-        assert listed == job and job["private"] is True
+        listed = get(web.url + "/jobs?task=sleep", cookie).json()
+        assert [found for found in listed if found["id"] == job["id"]] == [job]
+        assert job["private"] is True
     # Enqueued with no session at all (curl without a cookie jar): public, as before.
     public = post_form(web.url + "/jobs", {"task": "sleep", "args": '{"seconds": 8}'})
     assert "set-cookie" not in public.headers
@@ -194,30 +202,31 @@ def notice(page: str) -> str | None:
     return html.unescape(found[1]) if found else None
 
 
-def test_a_form_from_the_page_returns_to_it_saying_what_happened_in_the_address(start_web):
-    web = start_web(DYNO="web.3")
+def test_a_form_from_the_page_returns_to_it_saying_what_happened_in_the_address(
+        shared_copies):
+    web = shared_copies[1]  # web.2: the line names the copy as it was named (DYNO)
     response = post_form(web.url + "/login", {"name": "ada", "next": "/"})
     location, sid = response.headers["location"], session_cookie(response)
-    assert response.status == 303 and location == "/?did=login&by=web.3&name=ada"
+    assert response.status == 303 and location == "/?did=login&by=web.2&name=ada"
     assert notice(get(web.url + location, sid).text) == (
-        "web.3 logged you in as 'ada', in the sqlite store")
+        "web.2 logged you in as 'ada', in the sqlite store")
     page = get(web.url + "/", sid)
     assert notice(page.text) is None and "set-cookie" not in page.headers  # a GET writes nothing
     response = post_form(web.url + "/cart", {"item": "tea & <cake>", "next": "/"}, sid)
     assert notice(get(web.url + response.headers["location"], sid).text) == (
-        "web.3 added 'tea & <cake>' to your cart, in the sqlite store")
+        "web.2 added 'tea & <cake>' to your cart, in the sqlite store")
     body, headers = multipart({"next": ("", "text/plain", b"/"),
                                "file": ("naive.txt", "text/plain", b"one two")})
     response = http("POST", web.url + "/uploads", body, {**headers, "Cookie": f"sid={sid}"})
     assert notice(get(web.url + response.headers["location"], sid).text) == (
-        "web.3 stored 'naive.txt' (7 bytes), in the sqlite store")
+        "web.2 stored 'naive.txt' (7 bytes), in the sqlite store")
     response = post_form(web.url + "/jobs", {"task": "sleep", "args": "{}", "next": "/"}, sid)
-    assert re.fullmatch(r"web\.3 put job \d+ \(sleep\) in the queue; a worker will take it",
+    assert re.fullmatch(r"web\.2 put job \d+ \(sleep\) in the queue; a worker will take it",
                         notice(get(web.url + response.headers["location"], sid).text))
     response = post_form(web.url + "/logout", {"next": "/"}, sid)
-    assert response.headers["location"] == "/?did=logout&by=web.3"
+    assert response.headers["location"] == "/?did=logout&by=web.2"
     assert notice(get(web.url + response.headers["location"]).text) == (
-        "web.3 logged you out: your session is gone.")
+        "web.2 logged you out: your session is gone.")
 
 
 @pytest.mark.parametrize("address", [
@@ -227,13 +236,12 @@ def test_a_form_from_the_page_returns_to_it_saying_what_happened_in_the_address(
     "/?did=rm%20-rf&by=web.1",                       # not something a copy does
     "/?did=cart&by=web.1&item=%1b%5b2J",             # a terminal escape
 ])
-def test_news_the_address_cannot_carry_is_not_shown(start_web, address):
-    page = get(start_web().url + address).text
+def test_news_the_address_cannot_carry_is_not_shown(web, address):
+    page = get(web.url + address).text
     assert notice(page) is None and page.count("<script>") == 1  # the page's own
 
 
-def test_a_return_path_that_is_not_a_plain_path_on_this_site_is_ignored(start_web):
-    web = start_web()
+def test_a_return_path_that_is_not_a_plain_path_on_this_site_is_ignored(web):
     for next_path in ("//evil.example/", "/\\evil.example", "https://evil.example/",
                       "evil.example", "javascript:alert(1)", "/\tevil",
                       "/ok\r\nSet-Cookie: x=1", "/caf\u00e9", ""):
@@ -246,9 +254,9 @@ def test_a_return_path_that_is_not_a_plain_path_on_this_site_is_ignored(start_we
     assert response.headers["location"] == "/?from=page&did=cart&by=web.1&item=tea#spread"
 
 
-def test_under_memory_every_page_says_which_copy_did_what_and_where_the_login_lives(start_web):
-    one = start_web(SESSION_STORE="memory", DYNO="web.1")
-    two = start_web(SESSION_STORE="memory", DYNO="web.2")
+def test_under_memory_every_page_says_which_copy_did_what_and_where_the_login_lives(
+        memory_copies):
+    one, two = memory_copies
     response = post_form(one.url + "/login", {"name": "ada", "next": "/"})
     location, sid = response.headers["location"], session_cookie(response)
     assert location == "/?login_on=web.1&did=login&by=web.1&name=ada"
@@ -291,9 +299,7 @@ def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
     ("GET", "/jobs/abc", None, 404),
     ("GET", "/uploads/no-such-upload", None, 404),
 ])
-def test_bad_input_gets_a_4xx_and_the_copy_keeps_serving(start_web, method, path, fields,
-                                                         status):
-    web = start_web()
+def test_bad_input_gets_a_4xx_and_the_copy_keeps_serving(web, method, path, fields, status):
     if fields is None:
         response = http(method, web.url + path)
     else:
@@ -304,8 +310,7 @@ def test_bad_input_gets_a_4xx_and_the_copy_keeps_serving(start_web, method, path
     assert get(web.url + "/healthz").status == 200
 
 
-def test_oversized_bodies_are_refused_before_being_read(start_web):
-    web = start_web()
+def test_oversized_bodies_are_refused_before_being_read(web):
     form_head = (b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
                  b"Content-Length: 2000000\r\n\r\n")
     assert raw_request(web.port, form_head).startswith(b"HTTP/1.0 413")
@@ -321,8 +326,7 @@ def test_oversized_bodies_are_refused_before_being_read(start_web):
     (b"POST /cart HTTP/1.0\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
     (b"POST /cart HTTP/1.0\r\nContent-Length: 8\r\nContent-Length: 5\r\n\r\nitem=tea", 400),
 ], ids=["job id ²", "Content-Length ²", "Content-Length of 5000 digits", "two lengths"])
-def test_only_a_few_ascii_digits_make_a_number(start_web, head, status):
-    web = start_web()
+def test_only_a_few_ascii_digits_make_a_number(web, head, status):
     assert raw_request(web.port, head).startswith(b"HTTP/1.0 %d" % status)
     assert get(web.url + "/healthz").status == 200
 
@@ -342,8 +346,7 @@ HEADERS = b"".join(b"X-Header-%d: %d\r\n" % (number, number) for number in range
      b"CONTENT-length:8 \r\n\r\nitem=tea", 303),
 ], ids=["100 headers", "101 headers", "folded", "no colon", "space before colon",
         "HTTP/2", "no version", "any case"])
-def test_a_request_head_is_read_within_http_clients_limits(start_web, head, status):
-    web = start_web()
+def test_a_request_head_is_read_within_http_clients_limits(web, head, status):
     assert raw_request(web.port, head).startswith(b"HTTP/1.0 %d " % status)
 
 
@@ -357,8 +360,7 @@ def test_a_request_head_is_read_within_http_clients_limits(start_web, head, stat
      "multipart/form-data; boundary=b0undary"),
     (b"file=hello", "application/x-www-form-urlencoded"),
 ])
-def test_malformed_uploads_get_a_4xx(start_web, body, content_type):
-    web = start_web()
+def test_malformed_uploads_get_a_4xx(web, body, content_type):
     response = http("POST", web.url + "/uploads", body, {"Content-Type": content_type})
     assert 400 <= response.status < 500
     assert get(web.url + "/healthz").status == 200
@@ -383,7 +385,7 @@ def test_sigterm_during_a_slow_request_lets_it_finish(start_web):
     assert "stopped" in web.proc.output()
 
 
-@pytest.mark.parametrize("env, variable", [
+BAD_CONFIGURATIONS = [
     ({"PORT": "abc"}, "PORT"),
     ({"PORT": "70000"}, "PORT"),
     ({"PORT": "²"}, "PORT"),
@@ -395,10 +397,21 @@ def test_sigterm_during_a_slow_request_lets_it_finish(start_web):
     ({"STOP_TIMEOUT": "1e10"}, "STOP_TIMEOUT"),
     ({"CLIENT_TIMEOUT": "0"}, "CLIENT_TIMEOUT"),
     ({"DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL"),  # a database per connection
-])
-def test_bad_configuration_exits_2_with_one_line_naming_the_variable(spawn, tmp_path, env,
-                                                                     variable):
-    proc = spawn([sys.executable, "webapp.py"], app_env(tmp_path, **env))
+]
+
+
+@pytest.fixture(scope="module")
+def bad_configuration_runs(tmp_path_factory) -> list[Proc]:
+    """A copy per bad configuration, in its order, all started at once."""
+    with run_each(tmp_path_factory.mktemp("bad-configurations"), "webapp.py",
+                  [env for env, _ in BAD_CONFIGURATIONS]) as runs:
+        yield runs
+
+
+@pytest.mark.parametrize("env, variable", BAD_CONFIGURATIONS)
+def test_bad_configuration_exits_2_with_one_line_naming_the_variable(bad_configuration_runs,
+                                                                     env, variable):
+    proc = bad_configuration_runs[BAD_CONFIGURATIONS.index((env, variable))]
     assert proc.popen.wait(10) == 2
     lines = proc.output().strip().splitlines()
     assert len(lines) == 1 and variable in lines[0], lines
@@ -414,16 +427,18 @@ def test_a_port_in_use_exits_2(spawn, tmp_path):
     assert f"PORT={port}" in proc.output() and "Traceback" not in proc.output()
 
 
-def test_a_bare_webapp_binds_loopback_and_the_default_port_variable(spawn, tmp_path):
-    port = free_port()
-    env = app_env(tmp_path, PORT=port)
-    proc = spawn([sys.executable, "webapp.py"], env)
-    wait_until(lambda: f"listening on http://127.0.0.1:{port}" in proc.output(),
-               what="the listening line")
-    assert get(f"http://127.0.0.1:{port}/healthz").text == "ok\n"
+def test_a_bare_webapp_binds_loopback_and_the_default_port_variable(web):
+    assert "HOST" not in web.env  # given PORT and nothing else about where to listen
+    assert f"listening on http://127.0.0.1:{web.port}" in web.proc.output()
+    assert get(f"http://127.0.0.1:{web.port}/healthz").text == "ok\n"
 
 
 # --- Bounds, deadlines and odd input (issue 10) -------------------------------------
+
+def logged_since(web: Web, offset: int) -> str:
+    """What the copy logged after the first `offset` characters of its log."""
+    return web.proc.output()[offset:]
+
 
 def read_reply(sock: socket.socket) -> bytes:
     """Everything the copy sends until it closes the connection."""
@@ -444,15 +459,13 @@ def read_reply(sock: socket.socket) -> bytes:
     ('{"a": ' + "9" * 5000 + "}", "2**53"),  # int() refuses it: once a 500
 ], ids=["65 KiB", "17 deep", "980 deep", "NaN", "-Infinity", "1e400", "2**53",
         "5000 digits"])
-def test_job_args_beyond_a_limit_get_a_400_that_names_it(start_web, args, limit):
-    web = start_web()
+def test_job_args_beyond_a_limit_get_a_400_that_names_it(web, args, limit):
     response = post_form(web.url + "/jobs", {"task": "sleep", "args": args})
     assert response.status == 400 and limit in response.text, response.text
     assert get(web.url + "/jobs").status == 200 and get(web.url + "/").status == 200
 
 
-def test_job_args_within_the_limits_are_kept_exactly(start_web):
-    web = start_web()
+def test_job_args_within_the_limits_are_kept_exactly(web):
     args = {"deep": json.loads('{"a":' * 15 + "1" + "}" * 15), "most": 2**53 - 1,
             "least": -(2**53 - 1), "pi": 3.14, "text": "x" * 60000}
     made = post_form(web.url + "/jobs", {"task": "sleep", "args": json.dumps(args)})
@@ -460,8 +473,7 @@ def test_job_args_within_the_limits_are_kept_exactly(start_web):
     assert get(web.url + made.headers["location"]).json()["args"] == args
 
 
-def test_the_session_cookie_is_found_whatever_its_neighbours(start_web):
-    web = start_web()
+def test_the_session_cookie_is_found_whatever_its_neighbours(web):
     sid = login(web.url, "ada")
     for header in [f"foo; sid={sid}", f"a=b c; sid={sid}", f'prefs={{"a":1}}; sid={sid}',
                    f"sid={sid}; sid=someone-else",
@@ -472,22 +484,20 @@ def test_the_session_cookie_is_found_whatever_its_neighbours(start_web):
     assert second_first.json()["user"] is None  # the first sid sent wins
 
 
-def test_what_a_client_sends_cannot_forge_or_garble_a_log_line(start_web):
-    web = start_web()
-    lines_before = len(web.proc.output().splitlines())
+def test_what_a_client_sends_cannot_forge_or_garble_a_log_line(web):
+    logged_before = len(web.proc.output())
     for request_line in [b"GET /\x1b]0;owned\x07 HTTP/1.0",  # would retitle the terminal
                          b"GET /x\rweb.1 killed by SIGKILL HTTP/1.0",
                          b"GET /\x1b[2K\x1b[1Gweb.1 killed by SIGKILL HTTP/1.0"]:
         assert raw_request(web.port, request_line + b"\r\n\r\n").startswith(b"HTTP/1.0 4")
-    output = web.proc.output()
+    output = logged_since(web, logged_before)
     assert not {"\x1b", "\x07", "\r"} & set(output)
-    new_lines = output.splitlines()[lines_before:]  # each begins with who sent it
+    new_lines = output.splitlines()  # each begins with who sent it
     assert len(new_lines) >= 3 and all(line.startswith("127.0.0.1 ") for line in new_lines)
 
 
-def test_the_platforms_health_checks_are_answered_but_not_logged(start_web):
-    web = start_web()
-    logged_before = web.proc.output().count("GET /healthz")  # the fixture's own checks
+def test_the_platforms_health_checks_are_answered_but_not_logged(web):
+    logged_before = web.proc.output().count("GET /healthz")  # earlier tests' and checks
     probe = http("GET", web.url + "/healthz", headers={"User-Agent": "launcher.py health check"})
     person = http("GET", web.url + "/healthz?from=a-person")
     assert probe.status == person.status == 200
@@ -495,19 +505,29 @@ def test_the_platforms_health_checks_are_answered_but_not_logged(start_web):
     assert web.proc.output().count("GET /healthz") == logged_before + 1
 
 
+@pytest.fixture(scope="module")
+def impatient_copy(tmp_path_factory) -> Iterator[Web]:
+    """A copy that gives a client half a second (CLIENT_TIMEOUT) for a head or a body."""
+    spawner = Spawner(tmp_path_factory.mktemp("impatient-copy"))
+    try:
+        yield start_webapps(spawner, {"CLIENT_TIMEOUT": "0.5"})[0]
+    finally:
+        spawner.end()
+
+
 @pytest.mark.parametrize("head, trickle", [
     (b"", b"GET /healthz HTTP/1.0\r\nX-Slow: " + b"a" * 100),
     (b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
      b"Content-Length: 100\r\n\r\nitem=", b"a" * 95),
 ], ids=["head", "body"])
-def test_a_request_that_trickles_in_gets_a_408_at_its_deadline(start_web, head, trickle):
-    web = start_web(CLIENT_TIMEOUT="1")
+def test_a_request_that_trickles_in_gets_a_408_at_its_deadline(impatient_copy, head, trickle):
+    web = impatient_copy
     with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
         sock.sendall(head)
         started = time.monotonic()
-        for byte in trickle:  # a byte every 0.1 s: each wait is short, the whole is not
+        for byte in trickle:  # a byte every 0.05 s: each wait is short, the whole is not
             sock.sendall(bytes([byte]))
-            if select.select([sock], [], [], 0.1)[0]:
+            if select.select([sock], [], [], 0.05)[0]:
                 break
         reply = read_reply(sock)
     assert reply.startswith(b"HTTP/1.0 408") and time.monotonic() - started < 2.5
@@ -517,7 +537,8 @@ def start_web_with_descriptors(spawn, tmp_path, limit: int) -> Web:
     """A copy whose process may open only `limit` descriptors (`ulimit -n`)."""
     port = free_port()
     command = f'ulimit -n {limit} && exec "{sys.executable}" webapp.py'
-    web = Web(spawn(["sh", "-c", command], app_env(tmp_path, PORT=port)), port)
+    env = app_env(tmp_path, PORT=port)
+    web = Web(spawn(["sh", "-c", command], env), port, env)
     wait_until(lambda: responds(web.url + "/healthz"), what="the copy to answer /healthz")
     return web
 
@@ -572,7 +593,7 @@ def test_a_copy_whose_workers_are_far_behind_answers_503_at_once(monkeypatch):
 
 
 def test_a_copy_told_to_stop_exits_within_stop_timeout_whatever_its_clients_do(start_web):
-    web = start_web(STOP_TIMEOUT="1")
+    web = start_web(STOP_TIMEOUT="0.3")
     with socket.create_connection(("127.0.0.1", web.port)) as body, \
             socket.create_connection(("127.0.0.1", web.port)) as head:
         body.sendall(b"POST /cart HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded"
@@ -586,16 +607,14 @@ def test_a_copy_told_to_stop_exits_within_stop_timeout_whatever_its_clients_do(s
     assert "cutting off" in web.proc.output()
 
 
-def test_head_gets_the_headers_of_get_without_the_body(start_web):
-    web = start_web()
+def test_head_gets_the_headers_of_get_without_the_body(web):
     for path in ("/", "/session", "/healthz"):
         full, head = get(web.url + path), http("HEAD", web.url + path)
         assert head.status == 200 and head.body == b""
         assert head.headers["content-length"] == full.headers["content-length"]
 
 
-def test_expect_100_continue_is_answered_before_the_body_is_sent(start_web):
-    web = start_web()
+def test_expect_100_continue_is_answered_before_the_body_is_sent(web):
     body = b"item=tea"
     with socket.create_connection(("127.0.0.1", web.port), timeout=1) as sock:
         sock.sendall(b"POST /cart HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Type: "
@@ -618,10 +637,8 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(start_web):
     ('filename="evil.txt"', "text/plain\r\n X-Evil: 1", "evil.txt",
      "application/octet-stream"),  # a folded header; it came back as a header of its own
 ], ids=["UTF-8", "RFC 5987", "control characters", "folded"])
-def test_uploads_keep_utf8_names_and_only_clean_content_types(start_web, tmp_path, disposition,
-                                                             content_type, filename,
-                                                             served_type):
-    web = start_web()
+def test_uploads_keep_utf8_names_and_only_clean_content_types(web, disposition, content_type,
+                                                             filename, served_type):
     body = (f'--b\r\nContent-Disposition: form-data; name="file"; {disposition}\r\n'
             f"Content-Type: {content_type}\r\n\r\nhello\r\n--b--\r\n").encode()
     made = http("POST", web.url + "/uploads", body,
@@ -629,16 +646,16 @@ def test_uploads_keep_utf8_names_and_only_clean_content_types(start_web, tmp_pat
     assert made.status == 303
     fetched = get(web.url + made.headers["location"], session_cookie(made))
     assert fetched.headers["content-type"] == served_type and "x-evil" not in fetched.headers
-    db = database_from_env(app_env(tmp_path))
+    db = database_from_env(web.env)
     try:
         upload_id = made.headers["location"].rsplit("/", 1)[1]
-        assert store_from_env(app_env(tmp_path), db).upload_info(upload_id).filename == filename
+        assert store_from_env(web.env, db).upload_info(upload_id).filename == filename
     finally:
         db.close()
 
 
-def test_a_client_that_hangs_up_early_leaves_no_traceback(start_web):
-    web = start_web()
+def test_a_client_that_hangs_up_early_leaves_no_traceback(web):
+    logged_before = len(web.proc.output())
     made = upload(web.url, b"x" * (4 << 20))
     request = (f"GET {made.headers['location']} HTTP/1.0\r\nCookie: sid="
                f"{session_cookie(made)}\r\n\r\n").encode()
@@ -647,44 +664,46 @@ def test_a_client_that_hangs_up_early_leaves_no_traceback(start_web):
             sock.sendall(request)
             # Close at once with a reset: the copy's write of 4 MiB then fails.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    wait_until(lambda: web.proc.output().count("left before the answer was sent") == 3,
-               what="three hang-ups in the log")
-    assert "Traceback" not in web.proc.output()
+    wait_until(lambda: logged_since(web, logged_before).count("left before the answer was sent")
+               == 3, what="three hang-ups in the log")
+    assert "Traceback" not in logged_since(web, logged_before)
     assert get(web.url + "/healthz").status == 200
 
 
-def test_a_lone_surrogate_in_job_args_is_refused_where_it_comes_in(start_web):
-    response = post_form(start_web().url + "/jobs",
+def test_a_lone_surrogate_in_job_args_is_refused_where_it_comes_in(web):
+    response = post_form(web.url + "/jobs",
                          {"task": "wordcount", "args": '{"upload": "\\ud800"}'})
     assert response.status == 400 and b"surrogate" in response.body
 
 
-def test_what_one_session_may_hold_is_bounded(start_web, tmp_path):
-    web = start_web()
+def test_what_one_session_may_hold_is_bounded(web):
     sid = login(web.url, "ada")
-    store = store_from_env(app_env(tmp_path), database_from_env(app_env(tmp_path)))
-    store.edit(sid, lambda session: session.data.update(cart=["tea"] * 1999))
+    db = database_from_env(web.env)
+    try:
+        store_from_env(web.env, db).edit(sid, lambda session: session.data.update(
+            cart=["tea"] * 1999))
+    finally:
+        db.close()
     assert post_form(web.url + "/cart", {"item": "one more"}, sid).status == 303
     refused = post_form(web.url + "/cart", {"item": "and another"}, sid)
     assert refused.status == 400 and b"the cart is full" in refused.body
     assert len(get(web.url + "/session", sid).json()["cart"]) == 2000
 
 
-def test_a_probes_user_agent_hides_nothing_but_the_probe_itself(start_web):
-    web = start_web()
-    response = http("POST", web.url + "/cart", b"item=hidden", {
+def test_a_probes_user_agent_hides_nothing_but_the_probe_itself(web):
+    response = http("POST", web.url + "/cart?from=a-probe", b"item=hidden", {
         "User-Agent": "kube-probe/1.29",
         "Content-Type": "application/x-www-form-urlencoded"})
     assert response.status == 303
-    wait_until(lambda: "POST /cart" in web.proc.output(), what="the POST's log line")
+    wait_until(lambda: "POST /cart?from=a-probe" in web.proc.output(),
+               what="the POST's log line")
 
 
 @pytest.mark.parametrize("headers, status", [
     ({"Transfer-Encoding": "Chunked"}, 411),   # any spelling: the body is not read
     ({"Content-Length": "9 "}, 303),           # whitespace around a value is allowed
 ])
-def test_body_headers_are_read_as_rfc_9110_says(start_web, headers, status):
-    web = start_web()
+def test_body_headers_are_read_as_rfc_9110_says(web, headers, status):
     sent = {"Content-Type": "application/x-www-form-urlencoded", **headers}
     with socket.create_connection(("127.0.0.1", web.port), timeout=5) as sock:
         sock.sendall(b"POST /cart HTTP/1.0\r\n" + "".join(f"{name}: {value}\r\n" for name, value
@@ -692,8 +711,7 @@ def test_body_headers_are_read_as_rfc_9110_says(start_web, headers, status):
         assert sock.recv(100).split()[1] == str(status).encode()
 
 
-def test_a_multipart_part_with_kilobytes_of_headers_is_refused(start_web):
-    web = start_web()
+def test_a_multipart_part_with_kilobytes_of_headers_is_refused(web):
     body = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n"
             + b"X: a\r\n" * 4000 + b"\r\ndata\r\n--B--\r\n")
     response = http("POST", web.url + "/uploads", body,

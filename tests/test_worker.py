@@ -6,16 +6,19 @@ import signal
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
 
 import pytest
 
-from conftest import app_env, get, post_form, upload, wait_until, write_lock_held
+from conftest import (Proc, Spawner, app_env, get, post_form, start_webapps, upload,
+                      wait_until, write_lock_held)
 from database import ConfigError, Refused, database_from_env
 from job_queue import JobQueue, limits_from_env, open_queue
 from tasks import number_arg
 from worker import StopRequest, config_from_env
 
-FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.05, "RETRY_BACKOFF": 0.05}
+FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.01, "RETRY_BACKOFF": 0.01}  # each at its minimum
 STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)
 WAITING = "; trying again until it answers"  # the one line a process logs per wait
 
@@ -27,7 +30,7 @@ def start_worker(spawn, tmp_path):
     def start(wait_ready: bool = True, **env):
         proc = spawn([sys.executable, "worker.py"], app_env(tmp_path, **{**FAST, **env}))
         if wait_ready:
-            wait_until(lambda: " ready (pid " in proc.output(), what="the worker to start")
+            wait_until_ready(proc)
         return proc
 
     return start
@@ -45,6 +48,40 @@ def start_workers(start_worker):
         return workers
 
     return start
+
+
+@dataclass
+class SharedWorker:
+    queue: JobQueue
+    proc: Proc
+
+
+@pytest.fixture(scope="module")
+def module_worker(tmp_path_factory) -> Iterator[SharedWorker]:
+    spawner = Spawner(tmp_path_factory.mktemp("shared-worker"))
+    db = database_from_env(app_env(spawner.folder))
+    try:
+        proc = spawner([sys.executable, "worker.py"], app_env(spawner.folder, **FAST))
+        wait_until_ready(proc)
+        yield SharedWorker(open_queue(db), proc)
+    finally:
+        spawner.end()
+        db.close()
+
+
+@pytest.fixture
+def shared_worker(module_worker) -> Iterator[SharedWorker]:
+    """worker.1 with short leases, started once for the module's tests that only need their
+    jobs run (each its own jobs) and leave it running; a test that ends it fails."""
+    if module_worker.proc.popen.poll() is not None:
+        pytest.fail("the shared worker died in an earlier test")
+    yield module_worker
+    if module_worker.proc.popen.poll() is not None:
+        pytest.fail(f"the shared worker died during this test:\n{module_worker.proc.output()}")
+
+
+def wait_until_ready(worker) -> None:
+    wait_until(lambda: " ready (pid " in worker.output(), what="the worker to start")
 
 
 def wait_for_state(queue: JobQueue, job_id: int, *states: str, timeout: float = 10) -> dict:
@@ -93,7 +130,9 @@ def test_thirty_jobs_over_three_workers_each_run_exactly_once(backing, start_wor
 
 def test_a_job_longer_than_its_lease_stays_with_its_live_worker(queue, start_workers):
     workers = start_workers(2).values()
-    job_id = queue.enqueue("sleep", {"seconds": 1.4})  # JOB_LEASE=1: renewed, not lost
+    # JOB_LEASE=1: unrenewed, the lease would run out at 1 s and the idle worker would
+    # take the job long before it ends.
+    job_id = queue.enqueue("sleep", {"seconds": 1.4})
     job = wait_for_state(queue, job_id, "done", "failed", "dead")
     assert (job["state"], job["attempts"]) == ("done", 1)
     assert sum(len(STARTED.findall(worker.output())) for worker in workers) == 1
@@ -124,16 +163,16 @@ def test_a_frozen_workers_job_is_run_by_another_and_its_late_result_discarded(
     assert queue.get(job_id) == job
 
 
-def test_a_task_that_fails_twice_then_succeeds_is_done_after_three_attempts(queue, start_worker):
-    start_worker()
+def test_a_task_that_fails_twice_then_succeeds_is_done_after_three_attempts(shared_worker):
+    queue = shared_worker.queue
     job_id = queue.enqueue("fail", {"times": 2})
     job = wait_for_state(queue, job_id, "done", "dead")
     assert (job["state"], job["attempts"]) == ("done", 3)
     assert job["result"] == {"succeeded_on_attempt": 3}
 
 
-def test_a_task_that_always_fails_ends_dead_with_its_error(queue, start_worker):
-    worker = start_worker()
+def test_a_task_that_always_fails_ends_dead_with_its_error(shared_worker):
+    queue, worker = shared_worker.queue, shared_worker.proc
     job_id = queue.enqueue("fail", {})
     job = wait_for_state(queue, job_id, "dead", "done")
     assert (job["state"], job["attempts"]) == ("dead", 3)
@@ -142,8 +181,8 @@ def test_a_task_that_always_fails_ends_dead_with_its_error(queue, start_worker):
     assert f"job {job_id} fail dead after 3 attempts: RuntimeError" in worker.output()
 
 
-def test_an_unknown_task_is_dead_at_once_and_the_worker_carries_on(queue, start_worker):
-    worker = start_worker()
+def test_an_unknown_task_is_dead_at_once_and_the_worker_carries_on(shared_worker):
+    queue, worker = shared_worker.queue, shared_worker.proc
     unknown = queue.enqueue("send_invoices", {})
     after = queue.enqueue("sleep", {"seconds": 0})
     job = wait_for_state(queue, unknown, "dead", "done")
@@ -201,14 +240,14 @@ def test_a_database_locked_past_the_busy_timeout_is_waited_out(queue, start_work
     assert f"recording job {job_id} as done: database is locked; trying again" in worker.output()
 
 
-def test_arguments_no_task_can_use_fail_the_job_not_the_worker(queue, start_worker):
+def test_arguments_no_task_can_use_fail_the_job_not_the_worker(shared_worker):
+    queue, worker = shared_worker.queue, shared_worker.proc
     too_long = queue.db.execute(  # stored by an older Python, or by hand: no 4,300-digit limit
         "INSERT INTO jobs (task, args, max_attempts, run_at, created_at, updated_at) "
         "VALUES ('sleep', ?, 1, 0, 0, 0) RETURNING id", ('{"seconds": 1' + "0" * 5000 + "}",)
     )[0]["id"]
     too_big = queue.enqueue("sleep", {"seconds": 1e308}, max_attempts=1)
-    after = queue.enqueue("sleep", {"seconds": 0})
-    worker = start_worker()
+    after = queue.enqueue("sleep", {"seconds": 0})  # run after them: first in, first out
     assert wait_for_state(queue, after, "done")["worker"] == "worker.1"
     errors = [queue.get(job_id)["error"] for job_id in (too_long, too_big)]
     assert errors[0].startswith(("its arguments cannot be decoded: Exceeds the limit",
@@ -263,8 +302,8 @@ def test_every_setting_the_worker_reads_is_checked_and_named(tmp_path, variable,
 
 
 def test_an_upload_made_on_one_web_copy_is_counted_by_a_worker_and_seen_on_another(
-        queue, start_web, start_worker):
-    one, two = start_web(DYNO="web.1"), start_web(DYNO="web.2")
+        queue, spawn, start_worker):
+    one, two = start_webapps(spawn, {"DYNO": "web.1"}, {"DYNO": "web.2"})
     made = upload(one.url, b"one two three\nfour five\n", "text/plain")
     assert made.status == 303
     upload_id = made.headers["location"].rsplit("/", 1)[1]
@@ -291,11 +330,11 @@ def test_with_the_memory_store_the_worker_cannot_see_the_upload(queue, start_web
     assert f"no upload {upload_id} in the memory store" in job["error"]
 
 
-def test_what_a_client_put_in_a_jobs_args_reaches_the_log_escaped(queue, start_worker):
+def test_what_a_client_put_in_a_jobs_args_reaches_the_log_escaped(shared_worker):
+    queue, worker = shared_worker.queue, shared_worker.proc
     # A wordcount of an upload that does not exist: its error quotes the id it was given.
     forged = "x\n08:00:00 system   | web.1 killed by SIGKILL\x1b]0;owned\x07"
     job_id = queue.enqueue("wordcount", {"upload": forged}, max_attempts=1)
-    worker = start_worker()
     wait_for_state(queue, job_id, "dead")
     wait_until(lambda: f"job {job_id} wordcount dead" in worker.output(), what="its log line")
     output = worker.output()
