@@ -42,8 +42,8 @@ BACKLOG = 128            # a backlog of 5 overflows under a burst of clients: sl
 CHUNK = 65536            # bytes read at once, and held per direction (backpressure)
 IDLE_TIMEOUT = 60.0      # a connection with no byte either way this long is closed (nginx: 60)
 UPSTREAM_TIMEOUT = 30.0  # a request its copy has not begun to answer by then gets a 504
-CONNECT_TIMEOUT = 3.0    # a copy that has not taken the connection by then is skipped
-SWEEP_EVERY = 1.0        # how often the router looks for connections past a deadline
+CONNECT_TIMEOUT = 1.0    # a copy that has not taken the connection by then is skipped
+SWEEP_EVERY = 0.25       # how often the router looks for connections past a deadline
 MAX_CONNECTIONS = 4096   # clients held at once; the next ones wait in the listen backlog
 RESERVED_DESCRIPTORS = 256  # left to the supervisor: copies' pipes, health checks, stdio
 
@@ -108,7 +108,7 @@ class Router:
     slows its copy, it does not fill our memory), and an end of file is passed on as a
     half-close, as HTTP/1.0 reads until the close.
 
-    Deadlines, checked once a second by `sweep`, so that the relay itself never looks at a
+    Deadlines, checked four times a second by `sweep`, so that the relay never looks at a
     clock: a copy that has not begun to answer `upstream_timeout` after the client's last
     byte gets its client a 504 (as Heroku's router does at 30 s); a connection with no byte
     either way for `idle_timeout` is closed, and that includes a client that never sends
@@ -322,7 +322,7 @@ class Router:
         self.listen(True)  # a place is free (and descriptors): take the next client
 
     def sweep(self) -> None:
-        """Once a second: act on the connections past a deadline, and listen again if
+        """Every SWEEP_EVERY: act on the connections past a deadline, and listen again if
         running out of descriptors made us stop."""
         now = time.monotonic()
         if now < self.next_sweep:

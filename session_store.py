@@ -413,8 +413,9 @@ class RedisStore(SessionStore):
     def commands(self, plan: Plan) -> list[tuple]:
         commands: list[tuple] = []
         if plan.write:
-            commands.append(("SET", session_key(plan.write), plan.text, "EX", self.ttl))
-            commands += [("EXPIRE", upload_key(upload), self.ttl) for upload in plan.uploads]
+            ttl_ms = int(self.ttl * 1000)  # PX, not EX: a test's ttl may be a fraction
+            commands.append(("SET", session_key(plan.write), plan.text, "PX", ttl_ms))
+            commands += [("PEXPIRE", upload_key(upload), ttl_ms) for upload in plan.uploads]
         if plan.remove:
             commands.append(("DEL", session_key(plan.remove),
                              *map(upload_key, plan.remove_uploads)))

@@ -43,7 +43,7 @@ SESSION_STORE (the tasks read uploads through it: with `memory` the worker has i
 empty dict, never the web copy's, so a `wordcount` cannot find the upload and ends dead;
 that is Factor VI's lesson again), the queue's limits (`job_queue.limits_from_env`), the
 copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`), WORKER_LANES (default
-`housekeeping,users,public`), JOB_LEASE (seconds, default 30, from 1 to 3600),
+`housekeeping,users,public`), JOB_LEASE (seconds, default 30, from 0.2 to 3600),
 POLL_INTERVAL (idle sleep, default 0.5, from 0.01 to 60), RETRY_BACKOFF (base seconds,
 default 2, at most 300), STOP_TIMEOUT (default 25, under Heroku's 30 s before SIGKILL; at
 most 3600), WORKER_BURST=1 (exit 0 when no lane has a job ready, like rq's burst mode).
@@ -70,6 +70,7 @@ from tasks import TASKS, TaskContext
 
 MAX_RETRY_DELAY = 300.0  # seconds; backoff grows no further
 WAKE_EVERY = 0.1         # seconds: how soon a waiting worker notices a stop signal
+MIN_LEASE = 0.2          # seconds: renewed every third of it, never a busy loop
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def config_from_env(environ: Mapping[str, str]) -> WorkerConfig:
     return WorkerConfig(
         dyno=process_name(environ, "worker.1"),
         lanes=lanes_from_env(environ),
-        lease=positive_number(environ, "JOB_LEASE", 30, 3600, minimum=1),
+        lease=positive_number(environ, "JOB_LEASE", 30, 3600, minimum=MIN_LEASE),
         poll_interval=positive_number(environ, "POLL_INTERVAL", 0.5, 60, minimum=0.01),
         retry_backoff=positive_number(environ, "RETRY_BACKOFF", 2, MAX_RETRY_DELAY),
         stop_timeout=stop_timeout(environ),

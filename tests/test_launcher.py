@@ -15,7 +15,7 @@ from contextlib import suppress
 
 import pytest
 
-from conftest import (REPO, SLEEPER, WEB, Launcher, alive, app_env, free_port, frozen, get, http,
+from conftest import (REPO, SLEEPER, WEB, Launcher, alive, app_env, free_port, get, http,
                       post_form, served_by, session_cookie, wait_until)
 from launcher import UsageError, read_config
 
@@ -207,21 +207,6 @@ def test_dotenv_reaches_the_copies_and_the_launchers_env_wins(launch, tmp_path):
     launcher.wait_for("seen: dotenv launcher")
 
 
-def test_a_frozen_web_copy_is_replaced_and_the_front_keeps_answering(launch):
-    launcher = launch(WEB, "web=2", "--check-every", "0.4")  # replaced within 2.4 s
-    launcher.wait_for(" is up on port", 2)
-    pid = launcher.pids("web.2")[-1]
-    with frozen(pid):
-        launcher.wait_for("web.2 failed 3 health checks in a row: replacing it", timeout=8)
-        launcher.wait_for("web.2 killed by SIGKILL")
-        launcher.wait_for("web.2 is up on port", 2)
-        assert launcher.pids("web.2")[-1] != pid
-        began = time.monotonic()
-        assert [http("GET", launcher.url, timeout=2).status for _ in range(10)] == [200] * 10
-        assert time.monotonic() - began < 5
-        assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
-
-
 def test_each_copy_is_told_its_own_deadline_to_stop_within_the_grace(launch, tmp_path):
     show = 'python -c "import os, time; print(os.environ[\'STOP_TIMEOUT\']); time.sleep(60)"'
     launcher = launch(f"show: {show}\n", "--grace", "6")
@@ -304,6 +289,9 @@ def test_kill_and_freeze_at_the_prompt_fail_a_copy_and_the_platform_replaces_it(
     launcher.wait_for("web.2 killed by SIGKILL")
     launcher.wait_for(" is up on port", 4)
     assert launcher.pids("web.1")[-1] != killed and not alive(frozen_pid)
+    began = time.monotonic()  # the front answers at once: no request waits on a dead copy
+    assert [http("GET", launcher.url, timeout=2).status for _ in range(10)] == [200] * 10
+    assert time.monotonic() - began < 5
     assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
 
 
@@ -311,8 +299,8 @@ def test_chaos_kills_a_copy_every_few_seconds_and_a_sqlite_shopper_barely_notice
     launcher = launch(WEB, "web=3", stdin=subprocess.PIPE)
     launcher.wait_for(" is up on port", 3)
     sid = session_cookie(post_form(f"http://127.0.0.1:{launcher.port}/login", {"name": "ada"}))
-    launcher.send("chaos 0.5")
-    launcher.wait_for("chaos: SIGKILL to a random copy every 0.5s, until `chaos off`")
+    launcher.send("chaos 0.25")
+    launcher.wait_for("chaos: SIGKILL to a random copy every 0.25s, until `chaos off`")
     known = []
     began = time.monotonic()
     while launcher.output().count("by chaos") < 4 and time.monotonic() - began < 15:

@@ -100,7 +100,7 @@ def test_a_request_stuck_on_a_frozen_copy_gets_a_504_after_the_upstream_timeout(
     with frozen(launcher.pids("web.1")[-1]):
         status, took = status_line(launcher.port)
     assert status.split()[1:2] == [b"504"], status
-    assert took < 3  # 0.5 s, checked by a sweep once a second
+    assert took < 3  # 0.5 s, checked by a sweep four times a second
     assert "sent no answer in 0.5s: 504 to its client" in launcher.output()
 
 
@@ -154,7 +154,7 @@ def test_a_copy_that_does_not_take_the_connection_is_skipped_for_the_next(launch
     with frozen(pid), full_backlog(port):
         answers = [status_line(launcher.port) for _ in range(2)]  # one goes to web.2 first
     assert [status.split()[1] for status, _ in answers] == [b"200", b"200"]
-    assert max(took for _, took in answers) < 8  # 3 s to give up on web.2, by a 1 s sweep
+    assert max(took for _, took in answers) < 5  # 1 s to give up on web.2, by a sweep
 
 
 # --- Many clients, slow clients, and running out of descriptors -----------------------------
@@ -209,7 +209,7 @@ def test_past_its_limit_the_router_lets_clients_wait_and_does_not_spin(launch):
     launcher = launch(WEB, "web=1", ulimit="-n 64")
     launcher.wait_for("web.1 is up on port")
     with clients(launcher.port, 16, SLOW_START) as slow, \
-            socket.create_connection(("127.0.0.1", launcher.port), timeout=1) as waiting:
+            socket.create_connection(("127.0.0.1", launcher.port), timeout=0.5) as waiting:
         waiting.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
         cpu_before = cpu_seconds(launcher.proc.pid)
         with pytest.raises(TimeoutError):
@@ -253,7 +253,7 @@ def upstreams(hosts: list[Web]) -> list[str]:
 def test_the_router_alone_spreads_over_its_upstreams_and_skips_a_frozen_one(spawn, tmp_path,
                                                                            start_web):
     hosts = two_hosts(start_web)
-    router, url = start_router(spawn, tmp_path, "--check-every", "0.3", *upstreams(hosts))
+    router, url = start_router(spawn, tmp_path, "--check-every", "0.15", *upstreams(hosts))
     wait_until(lambda: router.output().count("in the rotation") == 2, what="both upstreams up")
     assert Counter(get(url).headers["x-served-by"] for _ in range(8)) == {"a.web.1": 4,
                                                                           "b.web.1": 4}

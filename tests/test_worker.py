@@ -18,7 +18,8 @@ from job_queue import JobQueue, limits_from_env, open_queue
 from tasks import number_arg
 from worker import StopRequest, config_from_env
 
-FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.01, "RETRY_BACKOFF": 0.01}  # each at its minimum
+FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.01, "RETRY_BACKOFF": 0.01}
+SHORT_LEASE = 0.3  # where a lease must run out (not be kept alive): the sooner the better
 STARTED = re.compile(r"^job (\d+) \S+ started", re.MULTILINE)
 WAITING = "; trying again until it answers"  # the one line a process logs per wait
 
@@ -129,18 +130,18 @@ def test_thirty_jobs_over_three_workers_each_run_exactly_once(backing, start_wor
 
 
 def test_a_job_longer_than_its_lease_stays_with_its_live_worker(queue, start_workers):
-    workers = start_workers(2).values()
-    # JOB_LEASE=1: unrenewed, the lease would run out at 1 s and the idle worker would
-    # take the job long before it ends.
-    job_id = queue.enqueue("sleep", {"seconds": 1.4})
+    workers = start_workers(2, JOB_LEASE=0.5).values()
+    # Unrenewed, the lease would run out at 0.5 s and the idle worker would take the job
+    # long before it ends; renewed every third of it, it stays.
+    job_id = queue.enqueue("sleep", {"seconds": 0.9})
     job = wait_for_state(queue, job_id, "done", "failed", "dead")
     assert (job["state"], job["attempts"]) == ("done", 1)
     assert sum(len(STARTED.findall(worker.output())) for worker in workers) == 1
 
 
 def test_a_killed_workers_job_is_finished_by_another_after_the_lease(backing, start_workers):
-    queue, workers = backing.queue, start_workers(2, **backing.env)
-    job_id = queue.enqueue("sleep", {"seconds": 0.5})
+    queue, workers = backing.queue, start_workers(2, JOB_LEASE=SHORT_LEASE, **backing.env)
+    job_id = queue.enqueue("sleep", {"seconds": 0.3})
     killed = wait_for_state(queue, job_id, "running")["worker"]
     workers[killed].popen.kill()  # SIGKILL: no goodbye, no more renewals
     job = wait_for_state(queue, job_id, "done", "dead")
@@ -151,8 +152,8 @@ def test_a_killed_workers_job_is_finished_by_another_after_the_lease(backing, st
 
 def test_a_frozen_workers_job_is_run_by_another_and_its_late_result_discarded(
         queue, start_workers):
-    workers = start_workers(2)
-    job_id = queue.enqueue("sleep", {"seconds": 0.5})
+    workers = start_workers(2, JOB_LEASE=SHORT_LEASE)
+    job_id = queue.enqueue("sleep", {"seconds": 0.3})
     frozen = wait_for_state(queue, job_id, "running")["worker"]
     workers[frozen].send_signal(signal.SIGSTOP)  # paused mid-job: a long GC, a VM migrated
     job = wait_for_state(queue, job_id, "done")
