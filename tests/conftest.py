@@ -39,24 +39,24 @@ from typing import Callable, Iterator
 
 import pytest
 
+from side_by_side import port_range
 from browser import Browser
 from database import database_from_env
 from job_queue import JobQueue, open_queue
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-# Below the ranges the OS hands out for outgoing connections (Linux 32768-60999, macOS
-# 49152-65535). A port the OS picks with bind(0) lies inside them, and so do the ports after
-# it that the launcher gives its web copies: any client connection could take one between
-# the launcher's check and the copy's bind, and the copy would die on start.
-PORT_RANGE = range(20000, 32000)
+pytest_plugins = ["side_by_side"]
 
 
 def free_port() -> int:
-    """A port nobody listens on now, in a range outgoing connections never take."""
+    """A port nobody listens on now, in a range outgoing connections never take: below the
+    ranges the OS hands out for them (Linux 32768-60999, macOS 49152-65535). A port the OS
+    picks with bind(0) lies inside them, and so do the ports after it that the launcher
+    gives its web copies: any client connection could take one between the launcher's
+    check and the copy's bind, and the copy would die on start. `port_range` is this run's
+    share of that range, when runs of the suite go side by side (side_by_side)."""
     while True:
-        port = random.choice(PORT_RANGE)
+        port = random.choice(port_range())
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
