@@ -393,8 +393,8 @@ class RedisStore(SessionStore):
         deadline = time.monotonic() + MAX_EDIT_SECONDS
         while time.monotonic() < deadline:
             with self.redis.connection() as conn:
-                conn.execute("WATCH", session_key(sid))
-                stored = conn.execute("GET", session_key(sid))
+                # WATCH, then GET, in one round trip: the watch starts before the read.
+                _, stored = conn.pipeline([("WATCH", session_key(sid)), ("GET", session_key(sid))])
                 stored = None if stored is None else stored.decode()
                 session = opened(sid, stored, rotate)
                 change(session)

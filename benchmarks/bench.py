@@ -24,8 +24,8 @@ workloads and keep every raw latency; but they take about a core of their own, w
 starves every configuration alike and hides what a second copy buys. The report says
 which one ran.
 
-Every configuration is started first, on free loopback ports with its own SQLite file,
-and warmed up; then they are measured in turns, a few rounds each, and each one's best
+Every configuration is started first, on free loopback ports with its own SQLite file
+(or its own redis-server: the same app with one URL changed), and warmed up; then they are measured in turns, a few rounds each, and each one's best
 round is kept (others' work on the machine only ever takes from a round, never adds).
 Read the ratios, not the absolute figures: the machine and whatever else runs on it
 weigh on every configuration of a run alike, so ratios within one run hold where
@@ -46,6 +46,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -263,12 +264,51 @@ def free_port() -> int:
 
 
 def app_env(workdir: Path, store: str, **extra) -> dict[str, str]:
-    """The children's environment: this configuration's database and store, unbuffered."""
+    """The children's environment: this configuration's database and store, unbuffered.
+    `store` is `sqlite` or `memory` (a SQLite file of its own: its sessions or not), or
+    the URL of a redis-server of its own (`on_redis`)."""
     env = {name: value for name, value in os.environ.items()
            if name not in ("PORT", "HOST", "DYNO", "SESSION_STORE", "SESSION_TTL")}
-    env.update(DATABASE_URL=f"sqlite:///{workdir / 'app.db'}", SESSION_STORE=store,
-               PYTHONUNBUFFERED="1", **{name: str(value) for name, value in extra.items()})
+    if store.startswith("redis://"):
+        env.update(DATABASE_URL=store, SESSION_STORE="redis")
+    else:
+        env.update(DATABASE_URL=f"sqlite:///{workdir / 'app.db'}", SESSION_STORE=store)
+    env.update(PYTHONUNBUFFERED="1", **{name: str(value) for name, value in extra.items()})
     return env
+
+
+@contextlib.contextmanager
+def on_redis(start: Callable[..., ContextManager[Target]], workdir: Path,
+             **kwargs) -> Iterator[Target]:
+    """`start` (direct, behind_router...) with its sessions and jobs in a redis-server of
+    its own, as a networked store would be: on loopback here, with a password."""
+    port, password = free_port(), secrets.token_hex(8)
+    args = [shutil.which("redis-server"), "--port", str(port), "--bind", HOST,
+            "--requirepass", password, "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    with running(args, dict(os.environ), workdir / "redis.log") as proc:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not redis_answers(port, password):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise StartError(f"redis-server did not come up (exit code {proc.poll()})")
+            time.sleep(0.05)
+        with start(workdir, store=f"redis://:{password}@{HOST}:{port}/0", **kwargs) as target:
+            yield target
+
+
+def redis_answers(port: int, password: str) -> bool:
+    """PONG to AUTH and PING, spoken by hand (the bench measures the client, it does not
+    lean on it to start)."""
+    command = (b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n*1\r\n$4\r\nPING\r\n"
+               % (len(password), password.encode()))
+    try:
+        with socket.create_connection((HOST, port), timeout=1) as sock:
+            sock.sendall(command)
+            received = b""
+            while received.count(b"\r\n") < 2 and (data := sock.recv(64)):
+                received += data
+            return received == b"+OK\r\n+PONG\r\n"
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -456,17 +496,20 @@ class Setup:
     start: Callable[[Path], ContextManager[Target]]
     workloads: tuple[str, ...]
     in_quick: bool = False
-    needs: str = ""  # "nginx" or "gunicorn": skipped with a note when it is missing
+    needs: str = ""  # "nginx", "gunicorn" or "redis": skipped with a note when it is missing
 
 
 BOTH, SESSION = ("session", "healthz"), ("session",)
 ROUTER, NGINX, GUNICORN = "router web=2", "nginx web=2", "flask+gunicorn 2 sync"
 REUSEPORT, INHERITED = "reuseport web=2", "shared socket web=2"
+REDIS_ROUTER = "router web=2 (redis)"
 PLAN = [
     Setup("direct", partial(direct, store="sqlite"), BOTH, True),
     Setup("direct (memory)", partial(direct, store="memory"), SESSION),
+    Setup("direct (redis)", partial(on_redis, direct), SESSION, False, "redis"),
     Setup("router web=1", partial(behind_router, store="sqlite", count=1), BOTH),
     Setup(ROUTER, partial(behind_router, store="sqlite", count=2), BOTH, True),
+    Setup(REDIS_ROUTER, partial(on_redis, behind_router, count=2), SESSION, True, "redis"),
     Setup("router web=2 (logs to /dev/null)",
           partial(behind_router, store="sqlite", count=2, copies_log=False), SESSION),
     Setup("router web=4", partial(behind_router, store="sqlite", count=4), BOTH),
@@ -475,7 +518,7 @@ PLAN = [
     Setup(INHERITED, partial(sharing_port, store="sqlite", count=2, how="inherit"), BOTH),
     Setup(GUNICORN, partial(on_gunicorn, store="sqlite", count=2), BOTH, True, "gunicorn"),
 ]
-RATIOS = [  # label, numerator, denominator, the floor issue 12 sets for each workload
+RATIOS = [  # label, numerator, denominator, the floor (if any) each workload must reach
     (f"{ROUTER} / {NGINX}", ROUTER, NGINX, {"session": 0.95, "healthz": 0.95}),
     (f"{ROUTER} / {GUNICORN}", ROUTER, GUNICORN, {"session": 0.8}),
     (f"{ROUTER} / direct", ROUTER, "direct", {}),
@@ -486,6 +529,8 @@ RATIOS = [  # label, numerator, denominator, the floor issue 12 sets for each wo
      "router web=2 (logs to /dev/null)", {}),
     ("router web=4 / router web=1", "router web=4", "router web=1", {}),
     ("sqlite / memory, direct", "direct", "direct (memory)", {}),
+    (f"redis / sqlite, {ROUTER}", REDIS_ROUTER, ROUTER, {"session": 1.0}),
+    ("redis / sqlite, direct", "direct (redis)", "direct", {}),
 ]
 
 
@@ -514,6 +559,8 @@ def missing_tools() -> dict[str, str]:
         missing["nginx"] = "nginx not installed: apt-get install nginx"
     if not all(importlib.util.find_spec(name) for name in ("flask", "gunicorn")):
         missing["gunicorn"] = "flask or gunicorn not installed: pip install flask gunicorn"
+    if shutil.which("redis-server") is None:
+        missing["redis"] = "redis-server not installed: apt-get install redis-server"
     return missing
 
 
