@@ -10,7 +10,6 @@ import pytest
 from conftest import REPO, free_port, responds, wait_until
 
 
-
 def load_script(name: str):
     """benchmarks/ is not a package on the path: load a script there by its file name."""
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
@@ -30,6 +29,14 @@ def test_load_generator_counts_cart_requests_without_errors(web):
     assert len(tally.latencies) > 20
     assert dict(tally.errors) == {}
     assert 0 < tally.summary().rate
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_the_redis_configuration_serves_the_session_workload_from_its_own_redis(tmp_path):
+    with bench.on_redis(bench.direct, tmp_path) as target:
+        tally = bench.hammer(target.port, "session", clients=2, seconds=0.3, max_requests=500)
+    assert len(tally.latencies) > 10 and dict(tally.errors) == {}
+    assert "redis" in (tmp_path / "web.1.log").read_text()  # "(pid ..., redis store)"
 
 
 def test_percentile_is_the_nearest_rank():
