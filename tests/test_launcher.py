@@ -12,12 +12,14 @@ import threading
 import time
 from collections import Counter
 from contextlib import suppress
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import (REPO, SLEEPER, WEB, Launcher, alive, app_env, free_port, get, http,
                       post_form, served_by, session_cookie, wait_until)
-from launcher import UsageError, read_config
+from formation import Formation
+from launcher import Supervisor, UsageError, read_config
 
 
 def test_formation_starts_the_asked_copies_with_names_and_ports(launch):
@@ -328,3 +330,14 @@ def test_sticky_routing_makes_the_memory_store_seem_to_work_until_a_restart(laun
     launcher.wait_for("rolling restart done")
     launcher.wait_for(" exited with code 0", 3)
     assert {get(front + "/session", sid).json()["user"] for _ in range(6)} == {None}
+
+
+def test_a_front_port_near_the_top_runs_out_of_copy_ports_with_one_line_not_a_crash():
+    """No port past 65535: `port_is_free(65536)` would raise OverflowError in bind()."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 65535))
+        shell = SimpleNamespace(config=SimpleNamespace(port=65534),
+                                formation=Formation(["web"], grace=1))
+        copy = shell.formation.add("web", 1)
+        with pytest.raises(OSError, match="no free port left after the front port 65534"):
+            Supervisor.port_for(shell, copy)
