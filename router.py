@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"router.py: error: {error}", file=sys.stderr)
         return 2
     printer = LogPrinter()
-    log = partial(printer.lines, "router")
+    log = partial(printer.lines, "system")  # the platform speaks as it does in a launcher
     router = Router(listener, lambda text: log([text]), args.idle_timeout,
                     args.upstream_timeout, connection_limit(), args.sticky)
     router.start()
