@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -70,8 +69,9 @@ class Terminals:
     def env(self, port: int) -> dict[str, str]:
         env = {name: value for name, value in os.environ.items()
                if name not in ("PORT", "HOST", "DYNO", "SESSION_STORE", "DATABASE_URL",
-                               "JOB_LEASE", "HEARTBEAT_EVERY")}
-        return {**env, "PORT": str(port), "PYTHONUNBUFFERED": "1"}
+                               "REDIS_URL", "JOB_LEASE", "HEARTBEAT_EVERY")}
+        # A failing job retries after 0.05 s, then 0.1 s, not 2 s then 4 s: the same story.
+        return {**env, "PORT": str(port), "PYTHONUNBUFFERED": "1", "RETRY_BACKOFF": "0.05"}
 
     def start_launcher(self, command: str, web: int) -> Launcher:
         """Terminal 1: the command as written, on a free front port instead of 5000."""
@@ -84,8 +84,10 @@ class Terminals:
         return launcher
 
     def run(self, launcher: Launcher, block: str) -> str:
-        """Terminal 2: a block as written, pointed at this launcher's front port."""
+        """Terminal 2: a block as written, pointed at this launcher's front port, its
+        files (/tmp/cookies.txt) in this project's folder: the runs go side by side."""
         script = block.replace("127.0.0.1:5000", f"127.0.0.1:{launcher.port}")
+        script = script.replace("/tmp/", f"{self.project}/")
         done = subprocess.run(["bash", "-c", script], cwd=self.project, capture_output=True,
                               text=True, timeout=60, env=self.env(launcher.port))
         assert done.returncode == 0, f"{block}\nexit {done.returncode}: {done.stderr}"
@@ -139,9 +141,10 @@ def test_try_it_2_sqlite_store_knows_you_on_every_copy(terminals):
 
 def test_try_it_4_a_killed_copy_is_replaced_while_every_request_is_answered(terminals):
     launcher = terminals.start_launcher(scenario(2).launcher, web=4)
+    launcher.send(scenario(4).prompt[0])  # kill web.2
     statuses = terminals.run(launcher, scenario(4).shell[0]).split()
     assert statuses == ["200"] * 12
-    launcher.wait_for("killed by SIGKILL")
+    launcher.wait_for("web.2 killed by SIGKILL")
     launcher.wait_for(" is up on port", 5)
 
 
@@ -157,6 +160,54 @@ def test_try_it_5_scaling_is_a_number_typed_at_the_prompt(terminals):
     launcher.wait_for(" exited with code 0", 6)  # out of the rotation before they stop
     counts = re.findall(r"(\d+) X-Served-By: (web\.\d+)", terminals.run(launcher, steps.shell[0]))
     assert counts == [("8", "web.1"), ("8", "web.2")]
+
+
+def test_try_it_8_sticky_routing_seems_to_work_with_memory_until_a_restart(terminals):
+    steps = scenario(8)
+    launcher = terminals.start_launcher(steps.launcher.replace("web=4", "web=2"), web=2)
+    terminals.run(launcher, steps.shell[0])  # log in
+    before = terminals.run(launcher, steps.shell[1])
+    assert re.fullmatch(r'\s*12 "user": "ada", \t"served_by": "web\.\d"\n', before), before
+    launcher.send(steps.prompt[0])  # restart web
+    launcher.wait_for("rolling restart done")
+    launcher.wait_for(" exited with code 0", 2)
+    after = terminals.run(launcher, steps.shell[1])
+    assert re.fullmatch(r'\s*12 "user": null, \t"served_by": "web\.\d"\n', after), after
+
+
+def test_try_it_9_a_sqlite_shopper_barely_notices_chaos(terminals):
+    steps = scenario(9)
+    launcher = terminals.start_launcher(steps.launcher, web=3)
+    launcher.send(steps.prompt[0])  # chaos 1
+    counted = dict(reversed(line.split()) for line in  # "  29 1" and "   1 0": known, not
+                   terminals.run(launcher, steps.shell[0]).splitlines())
+    launcher.send("chaos off")
+    assert int(counted.get("1", 0)) >= 0.8 * 30, counted
+    launcher.wait_for("SIGKILL, by chaos")
+
+
+def test_try_it_10_the_same_app_on_redis_with_one_url_changed(terminals, redis_server):
+    steps = scenario(10)
+    command = steps.launcher.replace("redis://127.0.0.1:6379/0", redis_server.url)
+    launcher = terminals.start_launcher(command.replace("web=4", "web=2"), web=2)
+    users, copies = users_and_copies(terminals.run(launcher, scenario(1).shell[0]))
+    assert users == ["ada"] * 4 and len(copies) == 2
+    assert steps.shell[0].startswith("redis-server")  # the test started its own instead
+
+
+def test_try_it_11_a_sqlite_file_per_host_forgets_users_who_cross_hosts(terminals):
+    a, b, front = free_port(), free_port(), free_port()
+    lines = scenario(11).launcher.replace("5100", str(a)).replace("5200", str(b)).replace(
+        "--port 5000", f"--port {front}").splitlines()
+    hosts = [terminals.spawn(["bash", "-c", line], terminals.env(front), cwd=terminals.project)
+             for line in lines]
+    router = Launcher(hosts[-1], front)
+    router.wait_for("in the rotation", 2)
+    output = terminals.run(router, scenario(1).shell[0])
+    sessions = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert {session["served_by"][:2] for session in sessions} == {"a.", "b."}
+    assert all((session["user"] == "ada") == session["served_by"].startswith("a.")
+               for session in sessions), sessions
 
 
 # --- Scenarios 3 and 6, begun in the background ----------------------------------------
@@ -215,8 +266,9 @@ def restart_and_ask(terminals: Terminals, command: str, during=None) -> list[dic
     terminals.run(launcher, scenario(1).shell[0])
     old_pids = web_pids(launcher)
     if during:
-        statuses = ask_during_restart(terminals, launcher, during)
+        statuses, downloads = ask_during_restart(terminals, launcher, during)
         assert statuses == ["200"] * len(statuses) and len(statuses) >= 20, statuses
+        assert downloads and set(downloads) == {"download: 200, 2000000 bytes"}, downloads
     else:
         launcher.send(scenario(3).prompt[0])
         launcher.wait_for("rolling restart done", timeout=RESTART_HANGS)
@@ -227,18 +279,22 @@ def restart_and_ask(terminals: Terminals, command: str, during=None) -> list[dic
     return sessions
 
 
-def ask_during_restart(terminals: Terminals, launcher: Launcher, loop: str) -> list[str]:
+def ask_during_restart(terminals: Terminals, launcher: Launcher,
+                       loop: str) -> tuple[list[str], list[str]]:
     """Type `restart web` while terminal 2 runs `loop`, and run it again until the launcher
-    says the restart is done, as a person would keep asking: every status it printed."""
-    statuses = []
+    says the restart is done, as a person would keep asking: every status it printed, and
+    every line the slow download printed."""
+    statuses, downloads = [], []
     with ThreadPoolExecutor(1) as terminal_2:
         running = terminal_2.submit(terminals.run, launcher, loop)
         launcher.send(scenario(3).prompt[0])
         deadline = time.monotonic() + RESTART_HANGS
         while True:
-            statuses += running.result().split()
+            for line in running.result().splitlines():
+                (downloads.append(line) if line.startswith("download:")
+                 else statuses.extend(line.split()))
             if "rolling restart done" in launcher.output():
-                return statuses
+                return statuses, downloads
             if time.monotonic() > deadline:
                 pytest.fail(f"no rolling restart done after {RESTART_HANGS}s:\n"
                             f"{launcher.output()}")
@@ -262,7 +318,8 @@ def begin_scenario_6(terminals: Terminals) -> tuple[Launcher, int]:
     terminals.run(launcher, jobs.shell[0])
     [job_id] = wait_until(lambda: re.findall(r"worker\.2 +\| job (\d+) sleep started",
                                              launcher.output()), what="worker.2's job")
-    os.kill(launcher.pids("worker.2")[-1], signal.SIGKILL)
+    launcher.send(jobs.prompt[0])  # kill worker.2
+    launcher.wait_for("worker.2 killed by SIGKILL")
     return launcher, int(job_id)
 
 
@@ -279,6 +336,11 @@ def test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_onc
     found = {job["id"]: job for job in json.loads(terminals.run(launcher, jobs.shell[1]))}
     assert found[job_id]["attempts"] == 2
     assert sorted(job["attempts"] for job in found.values()) == [1, 1, 2]
+    failing = terminals.run(launcher, jobs.shell[2]).strip()  # fails twice, then is done
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/jobs/\d+", failing)
+    wait_until(lambda: get(failing).json()["state"] == "done", timeout=20,
+               what="the failing job done on its third attempt")
+    assert get(failing).json()["attempts"] == 3
 
     launcher.send(clocks.prompt[0])
     launcher.wait_for("already enqueued (by another clock, or by this one before a restart)")
