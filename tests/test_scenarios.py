@@ -290,9 +290,9 @@ def ask_during_restart(terminals: Terminals, launcher: Launcher,
         launcher.send(scenario(3).prompt[0])
         deadline = time.monotonic() + RESTART_HANGS
         while True:
-            for line in running.result().splitlines():
-                (downloads.append(line) if line.startswith("download:")
-                 else statuses.extend(line.split()))
+            printed = running.result()  # the download's line may land amid the statuses
+            downloads += re.findall(r"download: \d+, \d+ bytes", printed)
+            statuses += re.sub(r"download: \d+, \d+ bytes", "", printed).split()
             if "rolling restart done" in launcher.output():
                 return statuses, downloads
             if time.monotonic() > deadline:
