@@ -125,21 +125,8 @@ def web_pids(launcher: Launcher) -> set[int]:
     return {pid for name, pid, _ in launcher.started() if name.startswith("web.")}
 
 
-def test_try_it_1_memory_store_forgets_you_on_three_copies_of_four(terminals):
-    launcher = terminals.start_launcher(scenario(1).launcher, web=4)
-    output = terminals.run(launcher, scenario(1).shell[0])
-    users, copies = users_and_copies(output)
-    assert Counter(users) == {"ada": 1, None: 3}
-    assert len(copies) == 4 and output.count("X-Served-By: web.") == 4
-
-
-def test_try_it_2_sqlite_store_knows_you_on_every_copy(terminals):
-    launcher = terminals.start_launcher(scenario(2).launcher, web=4)
-    users, copies = users_and_copies(terminals.run(launcher, scenario(1).shell[0]))
-    assert users == ["ada"] * 4 and len(copies) == 4
-
-
-def test_try_it_4_a_killed_copy_is_replaced_while_every_request_is_answered(terminals):
+def test_try_it_4_and_5_a_killed_copy_is_replaced_and_scaling_is_a_number(terminals):
+    """Scenario 2's launcher, kept running through scenarios 4 and 5 as the README does."""
     launcher = terminals.start_launcher(scenario(2).launcher, web=4)
     launcher.send(scenario(4).prompt[0])  # kill web.2
     statuses = terminals.run(launcher, scenario(4).shell[0]).split()
@@ -147,12 +134,9 @@ def test_try_it_4_a_killed_copy_is_replaced_while_every_request_is_answered(term
     launcher.wait_for("web.2 killed by SIGKILL")
     launcher.wait_for(" is up on port", 5)
 
-
-def test_try_it_5_scaling_is_a_number_typed_at_the_prompt(terminals):
     steps = scenario(5)
-    launcher = terminals.start_launcher(scenario(2).launcher, web=4)
     launcher.send(steps.prompt[0])
-    launcher.wait_for(" is up on port", 8)  # web.5 to web.8 join the first four
+    launcher.wait_for(" is up on port", 9)  # web.5 to web.8 join the first four
     counts = re.findall(r"(\d+) X-Served-By: (web\.\d+)", terminals.run(launcher, steps.shell[0]))
     assert sorted(name for _, name in counts) == [f"web.{n}" for n in range(1, 9)]
     assert {count for count, _ in counts} == {"2"}
@@ -231,16 +215,18 @@ def background(request, tmp_path_factory):
         with two_terminals(spawner.folder / "scenario-6", spawner) as jobs_terminals, \
                 ThreadPoolExecutor(2) as threads:  # waited for before the processes end
 
-            def begin(test: Callable, story: Callable, *args) -> Future | None:
-                return threads.submit(story, *args) if selected(request, test) else None
+            def begin(tests: tuple[Callable, ...], story: Callable, *args) -> Future | None:
+                if any(selected(request, test) for test in tests):
+                    return threads.submit(story, *args)
+                return None
 
             yield Background(
                 jobs_terminals,
-                begin(test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones,
+                begin((test_try_it_1_memory_store_forgets_you_on_three_copies_of_four,
+                       test_try_it_2_sqlite_store_knows_you_on_every_copy,
+                       test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones),
                       restart_both_stores, spawner.folder / "scenario-3", spawner),
-                begin(
-                    test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_once,
-                    begin_scenario_6, jobs_terminals))
+                begin(SCENARIO_6_TESTS, begin_scenario_6, jobs_terminals))
     finally:
         spawner.end()
 
@@ -248,22 +234,24 @@ def background(request, tmp_path_factory):
 RESTART_HANGS = 60  # seconds: a rolling restart of four copies takes one, or a few when busy
 
 
-def restart_both_stores(folder: Path, spawn: Callable[..., Proc]) -> tuple[list, list]:
+def restart_both_stores(folder: Path, spawn: Callable[..., Proc]) -> dict[str, tuple]:
     """Scenario 3 with the SQLite store and with memory, side by side, each in a project of
-    its own (its own cookies.txt): the sessions each set of new copies answered."""
+    its own (its own cookies.txt): for each store, scenario 1's answers before the restart
+    (so scenarios 1 and 2 need no launchers of their own), and the sessions after."""
     with two_terminals(folder / "sqlite", spawn) as sqlite, \
             two_terminals(folder / "memory", spawn) as memory, ThreadPoolExecutor(1) as beside:
         # The requests sent during the restart are scenario 3's point; for the memory store
         # the README asks only to "log in, `restart web`, ask again".
         forgotten = beside.submit(restart_and_ask, memory, scenario(1).launcher)
         kept = restart_and_ask(sqlite, scenario(2).launcher, during=scenario(3).shell[0])
-        return kept, forgotten.result()
+        return {"sqlite": kept, "memory": forgotten.result()}
 
 
-def restart_and_ask(terminals: Terminals, command: str, during=None) -> list[dict]:
-    """Log in as ada, type `restart web` (while `during` runs), ask the new copies."""
+def restart_and_ask(terminals: Terminals, command: str, during=None) -> tuple[str, list]:
+    """Log in as ada and ask four times (scenario 1's commands: what they printed), type
+    `restart web` (while `during` runs), ask the new copies (the sessions they answered)."""
     launcher = terminals.start_launcher(command, web=4)
-    terminals.run(launcher, scenario(1).shell[0])
+    first_answers = terminals.run(launcher, scenario(1).shell[0])
     old_pids = web_pids(launcher)
     if during:
         statuses, downloads = ask_during_restart(terminals, launcher, during)
@@ -276,7 +264,7 @@ def restart_and_ask(terminals: Terminals, command: str, during=None) -> list[dic
     sessions = [json.loads(line) for line in output.splitlines()]
     assert len({s["pid"] for s in sessions} - old_pids) == 4  # four new processes answered
     launcher.end()
-    return sessions
+    return first_answers, sessions
 
 
 def ask_during_restart(terminals: Terminals, launcher: Launcher,
@@ -301,8 +289,21 @@ def ask_during_restart(terminals: Terminals, launcher: Launcher,
             running = terminal_2.submit(terminals.run, launcher, loop)
 
 
+def test_try_it_1_memory_store_forgets_you_on_three_copies_of_four(background):
+    first_answers, _ = background.restarts.result()["memory"]
+    users, copies = users_and_copies(first_answers)
+    assert Counter(users) == {"ada": 1, None: 3}
+    assert len(copies) == 4 and first_answers.count("X-Served-By: web.") == 4
+
+
+def test_try_it_2_sqlite_store_knows_you_on_every_copy(background):
+    first_answers, _ = background.restarts.result()["sqlite"]
+    users, copies = users_and_copies(first_answers)
+    assert users == ["ada"] * 4 and len(copies) == 4
+
+
 def test_try_it_3_restart_keeps_sqlite_sessions_and_loses_memory_ones(background):
-    sqlite, memory = background.restarts.result()
+    (_, sqlite), (_, memory) = background.restarts.result().values()
     assert [session["user"] for session in sqlite] == ["ada"] * 4
     assert [session["user"] for session in memory] == [None] * 4
 
@@ -346,6 +347,9 @@ def test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_onc
     launcher.wait_for("already enqueued (by another clock, or by this one before a restart)")
     keys = Counter(job["key"] for job in json.loads(terminals.run(launcher, clocks.shell[0])))
     assert keys and set(keys.values()) == {1}
+
+
+SCENARIO_6_TESTS = (test_try_it_6_and_7_a_killed_workers_job_is_finished_and_two_clocks_tick_once,)
 
 
 def test_the_readme_map_names_code_that_exists():
