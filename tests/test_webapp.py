@@ -18,11 +18,13 @@ from typing import Iterator
 
 import pytest
 
-from conftest import (Proc, Spawner, Web, app_env, free_port, get, http, multipart, post_form,
-                      responds, run_each, session_cookie, start_webapps, upload, wait_until)
+from conftest import (Spawner, Web, app_env, free_port, get, http, multipart, post_form,
+                      responds, session_cookie, start_webapps, upload, wait_until)
 import web_server
-from database import database_from_env
+from database import ConfigError, database_from_env
+from job_queue import queue_from_env
 from session_store import store_from_env
+from webapp import config_from_env
 
 
 def login(url: str, name: str, cookie: str | None = None) -> str:
@@ -400,21 +402,22 @@ BAD_CONFIGURATIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_configuration_runs(tmp_path_factory) -> list[Proc]:
-    """A copy per bad configuration, in its order, all started at once."""
-    with run_each(tmp_path_factory.mktemp("bad-configurations"), "webapp.py",
-                  [env for env, _ in BAD_CONFIGURATIONS]) as runs:
-        yield runs
-
-
 @pytest.mark.parametrize("env, variable", BAD_CONFIGURATIONS)
-def test_bad_configuration_exits_2_with_one_line_naming_the_variable(bad_configuration_runs,
-                                                                     env, variable):
-    proc = bad_configuration_runs[BAD_CONFIGURATIONS.index((env, variable))]
+def test_bad_configuration_is_refused_naming_the_variable(tmp_path, env, variable):
+    """What `main` reads, in its order: each bad value is a ConfigError that names it."""
+    environ = {"DATABASE_URL": f"sqlite:///{tmp_path}/app.db", **env}
+    with pytest.raises(ConfigError, match=variable) as refused:
+        config_from_env(environ)
+        service = database_from_env(environ)
+        queue_from_env(environ, service)
+        store_from_env(environ, service)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_bad_configuration_exits_2_with_one_line_before_listening(spawn, tmp_path):
+    proc = spawn([sys.executable, "webapp.py"], app_env(tmp_path, PORT="abc"))
     assert proc.popen.wait(10) == 2
-    lines = proc.output().strip().splitlines()
-    assert len(lines) == 1 and variable in lines[0], lines
+    assert proc.output() == "webapp: PORT must be a port number from 1 to 65535, got 'abc'\n"
 
 
 def test_a_port_in_use_exits_2(spawn, tmp_path):
