@@ -9,8 +9,7 @@ a module whose tests only need "a copy" shares one: `web` is web.1 of `shared_co
 two copies on one SQLite file started once per module. Such tests make their own sessions
 (each its own cookie), so they cannot see each other's; a test that needs other settings,
 or stops or kills its copy, starts its own with `start_web`. In the same spirit the
-session has one Chromium (`browser`), and processes that only check their settings start
-all at once (`run_each`).
+session has one Chromium (`browser`).
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -219,23 +218,6 @@ class Spawner:
     def end(self) -> None:
         for proc in self.started:
             proc.kill_group()
-
-
-@contextmanager
-def run_each(folder: Path, script: str, settings: list[dict]) -> Iterator[list[Proc]]:
-    """`python <script>` once per environment in `settings`, all started at once, each with
-    a folder (a database) of its own: for processes that only start, read their settings
-    and exit, where a Python start-up is most of the time. They end with the block."""
-    spawner = Spawner(folder)
-    try:
-        runs = []
-        for number, env in enumerate(settings):
-            (folder / f"run-{number}").mkdir()
-            runs.append(spawner([sys.executable, script],
-                                app_env(folder / f"run-{number}", **env)))
-        yield runs
-    finally:
-        spawner.end()
 
 
 def selected(request: pytest.FixtureRequest, test: Callable) -> bool:
