@@ -454,8 +454,8 @@ class Room:
             if shutil.disk_usage(self.service.path.parent).free < MIN_FREE_DISK:
                 return f"the disk of {self.service.path} is nearly full; try again later"
         if used >= self.max_bytes:
-            return (f"the store holds {used >> 20} MB, its ceiling is STORE_MAX_MB="
-                    f"{self.max_bytes >> 20}; try again once old sessions have expired")
+            return (f"the store holds {used / (1 << 20):.1f} MB, its ceiling is STORE_MAX_MB="
+                    f"{self.max_bytes / (1 << 20):g}; try again once old sessions have expired")
         return ""
 
 

@@ -306,3 +306,24 @@ def test_the_url_picks_the_store_and_the_ttl_is_whole_seconds(tmp_path, fresh_re
     assert store_from_env({}, Redis(fresh_redis)).kind == "redis"
     assert store_from_env({"SESSION_STORE": "memory"}, Redis(fresh_redis)).kind == "memory"
     assert json.loads(json.dumps(store_from_env({}, db).ttl)) == 86400
+
+
+def test_once_old_sessions_expire_their_space_is_used_again(tmp_path):
+    db = Database(tmp_path / "app.db")
+    store = sqlite_store(tmp_path / "app.db", ttl=0.3)
+    pages = db.query("SELECT * FROM pragma_page_count(), pragma_page_size()")[0]
+    store.room = Room(db, pages[0] * pages[1] + (600 << 10))  # 600 KiB more, then full
+
+    def stored() -> bool:  # a session of 50 KiB, if there is room for it
+        try:
+            return bool(new_session(store, cart=["x" * (50 << 10)]))
+        except StoreFull:  # measured at most every half second: a few may pass it first
+            return False
+
+    def all_purged() -> bool:
+        store.purge_expired()
+        return db.query("SELECT count(*) FROM sessions")[0][0] == 0
+
+    wait_until(lambda: not stored(), timeout=5, what="the store to be full")
+    wait_until(all_purged, timeout=5, what="every session to expire and be purged")
+    wait_until(stored, timeout=5, what="the purged space to count as free")
