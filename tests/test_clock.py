@@ -40,6 +40,10 @@ def test_three_clocks_enqueue_each_tick_exactly_once(backing, start_clock):
     clocks = [start_clock(DYNO=f"clock.{n}", HEARTBEAT_EVERY=1, PURGE_EVERY=3600, **backing.env)
               for n in (1, 2, 3)]
     wait_until(lambda: len(queue.recent("heartbeat")) >= 2, what="two heartbeat ticks")
+    # Each clock ready, its SIGTERM handler set: one still starting (a busy machine) would
+    # die of SIGTERM's default, before it has anything to finish.
+    wait_until(lambda: all(" ready (pid " in clock.output() for clock in clocks),
+               what="every clock to be ready")
     assert [clock.stop(signal.SIGTERM) for clock in clocks] == [0, 0, 0]
 
     jobs = queue.recent()  # every schedule's
