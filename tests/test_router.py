@@ -222,11 +222,17 @@ def test_past_its_limit_the_router_lets_clients_wait_and_does_not_spin(launch):
 
 @linux_only
 def test_running_out_of_descriptors_pauses_the_router_but_does_not_stop_it(launch):
-    launcher = launch(WEB, "web=1", ulimit="-n 48")
+    # 48 descriptors, 24 kept for the supervisor: twenty more copies' pipes eat into those,
+    # so the router's clients find none left before its own limit stops it.
+    launcher = launch(WEB + f"nap: {SLEEPER}\n", "web=1", "nap=20", ulimit="-n 48")
     launcher.wait_for("web.1 is up on port")
-    with clients(launcher.port, 40):  # and their copies' sides: more than 48 descriptors
-        pass
+    launcher.wait_for("nap.20 started")
+    descriptors = f"/proc/{launcher.proc.pid}/fd"
+    with clients(launcher.port, 40):
+        wait_until(lambda: len(os.listdir(descriptors)) >= 47, timeout=5,
+                   what="the launcher to run out of descriptors")
     wait_until(lambda: responds(launcher.url), what="the router answering again")
+    assert launcher.proc.popen.poll() is None
 
 
 # --- The router on its own, in front of several hosts ----------------------------------------
