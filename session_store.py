@@ -46,7 +46,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, ContextManager, Iterable, Iterator, Mapping
 
 from database import ConfigError, Database, Refused, Room, room_from_env, whole_seconds
 from redis_client import Redis
@@ -140,7 +140,23 @@ class SessionStore:
     def edit(self, sid: str | None, change: Callable[[Session], None],
              rotate: bool = False) -> Session:
         """Read, `change`, write: one atomic step, whatever other copies do at the same
-        time. `change` may raise (a full cart): nothing is written. Returns the session."""
+        time. `change` may raise (a full cart): nothing is written. Returns the session.
+
+        Written here for a store with a lock (SQLite, memory): hold it from the read to
+        the write, and `change` runs once. Redis overrides it with its optimistic loop."""
+        with self.locked():
+            stored = self.read(sid)
+            session = opened(sid, stored, rotate)
+            change(session)
+            self.apply(plan(sid, stored, session))
+        return session
+
+    def locked(self) -> ContextManager:
+        """Held from the read to the write of `edit`, across threads and processes."""
+        raise NotImplementedError
+
+    def apply(self, plan: Plan) -> None:
+        """Write what `plan` says, inside `locked`."""
         raise NotImplementedError
 
     def load(self, sid: str | None) -> dict | None:
@@ -187,13 +203,8 @@ class MemoryStore(SessionStore):
         self.owners: dict[str, str] = {}  # upload id -> the session that lists it
         self.lock = threading.Lock()  # one `edit` at a time, like a write transaction
 
-    def edit(self, sid, change, rotate=False):
-        with self.lock:
-            stored = self.read(sid)
-            session = opened(sid, stored, rotate)
-            change(session)
-            self.apply(plan(sid, stored, session))
-        return session
+    def locked(self):
+        return self.lock
 
     def apply(self, plan: Plan) -> None:
         self.sessions.pop(plan.remove, None)
@@ -281,13 +292,8 @@ class SQLiteStore(SessionStore):
         self.db, self.ttl, self.room = db, ttl, room
         db.create_tables(SESSION_TABLES)
 
-    def edit(self, sid, change, rotate=False):
-        with self.db.write():
-            stored = self.read(sid)
-            session = opened(sid, stored, rotate)
-            change(session)
-            self.apply(plan(sid, stored, session))
-        return session
+    def locked(self):
+        return self.db.write()  # BEGIN IMMEDIATE: the write lock before the read
 
     def apply(self, plan: Plan) -> None:
         if plan.remove:

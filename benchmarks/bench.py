@@ -25,8 +25,9 @@ starves every configuration alike and hides what a second copy buys. The report 
 which one ran.
 
 Every configuration is started first, on free loopback ports with its own SQLite file
-(or its own redis-server: the same app with one URL changed), and warmed up; then they are measured in turns, a few rounds each, and each one's best
-round is kept (others' work on the machine only ever takes from a round, never adds).
+(or its own redis-server: the same app with one URL changed), and warmed up; then they
+are measured in turns, a few rounds each, and each one's best round is kept (others' work
+on the machine only ever takes from a round, never adds).
 Read the ratios, not the absolute figures: the machine and whatever else runs on it
 weigh on every configuration of a run alike, so ratios within one run hold where
 absolute figures drift.
@@ -282,33 +283,17 @@ def on_redis(start: Callable[..., ContextManager[Target]], workdir: Path,
              **kwargs) -> Iterator[Target]:
     """`start` (direct, behind_router...) with its sessions and jobs in a redis-server of
     its own, as a networked store would be: on loopback here, with a password."""
-    port, password = free_port(), secrets.token_hex(8)
+    port, password, log = free_port(), secrets.token_hex(8), workdir / "redis.log"
     args = [shutil.which("redis-server"), "--port", str(port), "--bind", HOST,
             "--requirepass", password, "--save", "", "--appendonly", "no", "--dir", str(workdir)]
-    with running(args, dict(os.environ), workdir / "redis.log") as proc:
+    with running(args, dict(os.environ), log) as proc:
         deadline = time.monotonic() + START_TIMEOUT
-        while not redis_answers(port, password):
+        while "Ready to accept connections" not in log.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise StartError(f"redis-server did not come up (exit code {proc.poll()})")
             time.sleep(0.05)
         with start(workdir, store=f"redis://:{password}@{HOST}:{port}/0", **kwargs) as target:
             yield target
-
-
-def redis_answers(port: int, password: str) -> bool:
-    """PONG to AUTH and PING, spoken by hand (the bench measures the client, it does not
-    lean on it to start)."""
-    command = (b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n*1\r\n$4\r\nPING\r\n"
-               % (len(password), password.encode()))
-    try:
-        with socket.create_connection((HOST, port), timeout=1) as sock:
-            sock.sendall(command)
-            received = b""
-            while received.count(b"\r\n") < 2 and (data := sock.recv(64)):
-                received += data
-            return received == b"+OK\r\n+PONG\r\n"
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
