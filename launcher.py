@@ -136,6 +136,7 @@ class Supervisor:
                 pending.extendleft(reversed(self.formation.handle(serial, event,
                                                                   time.monotonic())))
         self.update_health_checks()
+        # The router's thread reads it: a tuple stored whole is atomic, so no lock.
         self.router.rotation = tuple((COPY_HOST, port) for port in self.formation.rotation())
 
     def act(self, action: Action) -> None:
