@@ -7,11 +7,11 @@ twice or never. The tests check each promise alone; the drill checks them all at
 under load, with real SIGKILLs.
 
 It starts `launcher.py web=4 worker=3 clock=2` (the repo's Procfile, a SQLite file of its
-own, 5 s job leases, a heartbeat tick every second) and `--users` threads that act like
-browsers: each logs in, keeps whatever cookie it is given, and adds unique items to its
-cart, now and then uploading a file or enqueueing a short job. Every two seconds the drill
-SIGKILLs a random web copy and a random worker; halfway, it types `restart web`. Then it
-waits for the jobs it was promised, and checks what the users would find:
+own, 5 s job leases, a heartbeat tick every second) and `--users` simulated browsers
+(`shoppers.py`) that log in, fill their carts, upload files and enqueue short jobs. Every
+two seconds the drill SIGKILLs a random web copy and a random worker; halfway, it types
+`restart web`. Then it waits for the jobs it was promised, and checks what the users
+would find:
 
 * sessions: still logged in; the cart holds each item whose POST was answered, in order,
   once. An item whose POST failed may be there or not: its copy may have died just after
@@ -29,35 +29,28 @@ never heard of the user. Jobs live in SQLite whatever the store.
 """
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import random
 import re
-import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import (FORM, REPO, STARTED, OneLineParser, StartError, app_env,
-                   end_leftover_copies, exchange, free_port, is_ours, running, session_cookie,
-                   started_copies, wait_until_served)
+from bench import (REPO, STARTED, OneLineParser, StartError, app_env, end_leftover_copies,
+                   free_port, is_ours, running, started_copies, wait_until_served)
+from shoppers import Failure, User, browse, check_user, fetch_json
 
 FORMATION = {"web": 4, "worker": 3, "clock": 2}
 JOB_LEASE = 5            # seconds, unless --lease: a killed worker's job is back this soon
 CHAOS_EVERY = 2.0        # seconds between two rounds of kills
 KILL_MARGIN = 0.5        # a killed copy's socket outlives it a moment: failures this soon, too
 SETTLE = 10              # seconds beyond a lease, after the chaos, for the promised jobs
-THINK = (0.01, 0.05)     # a user's pause between two requests, in seconds
-UPLOAD_SHARE, JOB_SHARE = 0.03, 0.02  # of a user's requests; the others add to the cart
-BOUNDARY = "drill-boundary"
 LOG_LINE = re.compile(r"^\S+ (\S+) +\| (.*)$")  # `HH:MM:SS web.3   | text`
 JOB_STARTED = re.compile(r"job (\d+) \S+ started \(attempt")
 JOB_ENDED = re.compile(r"job (\d+) (\S+ done in|\S+ failed \(attempt|\S+ dead after|lease lost)")
@@ -74,91 +67,12 @@ class Options:
 
 
 @dataclass(frozen=True)
-class Failure:
-    """A request with no answer, or an error status, and when it was in flight."""
-    what: str      # "POST /cart"
-    began: float   # time.monotonic()
-    ended: float
-    error: str     # "ConnectionResetError", "HTTP 503"
-
-
-@dataclass
-class User:
-    """One simulated browser: its cookie, and what the app promised it (answered 303)."""
-    name: str
-    cookie: str | None = None
-    sent: int = 0
-    failures: list[Failure] = field(default_factory=list)
-    items: list[str] = field(default_factory=list)  # every item it tried to add, in order
-    added: set[str] = field(default_factory=set)    # ... and those whose POST was answered
-    uploads: dict[str, bytes] = field(default_factory=dict)  # answered: upload id -> bytes
-    jobs: list[int] = field(default_factory=list)   # answered: job ids
-
-    def post(self, port: int, path: str, body: bytes, content_type: str = FORM) -> str | None:
-        """POST as a browser would; the Location of the 303, or None (a recorded failure)."""
-        self.sent += 1
-        began = time.monotonic()
-        try:
-            response, _ = exchange(port, path, body, content_type, self.cookie)
-            self.cookie = session_cookie(response, self.cookie)
-            error = None if response.status == 303 else f"HTTP {response.status}"
-        except (OSError, http.client.HTTPException) as exception:
-            error = type(exception).__name__
-        if error:
-            self.failures.append(Failure(f"POST {path}", began, time.monotonic(), error))
-            return None
-        return response.getheader("Location")
-
-
-@dataclass(frozen=True)
 class Kill:
     name: str    # "web.3"
     at: float    # time.monotonic()
 
 
-# --- The users and the chaos -------------------------------------------------------------
-
-def form(**fields: str) -> bytes:
-    return urllib.parse.urlencode(fields).encode()
-
-
-def browse(user: User, port: int, deadline: float, stop: threading.Event) -> None:
-    """Log in, then shop until the deadline: cart items, now and then an upload or a job."""
-    while not stop.wait(random.uniform(*THINK)) and time.monotonic() < deadline:
-        roll = random.random()
-        if user.cookie is None:  # not logged in yet: a failed login is simply tried again
-            user.post(port, "/login", form(name=user.name))
-        elif roll < UPLOAD_SHARE:
-            upload_file(user, port)
-        elif roll < UPLOAD_SHARE + JOB_SHARE:
-            enqueue_job(user, port)
-        else:
-            add_item(user, port)
-
-
-def add_item(user: User, port: int) -> None:
-    item = f"{user.name}-item-{len(user.items) + 1}"
-    user.items.append(item)
-    if user.post(port, "/cart", form(item=item)):
-        user.added.add(item)
-
-
-def upload_file(user: User, port: int) -> None:
-    data = f"{user.name}'s upload {len(user.uploads) + 1}: {secrets.token_hex(16)}\n".encode()
-    body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
-            f'filename="note.txt"\r\nContent-Type: text/plain\r\n\r\n').encode()
-    body += data + f"\r\n--{BOUNDARY}--\r\n".encode()
-    location = user.post(port, "/uploads", body, f"multipart/form-data; boundary={BOUNDARY}")
-    if location:
-        user.uploads[location.rsplit("/", 1)[1]] = data
-
-
-def enqueue_job(user: User, port: int) -> None:
-    args = json.dumps({"seconds": round(random.uniform(0.2, 0.5), 2)})
-    location = user.post(port, "/jobs", form(task="sleep", args=args))
-    if location:
-        user.jobs.append(int(location.rsplit("/", 1)[1]))
-
+# --- The chaos ---------------------------------------------------------------------------
 
 def kill_one(kind: str, log: Path, workdir: Path) -> list[Kill]:
     """SIGKILL a random live copy of `kind`, found by the launcher's latest pid for each name."""
@@ -207,15 +121,7 @@ def shop_under_chaos(users: list[User], port: int, launcher: subprocess.Popen, l
     return kills
 
 
-# --- What the users find afterwards ------------------------------------------------------
-
-def fetch_json(port: int, path: str, cookie: str | None = None) -> object:
-    """GET a JSON answer. After the chaos, anything but a 200 is a fault: it ends the drill."""
-    response, body = exchange(port, path, cookie=cookie)
-    if response.status != 200:
-        raise RuntimeError(f"GET {path} answered {response.status} after the chaos: {body!r}")
-    return json.loads(body)
-
+# --- Afterwards: the promised jobs ---------------------------------------------------------
 
 def settle(port: int, job_ids: list[int], log: Path, workdir: Path,
            lease: float) -> dict[int, dict]:
@@ -241,25 +147,6 @@ def web_rolled_over(log: Path, workdir: Path) -> bool:
     before, command, _ = log.read_text(errors="replace").partition("| rolling restart,")
     return bool(command) and not any(is_ours(int(pid), workdir) for name, pid
                                      in STARTED.findall(before) if name.startswith("web."))
-
-
-def cart_intact(cart: list[str], user: User) -> bool:
-    """Every answered item, in the order sent, each once; an item whose POST failed may
-    be there or not."""
-    sent_at = {item: number for number, item in enumerate(user.items)}
-    places = [sent_at.get(item, -1) for item in cart]
-    # Strictly increasing places: nothing unknown (-1), no item twice, the order sent.
-    return -1 not in places and places == sorted(set(places)) and user.added <= set(cart)
-
-
-def check_user(user: User, port: int) -> tuple[bool, int]:
-    """(is the session lost?, how many uploads are lost), as the user would find them."""
-    session = fetch_json(port, "/session", user.cookie)
-    session_lost = session["user"] != user.name or not cart_intact(session["cart"], user)
-    uploads_lost = sum(1 for upload_id, data in user.uploads.items()
-                       if upload_id not in session["uploads"]
-                       or exchange(port, f"/uploads/{upload_id}", cookie=user.cookie)[1] != data)
-    return session_lost, uploads_lost
 
 
 # --- The launcher's log ------------------------------------------------------------------
