@@ -4,12 +4,12 @@ Factor VI is a promise to users, so the drill checks it as they would. Each `Use
 browser in a thread (`browse`): it logs in, keeps whatever cookie it is given, and adds
 unique items to its cart, now and then uploading a file or enqueueing a short job. It
 remembers what the app promised it, that is, what was answered with a redirect (303): the
-items, the uploads' bytes, the jobs' ids. A request that got no answer, or an error, is a
-`Failure`, with when it was in flight, for the drill to explain or not. Afterwards
-`check_user` asks, as the user would, whether the session and its cart are intact and
-every upload comes back byte for byte.
+items, the uploads' bytes, the jobs' ids and the host that took each. A request that got
+no answer, or an error, is a `Failure`, with when it was in flight, for the drill to
+explain or not. Afterwards `check_user` asks, as the user would, whether the session and
+its cart are intact and every upload comes back byte for byte.
 
-It knows nothing of copies or kills: the chaos is `drill.py`'s.
+It knows nothing of the chaos, which is `drill.py`'s.
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from bench import FORM, exchange, session_cookie
+from bench import FORM, HOST, exchange, session_cookie
 
 THINK = (0.01, 0.05)     # a user's pause between two requests, in seconds
 UPLOAD_SHARE, JOB_SHARE = 0.03, 0.02  # of a user's requests; the others add to the cart
 BOUNDARY = "drill-boundary"
+
+Address = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,11 @@ class User:
     items: list[str] = field(default_factory=list)  # every item it tried to add, in order
     added: set[str] = field(default_factory=set)    # ... and those whose POST was answered
     uploads: dict[str, bytes] = field(default_factory=dict)  # answered: upload id -> bytes
-    jobs: list[int] = field(default_factory=list)   # answered: job ids
+    jobs: list[tuple[str, int]] = field(default_factory=list)  # answered: (host, job id)
 
-    def post(self, port: int, path: str, body: bytes, content_type: str = FORM) -> str | None:
-        """POST as a browser would; the Location of the 303, or None (a recorded failure)."""
+    def post(self, port: int, path: str, body: bytes,
+             content_type: str = FORM) -> http.client.HTTPResponse | None:
+        """POST as a browser would; the 303 response, or None (a recorded failure)."""
         self.sent += 1
         began = time.monotonic()
         try:
@@ -63,7 +66,7 @@ class User:
         if error:
             self.failures.append(Failure(f"POST {path}", began, time.monotonic(), error))
             return None
-        return response.getheader("Location")
+        return response
 
 
 # --- Shopping ---------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def browse(user: User, port: int, deadline: float, stop: threading.Event) -> Non
 def add_item(user: User, port: int) -> None:
     item = f"{user.name}-item-{len(user.items) + 1}"
     user.items.append(item)
-    if user.post(port, "/cart", form(item=item)):
+    if user.post(port, "/cart", form(item=item)) is not None:
         user.added.add(item)
 
 
@@ -98,23 +101,29 @@ def upload_file(user: User, port: int) -> None:
     body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
             f'filename="note.txt"\r\nContent-Type: text/plain\r\n\r\n').encode()
     body += data + f"\r\n--{BOUNDARY}--\r\n".encode()
-    location = user.post(port, "/uploads", body, f"multipart/form-data; boundary={BOUNDARY}")
-    if location:
-        user.uploads[location.rsplit("/", 1)[1]] = data
+    response = user.post(port, "/uploads", body, f"multipart/form-data; boundary={BOUNDARY}")
+    if response is not None:
+        user.uploads[response.getheader("Location").rsplit("/", 1)[1]] = data
 
 
 def enqueue_job(user: User, port: int) -> None:
     args = json.dumps({"seconds": round(random.uniform(0.2, 0.5), 2)})
-    location = user.post(port, "/jobs", form(task="sleep", args=args))
-    if location:
-        user.jobs.append(int(location.rsplit("/", 1)[1]))
+    response = user.post(port, "/jobs", form(task="sleep", args=args))
+    if response is not None:
+        job_id = int(response.getheader("Location").rsplit("/", 1)[1])
+        user.jobs.append((host_of(response.getheader("X-Served-By")), job_id))
+
+
+def host_of(copy: str) -> str:
+    """The host a copy runs on: "a" for a.web.1, "" for web.1 (one launcher, no name)."""
+    return copy.split(".")[0] if copy.count(".") == 2 else ""
 
 
 # --- What they find afterwards ----------------------------------------------------------
 
-def fetch_json(port: int, path: str, cookie: str | None = None) -> object:
+def fetch_json(address: Address, path: str, cookie: str | None = None) -> object:
     """GET a JSON answer. After the chaos, anything but a 200 is a fault: it ends the drill."""
-    response, body = exchange(port, path, cookie=cookie)
+    response, body = exchange(address[1], path, cookie=cookie, host=address[0])
     if response.status != 200:
         raise RuntimeError(f"GET {path} answered {response.status} after the chaos: {body!r}")
     return json.loads(body)
@@ -131,7 +140,7 @@ def cart_intact(cart: list[str], user: User) -> bool:
 
 def check_user(user: User, port: int) -> tuple[bool, int]:
     """(is the session lost?, how many uploads are lost), as the user would find them."""
-    session = fetch_json(port, "/session", user.cookie)
+    session = fetch_json((HOST, port), "/session", user.cookie)
     session_lost = session["user"] != user.name or not cart_intact(session["cart"], user)
     uploads_lost = sum(1 for upload_id, data in user.uploads.items()
                        if upload_id not in session["uploads"]
