@@ -21,11 +21,13 @@ What a host can suffer:
   finishes a request, hands a job back or says goodbye.
 * `cut` and `heal`: a partition. The cable is unplugged inside the host (`ip link set
   tfp-b1 down`) and plugged in again. router.py's health checks get no answer, so it
-  takes the host out of its rotation, and back once they answer again; the host's workers
-  and clock cannot reach Redis, so they log one line, wait, and carry on by themselves.
-  On loopback there is no cable to pull: the host freezes instead (SIGSTOP to its every
-  process, SIGCONT after), a host that stops answering, which the router and Redis see
-  the same way.
+  takes the host out of its rotation, and back once they answer again. The host's copies
+  cannot reach Redis: a command already sent waits (TCP keeps resending it) and goes
+  through once the cable is back, well within the copy's reply timeout; a new connection
+  fails at once, which a worker or a clock logs in one line and waits out (`keep_trying`).
+  Either way they carry on by themselves. On loopback there is no cable to pull: the host
+  freezes instead (SIGSTOP to its every process, SIGCONT after), a host that stops
+  answering, which the router and Redis see the same way.
 
 A Redis on 127.0.0.1, as a newcomer's DATABASE_URL names it, cannot be reached from inside
 a namespace, whose 127.0.0.1 is its own. So each host's URL names a `RedisRelay` on this
@@ -232,11 +234,12 @@ def cut_seconds(lease: float) -> float:
     Its workers cannot renew their jobs' leases meanwhile, and the other host's workers
     rightly take over a job whose renewals stop for longer than its lease. Up to a third
     of a lease passes between two renewals; then the cut; then, once the cable is back,
-    TCP's retransmission timer, which backed off during the cut, may wait about as long
-    again before the host's next packet goes through: a third plus two quarters stays
-    under one lease. A longer cut would have two workers run one job at once (the one
-    cut off still runs it), and the drill would say so: the fence keeps only one result,
-    but the task ran twice."""
+    the next renewal may wait about as long again (TCP's retransmission timer backed off
+    during the cut), or up to a second (the Redis client's backoff before it connects
+    anew): from a lease of 3 s, both stay under one lease. A longer cut would have two
+    workers run one job at once (the one cut off still runs it), and the drill would say
+    so: the fence keeps only one result, but the task ran twice (tried: a 4 s cut with
+    3 s leases ran 2 jobs twice)."""
     return min(CUT_MOST, lease / 4)
 
 
