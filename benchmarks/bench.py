@@ -134,14 +134,15 @@ def percentile(ordered: list[float], fraction: float) -> float:
     return ordered[max(0, int(len(ordered) * fraction + 0.999999) - 1)] if ordered else 0.0
 
 
-def send(port: int, path: str, form: str | None = None,
-         cookie: str | None = None) -> http.client.HTTPResponse:
+def send(port: int, path: str, form: str | None = None, cookie: str | None = None,
+         host: str = HOST) -> http.client.HTTPResponse:
     """One request on a fresh connection (POST if there is a form); the body is read."""
-    return exchange(port, path, None if form is None else form.encode(), FORM, cookie)[0]
+    return exchange(port, path, None if form is None else form.encode(), FORM, cookie, host)[0]
 
 
 def exchange(port: int, path: str, body: bytes | None = None, content_type: str = FORM,
-             cookie: str | None = None) -> tuple[http.client.HTTPResponse, bytes]:
+             cookie: str | None = None,
+             host: str = HOST) -> tuple[http.client.HTTPResponse, bytes]:
     """One request on a fresh connection (POST if there is a body): the response, its body."""
     # "Connection: close" makes nginx and gunicorn close first, as webapp.py does: the side
     # that closes first keeps the TIME_WAIT, so the client's ports never run out.
@@ -150,7 +151,7 @@ def exchange(port: int, path: str, body: bytes | None = None, content_type: str 
         headers["Content-Type"] = content_type
     if cookie:
         headers["Cookie"] = f"sid={cookie}"
-    conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT)
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
     try:
         conn.request("GET" if body is None else "POST", path, body, headers)
         response = conn.getresponse()
@@ -316,7 +317,8 @@ def running(args: list[str], env: dict, log: Path, stdin: int = subprocess.DEVNU
                 break
 
 
-def wait_until_served(port: int, copies: int, proc: subprocess.Popen, log: Path) -> None:
+def wait_until_served(port: int, copies: int, proc: subprocess.Popen, log: Path,
+                      host: str = HOST) -> None:
     """Poll /healthz until `copies` distinct copies have answered: the rotation is full."""
     deadline, seen = time.monotonic() + START_TIMEOUT, set()
     while len(seen) < copies:
@@ -324,7 +326,7 @@ def wait_until_served(port: int, copies: int, proc: subprocess.Popen, log: Path)
             tail = " / ".join(log.read_text(errors="replace").splitlines()[-3:])
             raise StartError(f"{log.stem} did not come up (exit code {proc.poll()}): {tail}")
         try:
-            response = send(port, "/healthz")
+            response = send(port, "/healthz", host=host)
             if response.status == 200:
                 seen.add(response.getheader("X-Served-By"))
         except (OSError, http.client.HTTPException):

@@ -595,12 +595,17 @@ def shared_redis(tmp_path_factory) -> RedisServer:
 @pytest.fixture
 def fresh_redis(shared_redis) -> str:
     """The shared redis-server, emptied: its URL."""
-    with socket.create_connection(("127.0.0.1", shared_redis.port), timeout=5) as sock:
-        password = shared_redis.password.encode()
+    return emptied(shared_redis)
+
+
+def emptied(server: RedisServer) -> str:
+    """FLUSHALL, spoken by hand; the server's URL."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        password = server.password.encode()
         sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n*1\r\n$8\r\nFLUSHALL\r\n"
                      % (len(password), password))
         received = b""
         while received.count(b"\r\n") < 2 and (data := sock.recv(1024)):
             received += data
     assert received == b"+OK\r\n+OK\r\n", received
-    return shared_redis.url
+    return server.url
