@@ -254,9 +254,12 @@ class Target:
 
 
 def free_port() -> int:
-    # Below the outgoing-connection range (Linux 32768+): no client can take a copy's P+1...
+    """A free port below the outgoing-connection range (Linux 32768+), where no client can
+    take a copy's P+1: 20000-31999, or the range BENCH_PORTS names ("first-last"), as the
+    test suite sets it for each of its runs side by side, so that they never meet."""
+    first, last = map(int, os.environ.get("BENCH_PORTS", "20000-31999").split("-"))
     while True:
-        port = random.randrange(20000, 32000)
+        port = random.randint(first, last)
         with socket.socket() as sock:
             try:
                 sock.bind((HOST, port))

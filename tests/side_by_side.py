@@ -40,12 +40,15 @@ STARTED = pytest.StashKey[list]()
 
 def port_range() -> range:
     """The ports this run's processes take: 20000-31900, or its share of it when the runs
-    go side by side."""
+    go side by side. Written into BENCH_PORTS ("first-last") too, which the benchmarks'
+    scripts (drill.py, bench.py) read, so that a drill a test starts keeps to its share."""
     run = os.environ.get(RUN)
-    if run is None:
-        return range(20000, 31900)
-    first = 20000 + int(run) * (PORTS_EACH + 100)
-    return range(first, first + PORTS_EACH)
+    ports = range(20000, 31900)
+    if run is not None:
+        first = 20000 + int(run) * (PORTS_EACH + 100)
+        ports = range(first, first + PORTS_EACH)
+    os.environ["BENCH_PORTS"] = f"{ports.start}-{ports.stop - 1}"
+    return ports
 
 
 def whole_suite(config: pytest.Config) -> bool:
@@ -55,11 +58,11 @@ def whole_suite(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not whole_suite(config):
-        return
-    os.environ[RUN] = "0"  # this run's ports, from here on
-    config.stash[STARTED] = [start(config, number, modules)
-                             for number, modules in enumerate(OTHER_RUNS, 1)]
+    if whole_suite(config):
+        os.environ[RUN] = "0"  # this run's ports, from here on
+        config.stash[STARTED] = [start(config, number, modules)
+                                 for number, modules in enumerate(OTHER_RUNS, 1)]
+    port_range()  # BENCH_PORTS, for the scripts this run's tests start
 
 
 def start(config: pytest.Config, number: int, modules: tuple[str, ...]) -> tuple:
