@@ -30,10 +30,10 @@ from string import Template
 
 from session_store import UploadInfo
 from tasks import TASKS
+from web_input import MAX_FIELD_CHARS, printable
 
 PAGE = Template(Path(__file__).with_name("page.html").read_text(encoding="utf-8"))
 COPY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")  # web.3, a.web.3
-WORDS = re.compile(r"[^\x00-\x1f\x7f]{1,200}")   # a name, an item, a file's name, a task
 NUMBER = re.compile(r"[0-9]{1,18}")
 
 # What a copy did (`did=`), as the page says it: {by} is a copy's name, the others are
@@ -44,8 +44,17 @@ NEWS = {
     "upload": "{by} stored '{file}' ({size} bytes), in the {store} store",
     "job": "{by} put job {job} ({task}) in the queue; a worker will take it",
 }
-CHECKS = {"by": COPY_NAME, "login_on": COPY_NAME, "name": WORDS, "item": WORDS,
-          "file": WORDS, "task": WORDS, "size": NUMBER, "job": NUMBER}
+
+
+def words(value: str) -> bool:
+    """A name, an item, a file's name or a task, as a copy could have stored it: printable
+    (no right-to-left override), at most 200 characters."""
+    return 0 < len(value) <= MAX_FIELD_CHARS and printable(value) == value
+
+
+CHECKS = {"by": COPY_NAME.fullmatch, "login_on": COPY_NAME.fullmatch, "name": words,
+          "item": words, "file": words, "task": words, "size": NUMBER.fullmatch,
+          "job": NUMBER.fullmatch}
 STARTED_FOR = {"cart": "'{item}'", "upload": "'{file}'", "job": "job {job}"}
 
 
@@ -76,7 +85,7 @@ def news_line(query: dict, dyno: str, store_kind: str, stranger: bool) -> str:
     """The one line saying what just happened, or "", from the address. `stranger`: this
     copy has never heard of the session the browser sent."""
     values = {name: html.escape(value) for name, value in query.items()
-              if name in CHECKS and CHECKS[name].fullmatch(value)}
+              if name in CHECKS and CHECKS[name](value)}
     if "size" in values:
         values["size"] = f"{int(values['size']):,}"
     did, login_on = query.get("did"), values.get("login_on")

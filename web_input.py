@@ -219,7 +219,7 @@ def parse_form(body: bytes) -> dict[str, str]:
 
 
 def required_field(form: dict, name: str) -> str:
-    value = form.get(name, "").strip()
+    value = printable(form.get(name, "")).strip()
     if not value:
         raise ClientError(400, f"the field '{name}' is missing or empty")
     if len(value) > MAX_FIELD_CHARS:
@@ -324,9 +324,14 @@ def media_type(value: str) -> str:
     return "application/octet-stream"
 
 
+def printable(text: str) -> str:
+    """`text` without control or format characters (a terminal escape, a right-to-left
+    override that shows 'exe.txt' as 'txt.exe'), as it is stored and shown."""
+    return "".join(char for char in text if unicodedata.category(char) not in ("Cc", "Cf"))
+
+
 def safe_filename(name: str) -> str:
-    """Only the last path component (old browsers send C:\\Users\\…), without control or
-    format characters (a terminal escape, a right-to-left override), at most 200 chars."""
-    name = "".join(char for char in name if unicodedata.category(char) not in ("Cc", "Cf"))
-    base = PureWindowsPath(PurePosixPath(name).name).name
+    """Only the last path component (old browsers send C:\\Users\\…), printable, at most
+    200 characters."""
+    base = PureWindowsPath(PurePosixPath(printable(name)).name).name
     return base[:MAX_FIELD_CHARS] or "upload"

@@ -104,6 +104,9 @@ def cross_origin(head: RequestHead) -> str | None:
     """
     if head.method in SAFE_METHODS:
         return None
+    for name in ("Sec-Fetch-Site", "Origin"):  # a browser sends each once; two is a forgery
+        if len(head.headers.get_all(name, [])) > 1:
+            return name
     fetch_site = head.headers.get("Sec-Fetch-Site", "")
     if fetch_site:
         return None if fetch_site in ("same-origin", "none") else "Sec-Fetch-Site"
@@ -111,8 +114,9 @@ def cross_origin(head: RequestHead) -> str | None:
     try:
         host = urllib.parse.urlsplit(origin).netloc  # `null` (a sandboxed page) has none
     except ValueError:  # `http://[`: no origin at all
-        host = None
-    return None if not origin or host == head.headers.get("Host", "") else "Origin"
+        host = ""
+    # An origin must name a host, and this one: `null` never matches, even with no Host.
+    return None if not origin or host and host == head.headers.get("Host", "") else "Origin"
 
 
 def send_at_once(sock: socket.socket, data: bytes) -> None:

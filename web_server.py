@@ -186,7 +186,7 @@ class Handler(BaseHTTPRequestHandler):
         """How long an answer of `size` bytes may take to leave."""
         return self.server.client_timeout + size / MIN_BODY_RATE
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = dispatch
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = dispatch
 
     def send(self, response: Response) -> None:
         self.send_head(response)

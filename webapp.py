@@ -30,6 +30,7 @@ session may hold: `MAX_CART_ITEMS`, `MAX_UPLOADS`, `MAX_OWN_JOBS`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -100,11 +101,17 @@ class App:
             raise ClientError(404, f"no such page: {path}")
         if method == "HEAD" and "GET" in methods:  # a GET whose body `send` leaves out
             method = "GET"
+        allowed = ", ".join([*methods, *(["HEAD"] if "GET" in methods else []), "OPTIONS"])
+        if method == "OPTIONS":  # what may be sent here: the methods, and no body
+            return functools.partial(self.options, allowed), path_id
         if method not in methods:
-            allowed = ", ".join(methods)
             raise ClientError(405, f"{method} is not allowed here; use {allowed}",
                               (("Allow", allowed),))
         return methods[method], path_id
+
+    def options(self, allowed: str, request: Request) -> Response:
+        """OPTIONS: which methods this address takes, in `Allow`, and no body."""
+        return Response(204, headers=[("Allow", allowed)])
 
     def body_limit(self, method: str, path: str) -> int:
         """The most bytes a request's body may hold, asked before a byte of it is read."""

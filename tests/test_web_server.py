@@ -182,6 +182,22 @@ def test_a_request_from_another_site_changes_nothing_and_sets_no_cookie(start_we
     assert page.status == 200  # reading is safe: a link from anywhere still works
 
 
+def test_forged_headers_no_browser_sends_are_refused_too(start_web):
+    web = start_web()
+    form = b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 8\r\n"
+    cases = [  # no browser sends these; a request made by hand can
+        b"POST /cart HTTP/1.0\r\nOrigin: null\r\n",  # no Host to match: no origin does
+        b"POST /cart HTTP/1.1\r\nHost: h\r\nSec-Fetch-Site: none\r\n"
+        b"Sec-Fetch-Site: cross-site\r\n",
+        b"POST /cart HTTP/1.1\r\nHost: h\r\nOrigin: http://h\r\nOrigin: http://evil\r\n",
+    ]
+    for head in cases:
+        with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+            sock.sendall(head + form + b"\r\nitem=tea")
+            reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.0 403") and b"Set-Cookie" not in reply, head
+
+
 # --- Uploads in pieces (item 8) -------------------------------------------------------
 
 def peak_memory_mib(pid: int) -> float:

@@ -237,10 +237,20 @@ def test_a_form_from_the_page_returns_to_it_saying_what_happened_in_the_address(
     "/?did=cart&by=web.1",                           # a value the sentence needs is missing
     "/?did=rm%20-rf&by=web.1",                       # not something a copy does
     "/?did=cart&by=web.1&item=%1b%5b2J",             # a terminal escape
+    "/?did=upload&by=web.1&size=1&file=%E2%80%AEfdp.exe",  # right-to-left: no copy stores it
+    "/?did=cart&by=web.1&item=%C2%9B2J",             # a C1 control: the 8-bit escape
 ])
 def test_news_the_address_cannot_carry_is_not_shown(web, address):
     page = get(web.url + address).text
     assert notice(page) is None and page.count("<script>") == 1  # the page's own
+
+
+def test_control_and_format_characters_are_left_out_of_what_is_stored(web):
+    sid = session_cookie(post_form(web.url + "/login", {"name": "\u202eada\x1b[2J"}))
+    response = post_form(web.url + "/cart", {"item": "t\u202eea\x9b", "next": "/"}, sid)
+    assert response.headers["location"] == "/?did=cart&by=web.1&item=tea"
+    assert get(web.url + "/session", sid).json()["user"] == "ada[2J"
+    assert get(web.url + "/session", sid).json()["cart"] == ["tea"]
 
 
 def test_a_return_path_that_is_not_a_plain_path_on_this_site_is_ignored(web):
@@ -310,6 +320,16 @@ def test_bad_input_gets_a_4xx_and_the_copy_keeps_serving(web, method, path, fiel
     assert response.headers["x-served-by"] == "web.1"
     assert b"Traceback" not in response.body
     assert get(web.url + "/healthz").status == 200
+
+
+def test_options_names_the_methods_an_address_takes_and_a_wrong_method_is_told_them(web):
+    for path, allowed in (("/jobs", "GET, POST, HEAD, OPTIONS"), ("/cart", "POST, OPTIONS"),
+                          ("/jobs/7", "GET, HEAD, OPTIONS")):
+        answer = http("OPTIONS", web.url + path)
+        assert (answer.status, answer.headers["allow"], answer.body) == (204, allowed, b"")
+    refused = http("PUT", web.url + "/cart")
+    assert (refused.status, refused.headers["allow"]) == (405, "POST, OPTIONS")
+    assert http("OPTIONS", web.url + "/no/such/page").status == 404
 
 
 def test_oversized_bodies_are_refused_before_being_read(web):
