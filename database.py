@@ -14,13 +14,15 @@ reach, spoken by `redis_client.py`). Both backing services build on what
 (jobs), each with one class per store behind one interface. Neither imports the other.
 
 A store that cannot answer is a wait, not a crash: another process holds SQLite's write
-lock past the busy timeout, or Redis is down or frozen. `StoreUnavailable` says so, from
-either store (`WAITS`). `keep_trying` is how a worker or a clock waits that out: it logs
-one line and tries again, so a result is recorded once and a tick enqueued once, later
-rather than never. A web copy answers 503 and asks the client to come back. A store that
-is full (`StoreFull`: the ceiling STORE_MAX_MB, a disk nearly full, or SQLite's "disk is
-full") refuses what would grow it, with 507, and is a wait for a worker or a clock too.
-Every other error stays what it is, a bug, and is never mistaken for a wait.
+lock past the busy timeout, or Redis is down or frozen. `StoreUnavailable` and
+`RedisUnavailable` say so (`UNAVAILABLE`). `keep_trying` is how a worker or a clock
+waits that out: it logs one line and tries again, so a result is recorded once and a
+tick enqueued once, later rather than never. A web copy answers 503 and asks the client
+to come back. A store that is full (`StoreFull`: the ceiling STORE_MAX_MB, a disk nearly
+full, SQLite's "disk is full", or Redis out of memory) refuses what would grow it, with
+507, and is a wait for a worker or a clock too (`WAITS`). `waits_recognised` tells these
+apart from the other errors either store raises, which stay what they are, bugs, never
+mistaken for a wait.
 
 It also holds the small helpers every process uses, most of them to read its
 configuration from the environment (Factor III): `ConfigError`, which a process turns
@@ -157,8 +159,9 @@ class Refused(Exception):
 
 
 class StoreFull(Refused):
-    """No room: the store holds STORE_MAX_MB, or its disk is nearly full. Refused before
-    the disk is full, because a full disk refuses even the DELETE that would make room."""
+    """No room: the store holds STORE_MAX_MB, its disk is nearly full, or Redis is out of
+    memory. Refused before the disk is full, because a full disk refuses even the DELETE
+    that would make room."""
 
     def __init__(self, message: str):
         super().__init__(507, message)
@@ -182,9 +185,10 @@ def is_locked(error: sqlite3.OperationalError) -> bool:
 
 @contextmanager
 def waits_recognised() -> Iterator[None]:
-    """Raise `StoreUnavailable` for SQLite's "database is locked" and `StoreFull` for its
-    "database or disk is full" (SQLITE_FULL: the statement, or the transaction, was
-    refused whole); let every other error through as it is, so that a bug (a missing
+    """Around what either store runs: raise `StoreUnavailable` for SQLite's "database is
+    locked", and `StoreFull` for its "database or disk is full" (SQLITE_FULL) and for
+    Redis's OOM (over its maxmemory). Each store refused the statement, the command or the
+    transaction whole. Let every other error through as it is, so that a bug (a missing
     column) looks like one."""
     try:
         yield
@@ -193,6 +197,10 @@ def waits_recognised() -> Iterator[None]:
             raise StoreUnavailable(str(error)) from error
         if "database or disk is full" in str(error):
             raise StoreFull(f"{error}; make room on the disk") from error
+        raise
+    except RedisError as error:
+        if error.code == "OOM":
+            raise StoreFull(f"redis is out of memory ({error}); make room") from None
         raise
 
 

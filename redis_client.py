@@ -26,12 +26,14 @@ How the pieces fit:
 
 Values: arguments are bytes, str (sent as UTF-8), int or float. Replies are bytes (bulk
 strings), str (status replies such as "OK", "PONG", "QUEUED": never user data), int, list,
-or None (nil). An error reply raises `RedisError`; inside an array (EXEC, a pipeline) it is
-returned in its place instead, so that the other replies are not lost.
+or None (nil). An error reply is raised, wherever it is: alone, in a pipeline, or inside
+EXEC's replies. A pipeline first reads every reply, so the connection stays in step; then
+it raises the first error. A write Redis refused can never pass for one it made.
 
 Failures: `RedisUnavailable` when Redis does not answer (down, frozen, unreachable: a web
 copy answers 503), within the connect and reply timeouts; `RedisAuthError` when it refuses
-the password (a process exits 2 at start); `RedisError` when it refuses a command.
+the password (a process exits 2 at start); `RedisError` when it refuses a command (its
+`code` says why: "OOM" when it is out of memory).
 
 Deliberately left out: RESP3 and HELLO; cluster and sentinel; pub/sub, and every command
 that changes what a connection is (SELECT, SUBSCRIBE...: a connection that ran one is
@@ -215,16 +217,25 @@ class Connection:
 
     def execute(self, *args: Arg):
         """Send one command and return its reply; an error reply raises RedisError."""
-        (reply,) = self.pipeline([args])
-        if isinstance(reply, RedisError):
-            raise reply
-        return reply
+        return self.pipeline([args])[0]
 
     def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list:
-        """Send several commands in one write and return their replies, errors in place."""
+        """Send several commands in one write and return their replies. If any of them is
+        an error (EXEC's own replies included), raise the first, once all are read."""
         request = b"".join(map(encode_command, commands))  # a bad argument: nothing is sent
         names = [command_name(command) for command in commands]
-        return self._round_trip(request, len(commands), self.reply_timeout, names)
+        replies = self._round_trip(request, len(commands), self.reply_timeout, names)
+        error = first_error(replies)
+        if error is not None:
+            raise error
+        return replies
+
+    def transaction(self, commands: Sequence[Sequence[Arg]]) -> list | None:
+        """MULTI, the commands, EXEC, in one round trip: their replies, or None when a key
+        this connection WATCHes changed and EXEC ran nothing. An error is raised: one Redis
+        refused as it queued the commands (out of memory, loading: then EXEC ran none of
+        them), or one that failed inside EXEC (the others ran: Redis has no rollback)."""
+        return self.pipeline([("MULTI",), *commands, ("EXEC",)])[-1]
 
     def log_in(self, url: RedisURL, timeout: float) -> None:
         """AUTH and SELECT as the URL says, in one round trip."""
@@ -373,6 +384,16 @@ class Connection:
         if not data:
             raise EOFError("closed")
         self._buffer += data
+
+
+def first_error(replies: list) -> Exception | None:
+    """The first error among the replies, looking inside arrays (EXEC's replies)."""
+    for reply in replies:
+        if isinstance(reply, list):
+            reply = first_error(reply)
+        if isinstance(reply, Exception):
+            return reply
+    return None
 
 
 def open_connection(url: RedisURL, tls: ssl.SSLContext | None, connect_timeout: float,

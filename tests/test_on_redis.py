@@ -15,6 +15,7 @@ import pytest
 
 from conftest import (REPO, app_env, free_port, get, post_form, session_cookie, upload,
                       wait_until)
+from redis_client import Redis
 
 pytestmark = pytest.mark.usefixtures("shared_redis")  # skipped, saying why, without one
 
@@ -111,6 +112,25 @@ def test_a_restarted_redis_keeps_its_data_and_the_copies_resume_by_themselves(st
                what="the copy to reach the restarted Redis")
     assert get(web.url + "/session", sid).json()["cart"] == ["tea"]
     assert web.proc.popen.poll() is None
+
+
+def test_redis_out_of_memory_is_a_507_never_a_lost_write_nor_a_500(copies, fresh_redis):
+    [web] = copies(1)
+    sid = login_to(web.url, "ada")
+    redis = Redis(fresh_redis)
+    redis.execute("CONFIG", "SET", "maxmemory", "1")  # full, and refusing to grow
+    try:
+        answers = [post_form(web.url + "/login", {"name": "bob"}),
+                   post_form(web.url + "/cart", {"item": "tea"}, sid),
+                   upload(web.url, b"x" * (3 << 20), cookie=sid)]
+        assert [answer.status for answer in answers] == [507] * 3
+        assert all(answer.text.startswith("redis is out of memory") for answer in answers)
+        assert "set-cookie" not in answers[0].headers
+    finally:
+        redis.execute("CONFIG", "SET", "maxmemory", "0")
+    assert get(web.url + "/session", sid).json()["cart"] == []
+    assert redis.execute("KEYS", "upload:*") == []
+    assert "Traceback" not in web.proc.output()
 
 
 def refusal(env: dict) -> subprocess.CompletedProcess:

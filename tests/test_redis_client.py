@@ -216,13 +216,29 @@ def test_an_error_reply_raises_and_the_connection_stays_in_use(client):
     assert client.execute("CLIENT", "ID") == first  # the same connection, still clean
 
 
-def test_a_pipeline_returns_every_reply_with_errors_in_their_place(client):
+def test_a_pipeline_reads_every_reply_then_raises_the_first_error_even_inside_exec(client):
+    first = client.execute("CLIENT", "ID")
     with client.connection() as conn:
-        replies = conn.pipeline([("MULTI",), ("SET", "a", "1"), ("LPUSH", "a", "x"),
-                                 ("EXEC",), ("GET", "a")])
-    assert replies[:3] == ["OK", "QUEUED", "QUEUED"] and replies[4] == b"1"
-    ok, error = replies[3]
-    assert ok == "OK" and isinstance(error, RedisError) and error.code == "WRONGTYPE"
+        with pytest.raises(RedisError) as raised:
+            conn.pipeline([("MULTI",), ("SET", "a", "1"), ("LPUSH", "a", "x"), ("EXEC",),
+                           ("GET", "a")])
+    assert raised.value.code == "WRONGTYPE"  # the LPUSH failed inside EXEC; the SET ran
+    assert client.execute("GET", "a") == b"1"
+    assert client.execute("CLIENT", "ID") == first  # read whole: the same connection, clean
+
+
+def test_a_transaction_refused_for_lack_of_memory_raises_oom_and_writes_nothing(client):
+    client.execute("CONFIG", "SET", "maxmemory", "1")  # full, and refusing to grow
+    try:
+        with client.connection() as conn:
+            with pytest.raises(RedisError) as raised:  # replies: OK, -OOM, -EXECABORT
+                conn.transaction([("SET", "a", "1"), ("EXPIRE", "a", 60)])
+            assert raised.value.code == "OOM"
+    finally:
+        client.execute("CONFIG", "SET", "maxmemory", "0")
+    assert client.execute("GET", "a") is None
+    with client.connection() as conn:  # given back clean: not left inside MULTI
+        assert conn.transaction([("SET", "a", "1")]) == ["OK"]
 
 
 # --- Passwords -----------------------------------------------------------------------------

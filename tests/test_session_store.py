@@ -223,6 +223,28 @@ def test_a_full_store_refuses_what_would_grow_it_with_507(tmp_path, fresh_redis)
             new_session(store, user="ada")
 
 
+def test_redis_out_of_memory_is_a_full_store_and_no_lost_write_passes_for_done(fresh_redis):
+    store = redis_store(fresh_redis)
+    sid = new_session(store, user="ada")
+
+    def pieces():  # the upload's first write goes through; its piece meets a full Redis
+        store.redis.execute("CONFIG", "SET", "maxmemory", "1")
+        yield b"x" * 100
+
+    try:
+        with pytest.raises(StoreFull, match="out of memory"):
+            store.save_upload("a.txt", "text/plain", pieces())
+        for refused in (lambda: new_session(store, user="bob"),  # a login
+                        lambda: store.edit(sid, add_to_cart("tea")),
+                        lambda: store.save_upload("b.txt", "text/plain", [b"y"])):
+            with pytest.raises(StoreFull, match="out of memory"):
+                refused()
+    finally:
+        store.redis.execute("CONFIG", "SET", "maxmemory", "0")
+    assert store.load(sid) == {"user": "ada", "cart": [], "uploads": []}
+    assert store.redis.execute("KEYS", "*") == [f"session:{sid}".encode()]  # none half-made
+
+
 def test_an_unchanged_session_is_not_written_again(tmp_path):
     store = sqlite_store(tmp_path / "app.db")
     sid = new_session(store, user="ada")
