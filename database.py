@@ -14,15 +14,15 @@ reach, spoken by `redis_client.py`). Both backing services build on what
 (jobs), each with one class per store behind one interface. Neither imports the other.
 
 A store that cannot answer is a wait, not a crash: another process holds SQLite's write
-lock past the busy timeout, or Redis is down or frozen. `StoreUnavailable` and
-`RedisUnavailable` say so (`UNAVAILABLE`). `keep_trying` is how a worker or a clock
-waits that out: it logs one line and tries again, so a result is recorded once and a
-tick enqueued once, later rather than never. A web copy answers 503 and asks the client
-to come back. A store that is full (`StoreFull`: the ceiling STORE_MAX_MB, a disk nearly
-full, SQLite's "disk is full", or Redis out of memory) refuses what would grow it, with
-507, and is a wait for a worker or a clock too (`WAITS`). `waits_recognised` tells these
-apart from the other errors either store raises, which stay what they are, bugs, never
-mistaken for a wait.
+lock past the busy timeout, or Redis is down, frozen, or still loading its data after a
+restart. `StoreUnavailable` and `RedisUnavailable` say so (`UNAVAILABLE`). `keep_trying`
+is how a worker or a clock waits that out: it logs one line and tries again, so a result
+is recorded once and a tick enqueued once, later rather than never. A web copy answers
+503 and asks the client to come back. A store that is full (`StoreFull`: the ceiling
+STORE_MAX_MB, a disk nearly full, SQLite's "disk is full", or Redis out of memory)
+refuses what would grow it, with 507, and is a wait for a worker or a clock too
+(`WAITS`). `waits_recognised` tells these apart from the other errors either store
+raises, which stay what they are, bugs, never mistaken for a wait.
 
 It also holds the small helpers every process uses, most of them to read its
 configuration from the environment (Factor III): `ConfigError`, which a process turns
@@ -167,8 +167,9 @@ class StoreFull(Refused):
         super().__init__(507, message)
 
 
-# A store that does not answer now, SQLite (locked) or Redis (down, frozen, unreachable):
-# a web copy answers 503. With a full store, what a worker or a clock waits out.
+# A store that does not answer now, SQLite (locked) or Redis (down, frozen, unreachable,
+# loading its data): a web copy answers 503. With a full store, what a worker or a clock
+# waits out.
 UNAVAILABLE = (StoreUnavailable, RedisUnavailable)
 WAITS = (*UNAVAILABLE, StoreFull)
 
@@ -189,7 +190,8 @@ def waits_recognised() -> Iterator[None]:
     locked", and `StoreFull` for its "database or disk is full" (SQLITE_FULL) and for
     Redis's OOM (over its maxmemory). Each store refused the statement, the command or the
     transaction whole. Let every other error through as it is, so that a bug (a missing
-    column) looks like one."""
+    column) looks like one. (A Redis loading its data, or busy, the client already raises
+    as `RedisUnavailable`.)"""
     try:
         yield
     except sqlite3.OperationalError as error:
@@ -230,8 +232,8 @@ def keep_trying(action: Callable[[], T], what: str,
     """Run `action` until the store lets it through; return what it returns.
 
     While the store cannot answer (`WAITS`: SQLite locked past its busy timeout, Redis
-    down or frozen, the store full), log one line and try again; any other error is a
-    real one and is raised at once. Threads that share an `outage` log one line between
+    down, frozen or loading, the store full), log one line and try again; any other error
+    is a real one and is raised at once. Threads that share an `outage` log one line between
     them. When `stopping()` turns true (a worker at its stop deadline), raise
     `StillLocked` instead of trying again. Repeating `action` is safe because each of its
     writes is one statement or one transaction, refused whole (a Redis command cut off
@@ -502,7 +504,8 @@ def database_from_env(environ: Mapping[str, str]) -> BackingService:
 def redis_from_url(url: str, reply_timeout: float) -> Redis:
     """A Redis client. A typo in the URL, or a password Redis refuses, is found at start, not
     at the first user's request (its password is never printed). A Redis that does not
-    answer yet is a wait, as later: the process starts, and its first request finds out."""
+    answer yet (down, or loading its data after a restart) is a wait, as later: the
+    process starts, and its first request finds out."""
     try:
         redis = Redis(url, min(REDIS_CONNECT_TIMEOUT, reply_timeout), reply_timeout)
     except ValueError as error:  # the message never quotes the URL: it may hold a password

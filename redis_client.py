@@ -30,10 +30,11 @@ or None (nil). An error reply is raised, wherever it is: alone, in a pipeline, o
 EXEC's replies. A pipeline first reads every reply, so the connection stays in step; then
 it raises the first error. A write Redis refused can never pass for one it made.
 
-Failures: `RedisUnavailable` when Redis does not answer (down, frozen, unreachable: a web
-copy answers 503), within the connect and reply timeouts; `RedisAuthError` when it refuses
-the password (a process exits 2 at start); `RedisError` when it refuses a command (its
-`code` says why: "OOM" when it is out of memory).
+Failures: `RedisUnavailable` when Redis does not answer (down, frozen, unreachable), within
+the connect and reply timeouts, or answers that it cannot yet (`NOT_READY`: loading its
+data after a restart, busy with a script): a web copy answers 503, a worker waits.
+`RedisAuthError` when it refuses the password (a process exits 2 at start); `RedisError`
+when it refuses a command (its `code` says why: "OOM" when it is out of memory).
 
 Deliberately left out: RESP3 and HELLO; cluster and sentinel; pub/sub, and every command
 that changes what a connection is (SELECT, SUBSCRIBE...: a connection that ran one is
@@ -69,6 +70,12 @@ CHUNK = 65536          # bytes asked of the socket per read
 CHANGES_THE_CONNECTION = {"SELECT", "AUTH", "HELLO", "RESET", "MONITOR", "SUBSCRIBE",
                           "PSUBSCRIBE", "SSUBSCRIBE", "READONLY", "READWRITE"}
 
+# Error replies that mean "not now" rather than "no": Redis is loading its data after a
+# restart (LOADING), running a script past busy-reply-threshold (BUSY), a replica cut off
+# from its master (MASTERDOWN), or moving a cluster slot (TRYAGAIN). The command did not
+# run, and will once Redis is ready: a wait, like a Redis that does not answer.
+NOT_READY = {"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"}
+
 Arg = bytes | str | int | float
 
 
@@ -87,7 +94,8 @@ class RedisAuthError(RedisError):
 
 
 class RedisUnavailable(Exception):
-    """Redis did not answer: refused, timed out, reset, or closed mid-reply. Try later."""
+    """Redis did not answer (refused, timed out, reset, or closed mid-reply), or answered
+    that it cannot yet (`NOT_READY`). Try later."""
 
 
 # --- The URL -------------------------------------------------------------------------------
@@ -249,10 +257,12 @@ class Connection:
             return
         replies = self._round_trip(b"".join(map(encode_command, commands)), len(commands),
                                    timeout)
-        errors = [reply for reply in replies if isinstance(reply, RedisError)]
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
         if not errors:
             return
         self.close()
+        if isinstance(errors[0], RedisUnavailable):  # not ready: a wait, not a refusal
+            raise errors[0]
         refusal = str(errors[0])
         if url.password:  # Redis never repeats it, but a proxy or a renamed AUTH answers
             # "unknown command 'AUTH', with args beginning with: '<the password>'".
@@ -331,9 +341,7 @@ class Connection:
         if kind == b"+":
             return rest.decode("utf-8", "replace")
         if kind == b"-":
-            message = rest.decode("utf-8", "replace")
-            return (RedisAuthError if message.startswith(("NOAUTH", "WRONGPASS"))
-                    else RedisError)(message)
+            return error_reply(rest.decode("utf-8", "replace"), self.address)
         if kind == b":":
             return int(rest)
         if kind == b"$":
@@ -384,6 +392,16 @@ class Connection:
         if not data:
             raise EOFError("closed")
         self._buffer += data
+
+
+def error_reply(message: str, address: str) -> Exception:
+    """The exception an error reply stands for; read in its place, raised by `pipeline`."""
+    code = message.split(" ", 1)[0]
+    if code in ("NOAUTH", "WRONGPASS"):
+        return RedisAuthError(message)
+    if code in NOT_READY:
+        return RedisUnavailable(f"redis at {address} cannot answer yet ({message})")
+    return RedisError(message)
 
 
 def first_error(replies: list) -> Exception | None:

@@ -16,6 +16,7 @@ import pytest
 from conftest import (REPO, app_env, free_port, get, post_form, session_cookie, upload,
                       wait_until)
 from redis_client import Redis
+from test_redis_client import FakeRedis
 
 pytestmark = pytest.mark.usefixtures("shared_redis")  # skipped, saying why, without one
 
@@ -131,6 +132,35 @@ def test_redis_out_of_memory_is_a_507_never_a_lost_write_nor_a_500(copies, fresh
     assert get(web.url + "/session", sid).json()["cart"] == []
     assert redis.execute("KEYS", "upload:*") == []
     assert "Traceback" not in web.proc.output()
+
+
+@pytest.fixture
+def loading_redis():
+    """A server that answers every command as a Redis loading its data after a restart."""
+    server = FakeRedis(lambda command, conn: conn.sendall(
+        b"-LOADING Redis is loading the dataset in memory\r\n"))
+    yield f"redis://127.0.0.1:{server.port}/0"
+    server.close()
+
+
+def test_a_copy_started_while_redis_loads_starts_and_answers_503(start_web, loading_redis):
+    web = start_web(DATABASE_URL=loading_redis)
+    answers = [get(web.url + "/session"), post_form(web.url + "/cart", {"item": "tea"}),
+               post_form(web.url + "/jobs", {"task": "sleep"})]
+    assert [answer.status for answer in answers] == [503] * 3
+    assert all(answer.text == "the store is not answering; try again\n"
+               and answer.headers["retry-after"] == "1" for answer in answers)
+    assert "cannot answer yet (LOADING" in web.proc.output()
+    assert "Traceback" not in web.proc.output()
+
+
+@pytest.mark.parametrize("program", ["worker.py", "clock.py"])
+def test_a_worker_or_clock_started_while_redis_loads_waits_for_it(spawn, tmp_path,
+                                                                 loading_redis, program):
+    proc = spawn([sys.executable, program], app_env(tmp_path, DATABASE_URL=loading_redis))
+    wait_until(lambda: "trying again until it answers" in proc.output() or
+               proc.popen.poll() is not None, what=f"{program} to wait for Redis")
+    assert proc.popen.poll() is None, proc.output()
 
 
 def refusal(env: dict) -> subprocess.CompletedProcess:

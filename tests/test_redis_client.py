@@ -241,6 +241,21 @@ def test_a_transaction_refused_for_lack_of_memory_raises_oom_and_writes_nothing(
         assert conn.transaction([("SET", "a", "1")]) == ["OK"]
 
 
+@pytest.mark.parametrize("code", ["LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"])
+def test_a_redis_that_cannot_answer_yet_is_unavailable_not_an_error(fake_redis, code):
+    server = fake_redis(lambda command, conn: conn.sendall(
+        b"-%s Redis cannot serve this yet\r\n" % code.encode()))
+    client = Redis(f"redis://127.0.0.1:{server.port}")
+    with pytest.raises(RedisUnavailable, match=f"cannot answer yet \\({code} "):
+        client.execute("GET", "a")
+    with client.connection() as conn:  # the reply stands in a pipeline, never decoded
+        with pytest.raises(RedisUnavailable):
+            conn.pipeline([("WATCH", "a"), ("GET", "a")])
+    with pytest.raises(RedisUnavailable):  # even to AUTH: a wait, not a wrong password
+        Redis(f"redis://:pw@127.0.0.1:{server.port}").execute("PING")
+    client.close()
+
+
 # --- Passwords -----------------------------------------------------------------------------
 
 def test_a_wrong_or_missing_password_is_an_auth_error_that_does_not_repeat_it(redis_server):
