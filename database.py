@@ -430,43 +430,99 @@ BackingService = Union["Database", Redis]
 
 DEFAULT_STORE_MAX_MB = 1024
 MIN_FREE_DISK = 64 << 20   # bytes: below this, a SQLite file's disk counts as full
-ROOM_MEASURED_EVERY = 0.5  # seconds a measurement of the store's size is trusted
+ROOM_MEASURED_EVERY = 0.5  # seconds a measurement of the store's size is trusted, ...
+LARGE_WRITE = 64 << 10     # ... except by a write this large (an upload's piece: 1 MiB)
 
 
 class Room:
     """Is there room to write? STORE_MAX_MB is a ceiling on what the store holds (SQLite:
     its pages in use; Redis: its memory), and for a SQLite file the disk must keep
     MIN_FREE_DISK free: a full disk refuses even the DELETE that would make room, and the
-    WAL needs space to commit one. Measured at most every ROOM_MEASURED_EVERY seconds, so
-    a few writes at once may pass it by a little: a ceiling below the disk, not a quota."""
+    WAL needs space to commit one. A ceiling below the disk, not a quota.
+
+    A measurement costs a query (Redis: INFO), so it is trusted for ROOM_MEASURED_EVERY
+    seconds; but what this process writes counts against it at once (`writing`): the bytes
+    of its writes under way, and of those done since the measurement began. So a process
+    alone never passes the ceiling, however fast it writes (but for a stored byte's
+    overhead: SQLite's pages, Redis's allocations). A large write measures first, and so
+    also sees what other processes have written. What they have under way at that moment
+    it cannot see: several copies together may pass the ceiling by one piece (1 MiB) per
+    upload they have in flight, plus the small writes (sessions) they made in the last
+    ROOM_MEASURED_EVERY seconds.
+    """
 
     def __init__(self, service: BackingService, max_bytes: int):
         self.service, self.max_bytes = service, max_bytes
-        self.measured_at, self.full = -ROOM_MEASURED_EVERY, ""
+        self.lock = threading.Lock()  # guards the numbers below; never held to measure
+        self.measured_at = -ROOM_MEASURED_EVERY  # when the last measurement began
+        self.left = 0           # bytes the store could still take then,
+        self.full = ""          # ... and what to say to a write that does not fit
+        self.written = 0        # bytes of this process's writes done, since it started
+        self.written_then = 0   # ... of which done before the last measurement began
+        self.under_way = 0      # bytes of this process's writes under way now
 
     def check(self) -> None:
-        """Raise StoreFull (507) when there is no room for more."""
-        now = time.monotonic()
-        if now - self.measured_at >= ROOM_MEASURED_EVERY:
-            self.measured_at, self.full = now, self.measure()
-        if self.full:
+        """Raise StoreFull (507) when there is no room for more (for a write of a size not
+        known here: it is not counted)."""
+        self.measure_if_due(0)
+        with self.lock:
+            self.refuse_unless_it_fits(0)
+
+    @contextmanager
+    def writing(self, size: int) -> Iterator[None]:
+        """Around a write of `size` bytes: StoreFull (507) if they do not fit; else they
+        count as under way in the block, then as written until a measurement sees them."""
+        self.measure_if_due(size)
+        with self.lock:
+            self.refuse_unless_it_fits(size)
+            self.under_way += size
+        try:
+            yield
+        finally:  # a write that failed counts too, until the next measurement: no harm
+            with self.lock:
+                self.under_way -= size
+                self.written += size
+
+    def refuse_unless_it_fits(self, size: int) -> None:
+        """Raise StoreFull unless `size` bytes fit beside what was written since the
+        measurement and what is under way. The caller holds `self.lock`."""
+        if self.written - self.written_then + self.under_way + size >= self.left:
             raise StoreFull(self.full)
 
-    def measure(self) -> str:
-        """Why the store is full, or "" when it is not."""
+    def measure_if_due(self, size: int) -> None:
+        """Measure again if the last measurement is too old, or the write large."""
+        if size < LARGE_WRITE and time.monotonic() - self.measured_at < ROOM_MEASURED_EVERY:
+            return
+        with self.lock:
+            began, written_then = time.monotonic(), self.written
+        left, full = self.measure()
+        with self.lock:
+            if began > self.measured_at:  # one that began later may have ended first
+                self.measured_at, self.left, self.full = began, left, full
+                self.written_then = written_then
+
+    def measure(self) -> tuple[int, str]:
+        """How many bytes more the store may take, and what to say to a write that does
+        not fit."""
+        held = self.held()
+        if isinstance(self.service, Database):
+            disk_left = shutil.disk_usage(self.service.path.parent).free - MIN_FREE_DISK
+            if disk_left < self.max_bytes - held:
+                return disk_left, (f"the disk of {self.service.path} is nearly full; "
+                                   f"try again later")
+        return self.max_bytes - held, (
+            f"no room under the store's ceiling, STORE_MAX_MB={self.max_bytes / (1 << 20):g} "
+            f"(it held {held / (1 << 20):.1f} MB when measured); try again once old "
+            f"sessions have expired")
+
+    def held(self) -> int:
+        """What the store holds now, in bytes: SQLite its pages in use, Redis its memory."""
         if isinstance(self.service, Redis):
             info = self.service.execute("INFO", "memory").decode()
-            used = int(info.split("used_memory:", 1)[1].split()[0])
-        else:
-            pages = self.service.query("SELECT * FROM pragma_page_count(), "
-                                       "pragma_freelist_count(), pragma_page_size()")[0]
-            used = (pages[0] - pages[1]) * pages[2]
-            if shutil.disk_usage(self.service.path.parent).free < MIN_FREE_DISK:
-                return f"the disk of {self.service.path} is nearly full; try again later"
-        if used >= self.max_bytes:
-            return (f"the store holds {used / (1 << 20):.1f} MB, its ceiling is STORE_MAX_MB="
-                    f"{self.max_bytes / (1 << 20):g}; try again once old sessions have expired")
-        return ""
+            return int(info.split("used_memory:", 1)[1].split()[0])
+        pages = self.service.query("SELECT * FROM pragma_page_count(), "
+                                   "pragma_freelist_count(), pragma_page_size()")[0]
+        return (pages[0] - pages[1]) * pages[2]
 
 
 def room_from_env(environ: Mapping[str, str], service: BackingService) -> Room:

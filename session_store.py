@@ -45,6 +45,7 @@ import json
 import secrets
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterable, Iterator, Mapping
 
@@ -302,9 +303,10 @@ class SQLiteStore(SessionStore):
         if plan.remove_uploads:
             self.delete_files("session = ?", (plan.remove,))
         if plan.write:
-            self.room.check()
-            self.db.execute("INSERT OR REPLACE INTO sessions (id, data, expires_at) "
-                            "VALUES (?, ?, ?)", (plan.write, plan.text, time.time() + self.ttl))
+            with self.room.writing(len(plan.text)):
+                self.db.execute("INSERT OR REPLACE INTO sessions (id, data, expires_at) "
+                                "VALUES (?, ?, ?)",
+                                (plan.write, plan.text, time.time() + self.ttl))
             marks = ", ".join("?" * len(plan.uploads))
             self.db.execute(f"UPDATE files SET session = ? WHERE id IN ({marks})",
                             (plan.write, *plan.uploads))
@@ -325,9 +327,9 @@ class SQLiteStore(SessionStore):
                         "VALUES (?, ?, ?, 0, ?)", (upload_id, filename, content_type, time.time()))
         try:
             for seq, chunk in enumerate(chunks):
-                self.room.check()
-                self.db.execute("INSERT INTO file_chunks VALUES (?, ?, ?)",
-                                (upload_id, seq, chunk))
+                with self.room.writing(len(chunk)):  # a large piece measures the store first
+                    self.db.execute("INSERT INTO file_chunks VALUES (?, ?, ?)",
+                                    (upload_id, seq, chunk))
                 size += len(chunk)
             self.db.execute("UPDATE files SET size = ? WHERE id = ?", (size, upload_id))
         except BaseException:
@@ -409,13 +411,12 @@ class RedisStore(SessionStore):
                 writes = plan(sid, stored, session)
                 if writes == Plan():
                     return session  # nothing to write (the connection UNWATCHes)
-                if writes.write:
-                    self.room.check()
-                # Redis out of memory refuses the commands as MULTI queues them, and EXEC
-                # then runs none: that is raised (`waits_recognised`: StoreFull, 507),
-                # never taken for a write made.
-                if conn.transaction(self.commands(writes)) is not None:
-                    return session
+                # A plan that only deletes needs no room. Redis out of memory refuses the
+                # commands as MULTI queues them, and EXEC then runs none: that is raised
+                # (`waits_recognised`: StoreFull, 507), never taken for a write made.
+                with self.room.writing(len(writes.text)) if writes.write else nullcontext():
+                    if conn.transaction(self.commands(writes)) is not None:
+                        return session
             # Another request wrote this session between our GET and EXEC: EXEC did
             # nothing. Read it again, with that request's change in it, and redo ours.
         raise Refused(503, "this session is changing too fast; try again")
@@ -445,8 +446,8 @@ class RedisStore(SessionStore):
                                   ("EXPIRE", key, PENDING_UPLOAD_TTL)])
             try:
                 for chunk in chunks:
-                    self.room.check()
-                    self.redis.execute("HSET", key, str(count), chunk)
+                    with self.room.writing(len(chunk)):  # a large piece measures the store first
+                        self.redis.execute("HSET", key, str(count), chunk)
                     size, count = size + len(chunk), count + 1
                 self.redis.execute("HSET", key, "size", size, "chunks", count)
             except BaseException:
