@@ -127,6 +127,11 @@ def parse_url(url: str) -> RedisURL:
 
     A malformed URL raises ValueError saying what is wrong, never quoting the URL: it may
     hold the password."""
+    credentials = url.partition("://")[2].rpartition("@")[0]
+    if any(character in credentials for character in "/?#"):
+        # urlsplit would end the host at that character and blame a port or a path.
+        raise malformed("has a '/', '?' or '#' in its password or user name: write them "
+                        "percent-encoded, as %2F, %3F, %23")
     try:
         parts = urllib.parse.urlsplit(url)
         port = 6379 if parts.port is None else parts.port

@@ -151,6 +151,17 @@ def test_a_malformed_url_says_what_is_wrong_in_one_line_without_the_password(url
     assert raised.value.__suppress_context__ or raised.value.__context__ is None
 
 
+@pytest.mark.parametrize("url", ["redis://:s3c#ret@host", "redis://:s3c?ret@host:6379/0",
+                                 "redis://app:s3c/ret@host/1"])
+def test_a_password_with_a_character_that_ends_the_host_is_named_as_the_cause(url):
+    with pytest.raises(ValueError) as raised:
+        parse_url(url)
+    assert str(raised.value).startswith(
+        "the Redis URL has a '/', '?' or '#' in its password or user name: write them "
+        "percent-encoded, as %2F, %3F, %23;")
+    assert "s3c" not in str(raised.value)
+
+
 def test_the_client_shows_its_url_masked(redis_server):
     client = Redis(redis_server.url)
     assert repr(client) == f"<Redis redis://:***@127.0.0.1:{redis_server.port}/0>"
