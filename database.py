@@ -14,13 +14,15 @@ reach, spoken by `redis_client.py`). Both backing services build on what
 (jobs), each with one class per store behind one interface. Neither imports the other.
 
 A store that cannot answer is a wait, not a crash: another process holds SQLite's write
-lock past the busy timeout, or Redis is down or frozen. `StoreUnavailable` says so, from
-either store (`WAITS`). `keep_trying` is how a worker or a clock waits that out: it logs
-one line and tries again, so a result is recorded once and a tick enqueued once, later
-rather than never. A web copy answers 503 and asks the client to come back. A store that
-is full (`StoreFull`: the ceiling STORE_MAX_MB, a disk nearly full, or SQLite's "disk is
-full") refuses what would grow it, with 507, and is a wait for a worker or a clock too.
-Every other error stays what it is, a bug, and is never mistaken for a wait.
+lock past the busy timeout, or Redis is down, frozen, or still loading its data after a
+restart. `StoreUnavailable` and `RedisUnavailable` say so (`UNAVAILABLE`). `keep_trying`
+is how a worker or a clock waits that out: it logs one line and tries again, so a result
+is recorded once and a tick enqueued once, later rather than never. A web copy answers
+503 and asks the client to come back. A store that is full (`StoreFull`: the ceiling
+STORE_MAX_MB, a disk nearly full, SQLite's "disk is full", or Redis out of memory)
+refuses what would grow it, with 507, and is a wait for a worker or a clock too
+(`WAITS`). `waits_recognised` tells these apart from the other errors either store
+raises, which stay what they are, bugs, never mistaken for a wait.
 
 It also holds the small helpers every process uses, most of them to read its
 configuration from the environment (Factor III): `ConfigError`, which a process turns
@@ -157,15 +159,17 @@ class Refused(Exception):
 
 
 class StoreFull(Refused):
-    """No room: the store holds STORE_MAX_MB, or its disk is nearly full. Refused before
-    the disk is full, because a full disk refuses even the DELETE that would make room."""
+    """No room: the store holds STORE_MAX_MB, its disk is nearly full, or Redis is out of
+    memory. Refused before the disk is full, because a full disk refuses even the DELETE
+    that would make room."""
 
     def __init__(self, message: str):
         super().__init__(507, message)
 
 
-# A store that does not answer now, SQLite (locked) or Redis (down, frozen, unreachable):
-# a web copy answers 503. With a full store, what a worker or a clock waits out.
+# A store that does not answer now, SQLite (locked) or Redis (down, frozen, unreachable,
+# loading its data): a web copy answers 503. With a full store, what a worker or a clock
+# waits out.
 UNAVAILABLE = (StoreUnavailable, RedisUnavailable)
 WAITS = (*UNAVAILABLE, StoreFull)
 
@@ -182,10 +186,12 @@ def is_locked(error: sqlite3.OperationalError) -> bool:
 
 @contextmanager
 def waits_recognised() -> Iterator[None]:
-    """Raise `StoreUnavailable` for SQLite's "database is locked" and `StoreFull` for its
-    "database or disk is full" (SQLITE_FULL: the statement, or the transaction, was
-    refused whole); let every other error through as it is, so that a bug (a missing
-    column) looks like one."""
+    """Around what either store runs: raise `StoreUnavailable` for SQLite's "database is
+    locked", and `StoreFull` for its "database or disk is full" (SQLITE_FULL) and for
+    Redis's OOM (over its maxmemory). Each store refused the statement, the command or the
+    transaction whole. Let every other error through as it is, so that a bug (a missing
+    column) looks like one. (A Redis loading its data, or busy, the client already raises
+    as `RedisUnavailable`.)"""
     try:
         yield
     except sqlite3.OperationalError as error:
@@ -193,6 +199,10 @@ def waits_recognised() -> Iterator[None]:
             raise StoreUnavailable(str(error)) from error
         if "database or disk is full" in str(error):
             raise StoreFull(f"{error}; make room on the disk") from error
+        raise
+    except RedisError as error:
+        if error.code == "OOM":
+            raise StoreFull(f"redis is out of memory ({error}); make room") from None
         raise
 
 
@@ -222,8 +232,8 @@ def keep_trying(action: Callable[[], T], what: str,
     """Run `action` until the store lets it through; return what it returns.
 
     While the store cannot answer (`WAITS`: SQLite locked past its busy timeout, Redis
-    down or frozen, the store full), log one line and try again; any other error is a
-    real one and is raised at once. Threads that share an `outage` log one line between
+    down, frozen or loading, the store full), log one line and try again; any other error
+    is a real one and is raised at once. Threads that share an `outage` log one line between
     them. When `stopping()` turns true (a worker at its stop deadline), raise
     `StillLocked` instead of trying again. Repeating `action` is safe because each of its
     writes is one statement or one transaction, refused whole (a Redis command cut off
@@ -420,43 +430,99 @@ BackingService = Union["Database", Redis]
 
 DEFAULT_STORE_MAX_MB = 1024
 MIN_FREE_DISK = 64 << 20   # bytes: below this, a SQLite file's disk counts as full
-ROOM_MEASURED_EVERY = 0.5  # seconds a measurement of the store's size is trusted
+ROOM_MEASURED_EVERY = 0.5  # seconds a measurement of the store's size is trusted, ...
+LARGE_WRITE = 64 << 10     # ... except by a write this large (an upload's piece: 1 MiB)
 
 
 class Room:
     """Is there room to write? STORE_MAX_MB is a ceiling on what the store holds (SQLite:
     its pages in use; Redis: its memory), and for a SQLite file the disk must keep
     MIN_FREE_DISK free: a full disk refuses even the DELETE that would make room, and the
-    WAL needs space to commit one. Measured at most every ROOM_MEASURED_EVERY seconds, so
-    a few writes at once may pass it by a little: a ceiling below the disk, not a quota."""
+    WAL needs space to commit one. A ceiling below the disk, not a quota.
+
+    A measurement costs a query (Redis: INFO), so it is trusted for ROOM_MEASURED_EVERY
+    seconds; but what this process writes counts against it at once (`writing`): the bytes
+    of its writes under way, and of those done since the measurement began. So a process
+    alone never passes the ceiling, however fast it writes (but for a stored byte's
+    overhead: SQLite's pages, Redis's allocations). A large write measures first, and so
+    also sees what other processes have written. What they have under way at that moment
+    it cannot see: several copies together may pass the ceiling by one piece (1 MiB) per
+    upload they have in flight, plus the small writes (sessions) they made in the last
+    ROOM_MEASURED_EVERY seconds.
+    """
 
     def __init__(self, service: BackingService, max_bytes: int):
         self.service, self.max_bytes = service, max_bytes
-        self.measured_at, self.full = -ROOM_MEASURED_EVERY, ""
+        self.lock = threading.Lock()  # guards the numbers below; never held to measure
+        self.measured_at = -ROOM_MEASURED_EVERY  # when the last measurement began
+        self.left = 0           # bytes the store could still take then,
+        self.full = ""          # ... and what to say to a write that does not fit
+        self.written = 0        # bytes of this process's writes done, since it started
+        self.written_then = 0   # ... of which done before the last measurement began
+        self.under_way = 0      # bytes of this process's writes under way now
 
     def check(self) -> None:
-        """Raise StoreFull (507) when there is no room for more."""
-        now = time.monotonic()
-        if now - self.measured_at >= ROOM_MEASURED_EVERY:
-            self.measured_at, self.full = now, self.measure()
-        if self.full:
+        """Raise StoreFull (507) when there is no room for more (for a write of a size not
+        known here: it is not counted)."""
+        self.measure_if_due(0)
+        with self.lock:
+            self.refuse_unless_it_fits(0)
+
+    @contextmanager
+    def writing(self, size: int) -> Iterator[None]:
+        """Around a write of `size` bytes: StoreFull (507) if they do not fit; else they
+        count as under way in the block, then as written until a measurement sees them."""
+        self.measure_if_due(size)
+        with self.lock:
+            self.refuse_unless_it_fits(size)
+            self.under_way += size
+        try:
+            yield
+        finally:  # a write that failed counts too, until the next measurement: no harm
+            with self.lock:
+                self.under_way -= size
+                self.written += size
+
+    def refuse_unless_it_fits(self, size: int) -> None:
+        """Raise StoreFull unless `size` bytes fit beside what was written since the
+        measurement and what is under way. The caller holds `self.lock`."""
+        if self.written - self.written_then + self.under_way + size >= self.left:
             raise StoreFull(self.full)
 
-    def measure(self) -> str:
-        """Why the store is full, or "" when it is not."""
+    def measure_if_due(self, size: int) -> None:
+        """Measure again if the last measurement is too old, or the write large."""
+        if size < LARGE_WRITE and time.monotonic() - self.measured_at < ROOM_MEASURED_EVERY:
+            return
+        with self.lock:
+            began, written_then = time.monotonic(), self.written
+        left, full = self.measure()
+        with self.lock:
+            if began > self.measured_at:  # one that began later may have ended first
+                self.measured_at, self.left, self.full = began, left, full
+                self.written_then = written_then
+
+    def measure(self) -> tuple[int, str]:
+        """How many bytes more the store may take, and what to say to a write that does
+        not fit."""
+        held = self.held()
+        if isinstance(self.service, Database):
+            disk_left = shutil.disk_usage(self.service.path.parent).free - MIN_FREE_DISK
+            if disk_left < self.max_bytes - held:
+                return disk_left, (f"the disk of {self.service.path} is nearly full; "
+                                   f"try again later")
+        return self.max_bytes - held, (
+            f"no room under the store's ceiling, STORE_MAX_MB={self.max_bytes / (1 << 20):g} "
+            f"(it held {held / (1 << 20):.1f} MB when measured); try again once old "
+            f"sessions have expired")
+
+    def held(self) -> int:
+        """What the store holds now, in bytes: SQLite its pages in use, Redis its memory."""
         if isinstance(self.service, Redis):
             info = self.service.execute("INFO", "memory").decode()
-            used = int(info.split("used_memory:", 1)[1].split()[0])
-        else:
-            pages = self.service.query("SELECT * FROM pragma_page_count(), "
-                                       "pragma_freelist_count(), pragma_page_size()")[0]
-            used = (pages[0] - pages[1]) * pages[2]
-            if shutil.disk_usage(self.service.path.parent).free < MIN_FREE_DISK:
-                return f"the disk of {self.service.path} is nearly full; try again later"
-        if used >= self.max_bytes:
-            return (f"the store holds {used / (1 << 20):.1f} MB, its ceiling is STORE_MAX_MB="
-                    f"{self.max_bytes / (1 << 20):g}; try again once old sessions have expired")
-        return ""
+            return int(info.split("used_memory:", 1)[1].split()[0])
+        pages = self.service.query("SELECT * FROM pragma_page_count(), "
+                                   "pragma_freelist_count(), pragma_page_size()")[0]
+        return (pages[0] - pages[1]) * pages[2]
 
 
 def room_from_env(environ: Mapping[str, str], service: BackingService) -> Room:
@@ -494,7 +560,8 @@ def database_from_env(environ: Mapping[str, str]) -> BackingService:
 def redis_from_url(url: str, reply_timeout: float) -> Redis:
     """A Redis client. A typo in the URL, or a password Redis refuses, is found at start, not
     at the first user's request (its password is never printed). A Redis that does not
-    answer yet is a wait, as later: the process starts, and its first request finds out."""
+    answer yet (down, or loading its data after a restart) is a wait, as later: the
+    process starts, and its first request finds out."""
     try:
         redis = Redis(url, min(REDIS_CONNECT_TIMEOUT, reply_timeout), reply_timeout)
     except ValueError as error:  # the message never quotes the URL: it may hold a password

@@ -26,12 +26,15 @@ How the pieces fit:
 
 Values: arguments are bytes, str (sent as UTF-8), int or float. Replies are bytes (bulk
 strings), str (status replies such as "OK", "PONG", "QUEUED": never user data), int, list,
-or None (nil). An error reply raises `RedisError`; inside an array (EXEC, a pipeline) it is
-returned in its place instead, so that the other replies are not lost.
+or None (nil). An error reply is raised, wherever it is: alone, in a pipeline, or inside
+EXEC's replies. A pipeline first reads every reply, so the connection stays in step; then
+it raises the first error. A write Redis refused can never pass for one it made.
 
-Failures: `RedisUnavailable` when Redis does not answer (down, frozen, unreachable: a web
-copy answers 503), within the connect and reply timeouts; `RedisAuthError` when it refuses
-the password (a process exits 2 at start); `RedisError` when it refuses a command.
+Failures: `RedisUnavailable` when Redis does not answer (down, frozen, unreachable), within
+the connect and reply timeouts, or answers that it cannot yet (`NOT_READY`: loading its
+data after a restart, busy with a script): a web copy answers 503, a worker waits.
+`RedisAuthError` when it refuses the password (a process exits 2 at start); `RedisError`
+when it refuses a command (its `code` says why: "OOM" when it is out of memory).
 
 Deliberately left out: RESP3 and HELLO; cluster and sentinel; pub/sub, and every command
 that changes what a connection is (SELECT, SUBSCRIBE...: a connection that ran one is
@@ -67,6 +70,12 @@ CHUNK = 65536          # bytes asked of the socket per read
 CHANGES_THE_CONNECTION = {"SELECT", "AUTH", "HELLO", "RESET", "MONITOR", "SUBSCRIBE",
                           "PSUBSCRIBE", "SSUBSCRIBE", "READONLY", "READWRITE"}
 
+# Error replies that mean "not now" rather than "no": Redis is loading its data after a
+# restart (LOADING), running a script past busy-reply-threshold (BUSY), a replica cut off
+# from its master (MASTERDOWN), or moving a cluster slot (TRYAGAIN). The command did not
+# run, and will once Redis is ready: a wait, like a Redis that does not answer.
+NOT_READY = {"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"}
+
 Arg = bytes | str | int | float
 
 
@@ -85,7 +94,8 @@ class RedisAuthError(RedisError):
 
 
 class RedisUnavailable(Exception):
-    """Redis did not answer: refused, timed out, reset, or closed mid-reply. Try later."""
+    """Redis did not answer (refused, timed out, reset, or closed mid-reply), or answered
+    that it cannot yet (`NOT_READY`). Try later."""
 
 
 # --- The URL -------------------------------------------------------------------------------
@@ -117,6 +127,11 @@ def parse_url(url: str) -> RedisURL:
 
     A malformed URL raises ValueError saying what is wrong, never quoting the URL: it may
     hold the password."""
+    credentials = url.partition("://")[2].rpartition("@")[0]
+    if any(character in credentials for character in "/?#"):
+        # urlsplit would end the host at that character and blame a port or a path.
+        raise malformed("has a '/', '?' or '#' in its password or user name: write them "
+                        "percent-encoded, as %2F, %3F, %23")
     try:
         parts = urllib.parse.urlsplit(url)
         port = 6379 if parts.port is None else parts.port
@@ -215,16 +230,25 @@ class Connection:
 
     def execute(self, *args: Arg):
         """Send one command and return its reply; an error reply raises RedisError."""
-        (reply,) = self.pipeline([args])
-        if isinstance(reply, RedisError):
-            raise reply
-        return reply
+        return self.pipeline([args])[0]
 
     def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list:
-        """Send several commands in one write and return their replies, errors in place."""
+        """Send several commands in one write and return their replies. If any of them is
+        an error (EXEC's own replies included), raise the first, once all are read."""
         request = b"".join(map(encode_command, commands))  # a bad argument: nothing is sent
         names = [command_name(command) for command in commands]
-        return self._round_trip(request, len(commands), self.reply_timeout, names)
+        replies = self._round_trip(request, len(commands), self.reply_timeout, names)
+        error = first_error(replies)
+        if error is not None:
+            raise error
+        return replies
+
+    def transaction(self, commands: Sequence[Sequence[Arg]]) -> list | None:
+        """MULTI, the commands, EXEC, in one round trip: their replies, or None when a key
+        this connection WATCHes changed and EXEC ran nothing. An error is raised: one Redis
+        refused as it queued the commands (out of memory, loading: then EXEC ran none of
+        them), or one that failed inside EXEC (the others ran: Redis has no rollback)."""
+        return self.pipeline([("MULTI",), *commands, ("EXEC",)])[-1]
 
     def log_in(self, url: RedisURL, timeout: float) -> None:
         """AUTH and SELECT as the URL says, in one round trip."""
@@ -238,10 +262,12 @@ class Connection:
             return
         replies = self._round_trip(b"".join(map(encode_command, commands)), len(commands),
                                    timeout)
-        errors = [reply for reply in replies if isinstance(reply, RedisError)]
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
         if not errors:
             return
         self.close()
+        if isinstance(errors[0], RedisUnavailable):  # not ready: a wait, not a refusal
+            raise errors[0]
         refusal = str(errors[0])
         if url.password:  # Redis never repeats it, but a proxy or a renamed AUTH answers
             # "unknown command 'AUTH', with args beginning with: '<the password>'".
@@ -320,9 +346,7 @@ class Connection:
         if kind == b"+":
             return rest.decode("utf-8", "replace")
         if kind == b"-":
-            message = rest.decode("utf-8", "replace")
-            return (RedisAuthError if message.startswith(("NOAUTH", "WRONGPASS"))
-                    else RedisError)(message)
+            return error_reply(rest.decode("utf-8", "replace"), self.address)
         if kind == b":":
             return int(rest)
         if kind == b"$":
@@ -373,6 +397,26 @@ class Connection:
         if not data:
             raise EOFError("closed")
         self._buffer += data
+
+
+def error_reply(message: str, address: str) -> Exception:
+    """The exception an error reply stands for; read in its place, raised by `pipeline`."""
+    code = message.split(" ", 1)[0]
+    if code in ("NOAUTH", "WRONGPASS"):
+        return RedisAuthError(message)
+    if code in NOT_READY:
+        return RedisUnavailable(f"redis at {address} cannot answer yet ({message})")
+    return RedisError(message)
+
+
+def first_error(replies: list) -> Exception | None:
+    """The first error among the replies, looking inside arrays (EXEC's replies)."""
+    for reply in replies:
+        if isinstance(reply, list):
+            reply = first_error(reply)
+        if isinstance(reply, Exception):
+            return reply
+    return None
 
 
 def open_connection(url: RedisURL, tls: ssl.SSLContext | None, connect_timeout: float,

@@ -45,10 +45,12 @@ import json
 import secrets
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterable, Iterator, Mapping
 
-from database import ConfigError, Database, Refused, Room, room_from_env, whole_seconds
+from database import (ConfigError, Database, Refused, Room, room_from_env, waits_recognised,
+                      whole_seconds)
 from redis_client import Redis
 
 MAX_SESSION_TTL = 400 * 86400  # browsers cap a cookie's Max-Age at 400 days (RFC 6265bis)
@@ -301,9 +303,10 @@ class SQLiteStore(SessionStore):
         if plan.remove_uploads:
             self.delete_files("session = ?", (plan.remove,))
         if plan.write:
-            self.room.check()
-            self.db.execute("INSERT OR REPLACE INTO sessions (id, data, expires_at) "
-                            "VALUES (?, ?, ?)", (plan.write, plan.text, time.time() + self.ttl))
+            with self.room.writing(len(plan.text)):
+                self.db.execute("INSERT OR REPLACE INTO sessions (id, data, expires_at) "
+                                "VALUES (?, ?, ?)",
+                                (plan.write, plan.text, time.time() + self.ttl))
             marks = ", ".join("?" * len(plan.uploads))
             self.db.execute(f"UPDATE files SET session = ? WHERE id IN ({marks})",
                             (plan.write, *plan.uploads))
@@ -324,14 +327,14 @@ class SQLiteStore(SessionStore):
                         "VALUES (?, ?, ?, 0, ?)", (upload_id, filename, content_type, time.time()))
         try:
             for seq, chunk in enumerate(chunks):
-                self.room.check()
-                self.db.execute("INSERT INTO file_chunks VALUES (?, ?, ?)",
-                                (upload_id, seq, chunk))
+                with self.room.writing(len(chunk)):  # a large piece measures the store first
+                    self.db.execute("INSERT INTO file_chunks VALUES (?, ?, ?)",
+                                    (upload_id, seq, chunk))
                 size += len(chunk)
+            self.db.execute("UPDATE files SET size = ? WHERE id = ?", (size, upload_id))
         except BaseException:
             self.discard_upload(upload_id)
             raise
-        self.db.execute("UPDATE files SET size = ? WHERE id = ?", (size, upload_id))
         return upload_id
 
     def discard_upload(self, upload_id):
@@ -388,7 +391,8 @@ class RedisStore(SessionStore):
     `edit` is optimistic (WATCH/MULTI/EXEC): nothing is locked, and a write that raced
     another is not made, but read, changed and tried again, until MAX_EDIT_SECONDS (a
     503). Expiry is Redis's own: each write sets the session's key and its uploads' keys
-    to expire together, `ttl` seconds later, so nothing needs purging.
+    to expire together, `ttl` seconds later, so nothing needs purging. A Redis out of
+    memory refuses what would grow it: StoreFull (507), as a full SQLite file does.
     """
     kind = "redis"
 
@@ -398,7 +402,7 @@ class RedisStore(SessionStore):
     def edit(self, sid, change, rotate=False):
         deadline = time.monotonic() + MAX_EDIT_SECONDS
         while time.monotonic() < deadline:
-            with self.redis.connection() as conn:
+            with waits_recognised(), self.redis.connection() as conn:
                 # WATCH, then GET, in one round trip: the watch starts before the read.
                 _, stored = conn.pipeline([("WATCH", session_key(sid)), ("GET", session_key(sid))])
                 stored = None if stored is None else stored.decode()
@@ -407,11 +411,12 @@ class RedisStore(SessionStore):
                 writes = plan(sid, stored, session)
                 if writes == Plan():
                     return session  # nothing to write (the connection UNWATCHes)
-                if writes.write:
-                    self.room.check()
-                commands = [("MULTI",), *self.commands(writes), ("EXEC",)]
-                if conn.pipeline(commands)[-1] is not None:
-                    return session
+                # A plan that only deletes needs no room. Redis out of memory refuses the
+                # commands as MULTI queues them, and EXEC then runs none: that is raised
+                # (`waits_recognised`: StoreFull, 507), never taken for a write made.
+                with self.room.writing(len(writes.text)) if writes.write else nullcontext():
+                    if conn.transaction(self.commands(writes)) is not None:
+                        return session
             # Another request wrote this session between our GET and EXEC: EXEC did
             # nothing. Read it again, with that request's change in it, and redo ours.
         raise Refused(503, "this session is changing too fast; try again")
@@ -434,19 +439,20 @@ class RedisStore(SessionStore):
     def save_upload(self, filename, content_type, chunks):
         upload_id, size, count = secrets.token_urlsafe(16), 0, 0
         key = upload_key(upload_id)
-        with self.redis.connection() as conn:  # both or neither: never a key without expiry
-            conn.pipeline([("MULTI",), ("HSET", key, "filename", filename, "content_type",
-                                        content_type, "size", 0, "chunks", 0),
-                           ("EXPIRE", key, PENDING_UPLOAD_TTL), ("EXEC",)])
-        try:
-            for chunk in chunks:
-                self.room.check()
-                self.redis.execute("HSET", key, str(count), chunk)
-                size, count = size + len(chunk), count + 1
-        except BaseException:
-            self.discard_upload(upload_id)
-            raise
-        self.redis.execute("HSET", key, "size", size, "chunks", count)
+        with waits_recognised():  # out of memory: StoreFull (507)
+            with self.redis.connection() as conn:  # both or neither: never a key without expiry
+                conn.transaction([("HSET", key, "filename", filename, "content_type",
+                                   content_type, "size", 0, "chunks", 0),
+                                  ("EXPIRE", key, PENDING_UPLOAD_TTL)])
+            try:
+                for chunk in chunks:
+                    with self.room.writing(len(chunk)):  # a large piece measures the store first
+                        self.redis.execute("HSET", key, str(count), chunk)
+                    size, count = size + len(chunk), count + 1
+                self.redis.execute("HSET", key, "size", size, "chunks", count)
+            except BaseException:
+                self.discard_upload(upload_id)
+                raise
         return upload_id
 
     def discard_upload(self, upload_id):

@@ -151,6 +151,17 @@ def test_a_malformed_url_says_what_is_wrong_in_one_line_without_the_password(url
     assert raised.value.__suppress_context__ or raised.value.__context__ is None
 
 
+@pytest.mark.parametrize("url", ["redis://:s3c#ret@host", "redis://:s3c?ret@host:6379/0",
+                                 "redis://app:s3c/ret@host/1"])
+def test_a_password_with_a_character_that_ends_the_host_is_named_as_the_cause(url):
+    with pytest.raises(ValueError) as raised:
+        parse_url(url)
+    assert str(raised.value).startswith(
+        "the Redis URL has a '/', '?' or '#' in its password or user name: write them "
+        "percent-encoded, as %2F, %3F, %23;")
+    assert "s3c" not in str(raised.value)
+
+
 def test_the_client_shows_its_url_masked(redis_server):
     client = Redis(redis_server.url)
     assert repr(client) == f"<Redis redis://:***@127.0.0.1:{redis_server.port}/0>"
@@ -216,13 +227,44 @@ def test_an_error_reply_raises_and_the_connection_stays_in_use(client):
     assert client.execute("CLIENT", "ID") == first  # the same connection, still clean
 
 
-def test_a_pipeline_returns_every_reply_with_errors_in_their_place(client):
+def test_a_pipeline_reads_every_reply_then_raises_the_first_error_even_inside_exec(client):
+    first = client.execute("CLIENT", "ID")
     with client.connection() as conn:
-        replies = conn.pipeline([("MULTI",), ("SET", "a", "1"), ("LPUSH", "a", "x"),
-                                 ("EXEC",), ("GET", "a")])
-    assert replies[:3] == ["OK", "QUEUED", "QUEUED"] and replies[4] == b"1"
-    ok, error = replies[3]
-    assert ok == "OK" and isinstance(error, RedisError) and error.code == "WRONGTYPE"
+        with pytest.raises(RedisError) as raised:
+            conn.pipeline([("MULTI",), ("SET", "a", "1"), ("LPUSH", "a", "x"), ("EXEC",),
+                           ("GET", "a")])
+    assert raised.value.code == "WRONGTYPE"  # the LPUSH failed inside EXEC; the SET ran
+    assert client.execute("GET", "a") == b"1"
+    assert client.execute("CLIENT", "ID") == first  # read whole: the same connection, clean
+
+
+def test_a_transaction_refused_for_lack_of_memory_raises_oom_and_writes_nothing(client):
+    client.execute("CONFIG", "SET", "maxmemory", "1")  # full, and refusing to grow
+    try:
+        with client.connection() as conn:
+            with pytest.raises(RedisError) as raised:  # replies: OK, -OOM, -EXECABORT
+                conn.transaction([("SET", "a", "1"), ("EXPIRE", "a", 60)])
+            assert raised.value.code == "OOM"
+    finally:
+        client.execute("CONFIG", "SET", "maxmemory", "0")
+    assert client.execute("GET", "a") is None
+    with client.connection() as conn:  # given back clean: not left inside MULTI
+        assert conn.transaction([("SET", "a", "1")]) == ["OK"]
+
+
+@pytest.mark.parametrize("code", ["LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"])
+def test_a_redis_that_cannot_answer_yet_is_unavailable_not_an_error(fake_redis, code):
+    server = fake_redis(lambda command, conn: conn.sendall(
+        b"-%s Redis cannot serve this yet\r\n" % code.encode()))
+    client = Redis(f"redis://127.0.0.1:{server.port}")
+    with pytest.raises(RedisUnavailable, match=f"cannot answer yet \\({code} "):
+        client.execute("GET", "a")
+    with client.connection() as conn:  # the reply stands in a pipeline, never decoded
+        with pytest.raises(RedisUnavailable):
+            conn.pipeline([("WATCH", "a"), ("GET", "a")])
+    with pytest.raises(RedisUnavailable):  # even to AUTH: a wait, not a wrong password
+        Redis(f"redis://:pw@127.0.0.1:{server.port}").execute("PING")
+    client.close()
 
 
 # --- Passwords -----------------------------------------------------------------------------
