@@ -51,7 +51,7 @@ from typing import Callable, ContextManager, Iterable, Iterator, Mapping
 
 from database import (ConfigError, Database, Refused, Room, room_from_env, waits_recognised,
                       whole_seconds)
-from redis_client import Redis
+from redis_client import Connection, Redis, RedisError
 
 MAX_SESSION_TTL = 400 * 86400  # browsers cap a cookie's Max-Age at 400 days (RFC 6265bis)
 MAX_SESSION_BYTES = 64 << 10   # a session as stored: it is read and written whole
@@ -415,11 +415,24 @@ class RedisStore(SessionStore):
                 # commands as MULTI queues them, and EXEC then runs none: that is raised
                 # (`waits_recognised`: StoreFull, 507), never taken for a write made.
                 with self.room.writing(len(writes.text)) if writes.write else nullcontext():
-                    if conn.transaction(self.commands(writes)) is not None:
+                    if self.transact(conn, writes):
                         return session
             # Another request wrote this session between our GET and EXEC: EXEC did
             # nothing. Read it again, with that request's change in it, and redo ours.
         raise Refused(503, "this session is changing too fast; try again")
+
+    def transact(self, conn: Connection, writes: Plan) -> bool:
+        """Make `writes` in one MULTI/EXEC; False if the session changed since the GET."""
+        commands = self.commands(writes)
+        try:
+            return conn.transaction(commands) is not None
+        except RedisError as error:
+            if writes.write or error.code != "OOM":
+                raise
+        # A logout, with Redis out of memory: it refuses every command a MULTI would queue,
+        # DEL too, but takes a DEL on its own, which frees memory. The session ends.
+        conn.pipeline(commands)
+        return True
 
     def commands(self, plan: Plan) -> list[tuple]:
         commands: list[tuple] = []

@@ -127,9 +127,12 @@ def test_redis_out_of_memory_is_a_507_never_a_lost_write_nor_a_500(copies, fresh
         assert [answer.status for answer in answers] == [507] * 3
         assert all(answer.text.startswith("redis is out of memory") for answer in answers)
         assert "set-cookie" not in answers[0].headers
+        assert get(web.url + "/session", sid).json()["cart"] == []
+        # A logout frees memory, and Redis takes a DEL even when full: the session ends.
+        assert post_form(web.url + "/logout", {}, sid).status == 303
+        assert get(web.url + "/session", sid).json()["user"] is None
     finally:
         redis.execute("CONFIG", "SET", "maxmemory", "0")
-    assert get(web.url + "/session", sid).json()["cart"] == []
     assert redis.execute("KEYS", "upload:*") == []
     assert "Traceback" not in web.proc.output()
 
