@@ -22,17 +22,10 @@ unfinished jobs per owner (a hash of a session id), MAX_PUBLIC_QUEUED waiting in
 public lane, MAX_QUEUED in all. A unique `key` (a clock's tick) goes in once, however many
 clocks ask; keyed ticks pass the quotas and the ceiling: they make room (the purges).
 
-**Leases on no one's wall clock.** A lease that ends at a wall-clock time (`lease_until <
-now`) fails the day a clock steps forward past it (NTP, a resumed VM, two hosts that
-disagree): a second worker takes the job while the first still runs it. So no time is
-stored with a lease. A running job carries a `heartbeat` that its worker adds one to at
-every renewal, and, as in Kubernetes' leader election (client-go's `observedTime`), each
-claiming process notes per running job the pair (attempt, heartbeat) and when *it* first
-saw that pair, on its own `time.monotonic()` (`LeaseWatch`). A pair unchanged for longer
-than the job's own lease (stored with the job: workers may run with different JOB_LEASE)
-means nobody renewed it: the job is recovered by a write fenced on that very pair. No two
-clocks are ever compared. The price: a fresh worker recovers nothing until it has watched
-a job for one lease, so a killed worker's job waits a lease after someone starts watching.
+**Leases on no one's wall clock.** No time is stored with a lease: each claiming process
+watches the running jobs renew, on its own monotonic clock (`leases.py`), and recovers a
+job whose renewals it has seen stop for longer than the job's lease, by a write fenced on
+what it saw. No two clocks are ever compared.
 
 What still reads the wall clock: `run_at`, when a retry is due, and the ages retention
 compares. A step forward runs retries and purges early, a step back delays them; between
@@ -52,7 +45,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,6 +53,7 @@ from typing import Callable, Iterator, Mapping
 from database import (BackingService, ConfigError, Database, Refused, Room, StoreFull,
                       room_from_env, whole_number, whole_seconds)
 from job_scripts import CLAIM, END_ATTEMPT, ENQUEUE, EXTEND, PURGE, SIGHTINGS
+from leases import LeaseWatch, Sighting
 from redis_client import Redis, RedisError, RedisUnavailable
 
 LANES = ("housekeeping", "users", "public")  # a worker's claim loops, in this order
@@ -109,50 +102,6 @@ class Job:
     attempt: int
     max_attempts: int
     lane: str
-
-
-@dataclass(frozen=True)
-class Sighting:
-    """A running job as a claim reads it: its token, its renewals, its lease in seconds."""
-    id: int
-    attempt: int
-    heartbeat: int
-    lease: float
-
-
-class LeaseWatch:
-    """The running jobs of one lane, as this process has watched them renew.
-
-    For each it notes the pair (attempt, heartbeat) and the monotonic time it first saw
-    that pair. Pairs never repeat: the attempt grows at every claim, the heartbeat at
-    every renewal. So a pair still the same after more than the job's lease means that
-    nobody renewed it for that long, whatever any wall clock says. The note keeps only the
-    jobs still running: it stays as small as the lane's running jobs.
-    """
-
-    def __init__(self, monotonic: Callable[[], float]):
-        self.monotonic = monotonic
-        self.first_seen: dict[int, tuple[int, int, float]] = {}  # id -> attempt, beat, when
-        self.lock = threading.Lock()  # several threads may claim in one lane (tests do)
-
-    def expired(self, read: Callable[[], list[Sighting]]) -> list[Sighting]:
-        """Read the lane's running jobs; those that stopped renewing. A pair is dated after
-        the read that found it, and compared with the time before the read that finds it
-        again: the gap measured is never longer than the real one."""
-        before = self.monotonic()
-        running = read()
-        after = self.monotonic()
-        expired, notes = [], {}
-        with self.lock:
-            for job in running:
-                attempt, heartbeat, when = self.first_seen.get(job.id, (0, 0, after))
-                if (attempt, heartbeat) != (job.attempt, job.heartbeat):
-                    when = after
-                elif before - when > job.lease:
-                    expired.append(job)
-                notes[job.id] = (job.attempt, job.heartbeat, when)
-            self.first_seen = notes
-        return expired
 
 
 def refusal(limit: str, limits: Limits) -> Refused:
