@@ -44,6 +44,7 @@ append; don't send "one more" email blindly). Tasks are in `tasks.py`, run by `w
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -93,7 +94,7 @@ class NewJob:  # what `enqueue` hands the store
 
 @dataclass(frozen=True)
 class Job:
-    """A job as the worker that claimed it holds it. `attempt` is also its fencing token.
+    """A job as the worker that claimed it holds it. `token` is its claim's fencing token.
     `args_json` is left as stored: decoding it can fail (`decoded`), and that is the job's
     failure, for the worker to record, not a crash of the claim."""
     id: int
@@ -102,6 +103,7 @@ class Job:
     attempt: int
     max_attempts: int
     lane: str
+    token: str
 
 
 def refusal(limit: str, limits: Limits) -> Refused:
@@ -125,14 +127,16 @@ class JobQueue:
       whose renewals a claiming process has seen stop for longer than its lease, on that
       process's monotonic clock, is recovered: `queued` again, or `dead` if it had used
       its last attempt. Never sooner, whatever the wall clocks do (`LeaseWatch`).
-    * The attempt number is the fencing token. Every write about a claimed job (renew,
-      finish, retry, dead, give back) happens only while the job runs that attempt, else
-      returns False, writing nothing: a stale worker's late result is discarded.
+    * Each claim draws a fencing token, random (`secrets`), stored with the job. Every
+      write about a claimed job (renew, finish, retry, dead, give back) happens only while
+      the job runs under that token, else returns False, writing nothing: a stale worker's
+      late result is discarded. Not the id and attempt: a store that lost its data (Redis
+      restarted without persistence, a file put back from a backup) hands them out again,
+      to another job.
     * A failed attempt is retried at `run_at` (the worker's backoff); after `max_attempts`
       the job is dead, its last error kept.
     * A job given back at a stop deadline is queued at once, and that attempt does not
-      count: `max_attempts` grows by one. `attempts` never goes down, so the next owner
-      never holds a token an earlier one held.
+      count: `max_attempts` grows by one.
     * Each method is one atomic step of the store (a transaction, a script): any process
       can open a queue and see the same jobs; the object keeps only its notes of running
       jobs. A store that cannot answer raises one of `database.WAITS`: callers wait.
@@ -180,7 +184,7 @@ class JobQueue:
         """Recover the lane's jobs whose renewals stopped, then take its oldest ready job
         for `worker`, leased for `lease` seconds; None when none is ready."""
         expired = self.watches[lane].expired(lambda: self._running(lane))
-        return self._recover_and_claim(lane, expired, worker, lease)
+        return self._recover_and_claim(lane, expired, worker, lease, secrets.token_hex(16))
 
     def extend_lease(self, job: Job) -> bool:
         """Renew the lease (one more heartbeat); False when the job is no longer ours."""
@@ -222,7 +226,8 @@ class JobQueue:
         raise NotImplementedError
 
     # Each store's own steps: `_insert` (the id; None for a key already there; the name of
-    # a quota it would pass), `_running`, `_recover_and_claim`, `_end_attempt` (fenced).
+    # a quota it would pass), `_running`, `_recover_and_claim` (given the new claim's
+    # token), `_end_attempt` (fenced).
 
 
 # --- SQLite: one file, transactions that take the write lock first ------------------------
@@ -250,6 +255,7 @@ ADDED_COLUMNS = {
     "owner": "TEXT",
     "heartbeat": "INTEGER NOT NULL DEFAULT 0",
     "lease": "REAL NOT NULL DEFAULT 30",  # JOB_LEASE's default, for jobs running at upgrade
+    "token": "TEXT",  # the running claim's; NULL for jobs claimed before tokens
 }
 # Partial indexes hold only the rows a question is about: waiting jobs (claims in run_at
 # order, quotas), running ones (the lease watch), an owner's unfinished. By age: the purge.
@@ -331,26 +337,27 @@ class SQLiteJobQueue(JobQueue):
             return super().claim_next_job(worker, lane, lease)
 
     def _running(self, lane):
-        rows = self.db.query("SELECT id, attempts, heartbeat, lease FROM jobs "
+        rows = self.db.query("SELECT id, coalesce(token, ''), heartbeat, lease FROM jobs "
                              "WHERE lane = ? AND state = 'running'", (lane,))
         return [Sighting(*row) for row in rows]
 
-    def _recover_and_claim(self, lane, expired, worker, lease):
+    def _recover_and_claim(self, lane, expired, worker, lease, token):
         now = self.clock()
         for job in expired:  # fenced on the pair seen: a renewal since then wins
             self.db.execute(
                 "UPDATE jobs SET state = CASE WHEN attempts >= max_attempts "
                 "THEN 'dead' ELSE 'queued' END, "
                 "error = 'lease expired: worker ' || worker || ' stopped heartbeating', "
-                "updated_at = ? WHERE id = ? AND state = 'running' AND attempts = ? "
-                "AND heartbeat = ?", (now, job.id, job.attempt, job.heartbeat))
+                "updated_at = ? WHERE id = ? AND state = 'running' "
+                "AND coalesce(token, '') = ? AND heartbeat = ?",
+                (now, job.id, job.token, job.heartbeat))
         rows = self.db.execute(
-            "UPDATE jobs SET state = 'running', worker = ?, lease = ?, heartbeat = 0, "
-            "attempts = attempts + 1, updated_at = ? "
+            "UPDATE jobs SET state = 'running', worker = ?, lease = ?, token = ?, "
+            "heartbeat = 0, attempts = attempts + 1, updated_at = ? "
             "WHERE id = (SELECT id FROM jobs WHERE lane = ? AND state IN ('queued', 'failed') "
             "AND run_at <= ? ORDER BY run_at, id LIMIT 1) "
-            "RETURNING id, task, args, attempts, max_attempts, lane",
-            (worker, lease, now, lane, now))
+            "RETURNING id, task, args, attempts, max_attempts, lane, token",
+            (worker, lease, token, now, lane, now))
         return Job(*rows[0]) if rows else None
 
     def extend_lease(self, job):
@@ -364,10 +371,10 @@ class SQLiteJobQueue(JobQueue):
             (state, result, storable(error), run_at, more_attempts, self.clock()))
 
     def _update_if_still_ours(self, job: Job, assignments: str, params: tuple) -> bool:
-        """The fence: write only while the job is running *this* attempt."""
+        """The fence: write only while the job is running under *this* claim's token."""
         rows = self.db.execute(
-            f"UPDATE jobs SET {assignments} WHERE id = ? AND attempts = ? "
-            f"AND state = 'running' RETURNING id", (*params, job.id, job.attempt))
+            f"UPDATE jobs SET {assignments} WHERE id = ? AND token = ? "
+            f"AND state = 'running' RETURNING id", (*params, job.id, job.token))
         return bool(rows)
 
     def purge_batch(self, state, batch):
@@ -448,26 +455,26 @@ class RedisJobQueue(JobQueue):
         return [job for job in jobs if job]  # a job purged meanwhile is left out
 
     def _running(self, lane):
-        return [Sighting(int(job_id), int(attempt), int(heartbeat), float(lease))
-                for job_id, attempt, heartbeat, lease in self._script(SIGHTINGS, lane)]
+        return [Sighting(int(job_id), token.decode(), int(heartbeat), float(lease))
+                for job_id, token, heartbeat, lease in self._script(SIGHTINGS, lane)]
 
-    def _recover_and_claim(self, lane, expired, worker, lease):
-        pairs = [value for job in expired for value in (job.id, job.attempt, job.heartbeat)]
+    def _recover_and_claim(self, lane, expired, worker, lease, token):
+        pairs = [value for job in expired for value in (job.id, job.token, job.heartbeat)]
         reply = self._script(CLAIM, lane, worker, repr(float(lease)), repr(self.clock()),
-                             *pairs)
+                             token, *pairs)
         if reply is None:
             return None
         job_id, task, args_json, attempt, max_attempts = reply
         return Job(int(job_id), task.decode(), args_json.decode(), attempt, int(max_attempts),
-                   lane)
+                   lane, token)
 
     def extend_lease(self, job):
-        return self._script(EXTEND, job.id, job.attempt) == 1
+        return self._script(EXTEND, job.id, job.token) == 1
 
     def _end_attempt(self, job, state, result=None, error=None, run_at=None,
                      more_attempts=0):
         now = self.clock()
-        return self._script(END_ATTEMPT, job.id, job.attempt, state, repr(now),
+        return self._script(END_ATTEMPT, job.id, job.token, state, repr(now),
                             repr(now if run_at is None else run_at), more_attempts,
                             result or "", storable(error) or "") == 1
 

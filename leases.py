@@ -7,15 +7,16 @@ prevents: a lease that ends at a wall-clock time (`lease_until < now`) fails the
 clock steps forward past it (NTP, a resumed VM, two hosts that disagree): a second worker
 takes the job while the first still runs it.
 
-So no time is stored with a lease. A running job carries a `heartbeat` that its worker
-adds one to at every renewal, and, as in Kubernetes' leader election (client-go's
-`observedTime`), each claiming process notes per running job the pair (attempt, heartbeat)
-and when *it* first saw that pair, on its own `time.monotonic()`. A pair unchanged for
-longer than the job's own lease (stored with the job: workers may run with different
-JOB_LEASE) means nobody renewed it: the job is recovered by a write fenced on that very
-pair. No two clocks are ever compared. The price: a fresh worker recovers nothing until it
-has watched a job for one lease, so a killed worker's job waits a lease after someone
-starts watching.
+So no time is stored with a lease. A running job carries its claim's token and a
+`heartbeat` that its worker adds one to at every renewal, and, as in Kubernetes' leader
+election (client-go's `observedTime`), each claiming process notes per running job the
+pair (token, heartbeat) and when *it* first saw that pair, on its own `time.monotonic()`.
+A pair unchanged for longer than the job's own lease (stored with the job: workers may run
+with different JOB_LEASE) means nobody renewed it: the job is recovered by a write fenced
+on that very pair. No two clocks are ever compared. The token is drawn afresh at every
+claim, so a pair never comes back, not even for an id that a store which lost its data
+hands out again. The price: a fresh worker recovers nothing until it has watched a job for
+one lease, so a killed worker's job waits a lease after someone starts watching.
 
 `job_queue.py` reads the running jobs (`Sighting`s) and writes the recoveries; this module
 only decides, on a clock it is given, so that a test can move that clock by hand.
@@ -29,9 +30,10 @@ from typing import Callable
 
 @dataclass(frozen=True)
 class Sighting:
-    """A running job as a claim reads it: its token, its renewals, its lease in seconds."""
+    """A running job as a claim reads it: its claim's token ("" for a job claimed before
+    tokens were stored), its renewals, its lease in seconds."""
     id: int
-    attempt: int
+    token: str
     heartbeat: int
     lease: float
 
@@ -39,8 +41,8 @@ class Sighting:
 class LeaseWatch:
     """The running jobs of one lane, as this process has watched them renew.
 
-    For each it notes the pair (attempt, heartbeat) and the monotonic time it first saw
-    that pair. Pairs never repeat: the attempt grows at every claim, the heartbeat at
+    For each it notes the pair (token, heartbeat) and the monotonic time it first saw
+    that pair. Pairs never repeat: the token is new at every claim, the heartbeat grows at
     every renewal. So a pair still the same after more than the job's lease means that
     nobody renewed it for that long, whatever any wall clock says. The note keeps only the
     jobs still running: it stays as small as the lane's running jobs.
@@ -48,7 +50,7 @@ class LeaseWatch:
 
     def __init__(self, monotonic: Callable[[], float]):
         self.monotonic = monotonic
-        self.first_seen: dict[int, tuple[int, int, float]] = {}  # id -> attempt, beat, when
+        self.first_seen: dict[int, tuple[str, int, float]] = {}  # id -> token, beat, when
         self.lock = threading.Lock()  # several threads may claim in one lane (tests do)
 
     def expired(self, read: Callable[[], list[Sighting]]) -> list[Sighting]:
@@ -61,11 +63,11 @@ class LeaseWatch:
         expired, notes = [], {}
         with self.lock:
             for job in running:
-                attempt, heartbeat, when = self.first_seen.get(job.id, (0, 0, after))
-                if (attempt, heartbeat) != (job.attempt, job.heartbeat):
+                token, heartbeat, when = self.first_seen.get(job.id, (None, 0, after))
+                if (token, heartbeat) != (job.token, job.heartbeat):
                     when = after
                 elif before - when > job.lease:
                     expired.append(job)
-                notes[job.id] = (job.attempt, job.heartbeat, when)
+                notes[job.id] = (job.token, job.heartbeat, when)
             self.first_seen = notes
         return expired

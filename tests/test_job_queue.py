@@ -143,6 +143,47 @@ def test_a_stale_workers_renewal_and_records_are_discarded(open_one):
     assert (job["state"], job["worker"], job["result"]) == ("done", "worker.2", "from worker.2")
 
 
+def lose_every_job(queue) -> None:
+    """What a Redis restarted without persistence does, or a SQLite file put back from an
+    empty backup: every job gone, and ids (and attempts) that start over."""
+    if queue.kind == "redis":
+        queue.redis.execute("FLUSHALL")
+    else:
+        queue.db.execute("DELETE FROM jobs")
+
+
+def test_a_stale_worker_never_writes_into_a_new_job_that_got_its_id_after_data_loss(open_one):
+    first, second = open_one(), open_one()
+    job_id = first.enqueue("sleep", {"who": "A"}, private=True)
+    stale = first.claim_next_job("worker.1", "public", LEASE)
+    lose_every_job(first)
+    assert second.enqueue("sleep", {"who": "B"}, private=True) == job_id  # the same id again
+    fresh = second.claim_next_job("worker.2", "public", LEASE)
+    assert (fresh.id, fresh.attempt) == (stale.id, stale.attempt)  # and the same attempt
+    assert not first.extend_lease(stale)
+    assert not first.finish(stale, '{"slept": 8}')  # A's result, into B's job
+    assert not first.retry_later(stale, "worker.1 failed", delay=0)
+    assert not first.mark_dead(stale, "worker.1 gave up")
+    assert not first.give_back(stale)
+    assert second.finish(fresh, '{"slept": 20}')
+    job = second.get(job_id)
+    assert (job["args"], job["result"]) == ({"who": "B"}, {"slept": 20})
+
+
+def test_a_watchers_note_from_before_data_loss_does_not_expire_the_new_job(open_one):
+    first, watched = open_one(), FakeClock(0)
+    second = open_one(monotonic=watched)
+    first.enqueue("sleep", {})
+    first.claim_next_job("worker.1", "public", LEASE)
+    assert second.claim_next_job("worker.2", "public", LEASE) is None  # notes job 1 running
+    lose_every_job(first)
+    first.enqueue("sleep", {})
+    fresh = first.claim_next_job("worker.3", "public", LEASE)  # job 1, attempt 1, no renewal
+    watched.now = LEASE + 1  # worker.2 was busy elsewhere for longer than a lease
+    assert second.claim_next_job("worker.2", "public", LEASE) is None  # a new claim: no silence
+    assert first.finish(fresh, "null")
+
+
 def test_on_redis_a_renewal_between_the_watchers_read_and_its_recovery_wins(fresh_redis):
     # On SQLite the read and the recovery are one transaction; on Redis two scripts, and
     # the recovery is fenced on the pair that was read.
