@@ -47,7 +47,7 @@ import json
 import secrets
 import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
@@ -126,7 +126,8 @@ class JobQueue:
     * A claim holds a lease: the worker renews it every third of `lease` seconds. A job
       whose renewals a claiming process has seen stop for longer than its lease, on that
       process's monotonic clock, is recovered: `queued` again, or `dead` if it had used
-      its last attempt. Never sooner, whatever the wall clocks do (`LeaseWatch`).
+      its last attempt. Never sooner, whatever the wall clocks do, nor while the store
+      was too busy to take a renewal (`LeaseWatch`).
     * Each claim draws a fencing token, random (`secrets`), stored with the job. Every
       write about a claimed job (renew, finish, retry, dead, give back) happens only while
       the job runs under that token, else returns False, writing nothing: a stale worker's
@@ -140,14 +141,28 @@ class JobQueue:
     * Each method is one atomic step of the store (a transaction, a script): any process
       can open a queue and see the same jobs; the object keeps only its notes of running
       jobs. A store that cannot answer raises one of `database.WAITS`: callers wait.
+      Every step in the store is `timed`: a slow one stops the lease watch's clocks.
       `clock` is the wall clock (`run_at`, retention), `monotonic` times the leases.
     """
     kind = "abstract"
 
     def __init__(self, limits: Limits, room: Room | None, clock: Callable[[], float],
                  monotonic: Callable[[], float]):
-        self.limits, self.room, self.clock = limits, room, clock
+        self.limits, self.room, self.clock, self.monotonic = limits, room, clock, monotonic
         self.watches = {lane: LeaseWatch(monotonic) for lane in LANES}
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Time a call to the store. One that took long, even one that failed, says the
+        store was busy for every process (SQLite's write lock held, Redis frozen), so no
+        owner could renew meanwhile: each watch counts silence again from its end."""
+        began = self.monotonic()
+        try:
+            yield
+        finally:
+            ended = self.monotonic()
+            for watch in self.watches.values():
+                watch.store_was_slow(ended - began, ended)
 
     def enqueue(self, task: str, args: dict, lane: str = "public", owner: str | None = None,
                 private: bool = False, key: str | None = None,
@@ -296,7 +311,7 @@ class SQLiteJobQueue(JobQueue):
 
     def _insert(self, new, exempt):
         now = self.clock()
-        with self.db.write() as conn:
+        with self.timed(), self.db.write() as conn:
             if new.key is not None and conn.execute("SELECT 1 FROM jobs WHERE key = ?",
                                                     (new.key,)).fetchall():
                 return None
@@ -332,8 +347,11 @@ class SQLiteJobQueue(JobQueue):
 
     def claim_next_job(self, worker, lane, lease):
         # One transaction for the lease watch's read, the recovery and the claim: the
-        # write lock is taken once, and no other claim runs in between.
-        with self.db.write():
+        # write lock is taken once, and no other claim runs in between. The wait for the
+        # lock is timed alone, before the watch reads: the owners' renewals waited too.
+        with ExitStack() as transaction:
+            with self.timed():
+                transaction.enter_context(self.db.write())
             return super().claim_next_job(worker, lane, lease)
 
     def _running(self, lane):
@@ -372,14 +390,15 @@ class SQLiteJobQueue(JobQueue):
 
     def _update_if_still_ours(self, job: Job, assignments: str, params: tuple) -> bool:
         """The fence: write only while the job is running under *this* claim's token."""
-        rows = self.db.execute(
-            f"UPDATE jobs SET {assignments} WHERE id = ? AND token = ? "
-            f"AND state = 'running' RETURNING id", (*params, job.id, job.token))
+        with self.timed():
+            rows = self.db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND token = ? "
+                f"AND state = 'running' RETURNING id", (*params, job.id, job.token))
         return bool(rows)
 
     def purge_batch(self, state, batch):
         cutoff = self.clock() - self.limits.job_retention
-        with self.db.write() as conn:
+        with self.timed(), self.db.write() as conn:
             count, old = conn.execute("SELECT count(*), total(updated_at < ?) FROM jobs "
                                       "WHERE state = ?", (cutoff, state)).fetchone()
             # Both rules pick the oldest: those past retention, those beyond the newest
@@ -428,7 +447,7 @@ class RedisJobQueue(JobQueue):
         self.redis = redis
 
     def _script(self, script: str, *args: str | int | float):
-        with redis_waits_recognised():
+        with self.timed(), redis_waits_recognised():
             return self.redis.eval(script, (), args)
 
     def _insert(self, new, exempt):
