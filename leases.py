@@ -27,8 +27,10 @@ calls, which queue for the same lock; so when one of them took a noticeable shar
 job's lease (SLOW_CALL_SHARE), the store was busy for everyone, and the watcher counts
 that job's silence again from the moment the call ended. The owner's renewal, queued
 behind the same lock, lands soon after. The price: while every call waits, nothing is
-recovered. What a watcher cannot see is a store busy only between two of its calls: an
-owner that waited behind it may still look silent.
+recovered. What a watcher cannot see is a store busy only between two of its calls, so an
+idle worker looks at least four times a lease (`worker.idle_pause`); a job whose lease is
+far shorter than its watcher's own (workers with different JOB_LEASE) is still watched
+less closely than that.
 
 `job_queue.py` reads the running jobs (`Sighting`s) and writes the recoveries; this module
 only decides, on a clock it is given, so that a test can move that clock by hand.
