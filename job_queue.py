@@ -22,17 +22,10 @@ unfinished jobs per owner (a hash of a session id), MAX_PUBLIC_QUEUED waiting in
 public lane, MAX_QUEUED in all. A unique `key` (a clock's tick) goes in once, however many
 clocks ask; keyed ticks pass the quotas and the ceiling: they make room (the purges).
 
-**Leases on no one's wall clock.** A lease that ends at a wall-clock time (`lease_until <
-now`) fails the day a clock steps forward past it (NTP, a resumed VM, two hosts that
-disagree): a second worker takes the job while the first still runs it. So no time is
-stored with a lease. A running job carries a `heartbeat` that its worker adds one to at
-every renewal, and, as in Kubernetes' leader election (client-go's `observedTime`), each
-claiming process notes per running job the pair (attempt, heartbeat) and when *it* first
-saw that pair, on its own `time.monotonic()` (`LeaseWatch`). A pair unchanged for longer
-than the job's own lease (stored with the job: workers may run with different JOB_LEASE)
-means nobody renewed it: the job is recovered by a write fenced on that very pair. No two
-clocks are ever compared. The price: a fresh worker recovers nothing until it has watched
-a job for one lease, so a killed worker's job waits a lease after someone starts watching.
+**Leases on no one's wall clock.** No time is stored with a lease: each claiming process
+watches the running jobs renew, on its own monotonic clock (`leases.py`), and recovers a
+job whose renewals it has seen stop for longer than the job's lease, by a write fenced on
+what it saw. No two clocks are ever compared.
 
 What still reads the wall clock: `run_at`, when a retry is due, and the ages retention
 compares. A step forward runs retries and purges early, a step back delays them; between
@@ -51,16 +44,17 @@ append; don't send "one more" email blindly). Tasks are in `tasks.py`, run by `w
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
-import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
 from database import (BackingService, ConfigError, Database, Refused, Room, StoreFull,
                       room_from_env, whole_number, whole_seconds)
 from job_scripts import CLAIM, END_ATTEMPT, ENQUEUE, EXTEND, PURGE, SIGHTINGS
+from leases import LeaseWatch, Sighting
 from redis_client import Redis, RedisError, RedisUnavailable
 
 LANES = ("housekeeping", "users", "public")  # a worker's claim loops, in this order
@@ -100,7 +94,7 @@ class NewJob:  # what `enqueue` hands the store
 
 @dataclass(frozen=True)
 class Job:
-    """A job as the worker that claimed it holds it. `attempt` is also its fencing token.
+    """A job as the worker that claimed it holds it. `token` is its claim's fencing token.
     `args_json` is left as stored: decoding it can fail (`decoded`), and that is the job's
     failure, for the worker to record, not a crash of the claim."""
     id: int
@@ -109,50 +103,7 @@ class Job:
     attempt: int
     max_attempts: int
     lane: str
-
-
-@dataclass(frozen=True)
-class Sighting:
-    """A running job as a claim reads it: its token, its renewals, its lease in seconds."""
-    id: int
-    attempt: int
-    heartbeat: int
-    lease: float
-
-
-class LeaseWatch:
-    """The running jobs of one lane, as this process has watched them renew.
-
-    For each it notes the pair (attempt, heartbeat) and the monotonic time it first saw
-    that pair. Pairs never repeat: the attempt grows at every claim, the heartbeat at
-    every renewal. So a pair still the same after more than the job's lease means that
-    nobody renewed it for that long, whatever any wall clock says. The note keeps only the
-    jobs still running: it stays as small as the lane's running jobs.
-    """
-
-    def __init__(self, monotonic: Callable[[], float]):
-        self.monotonic = monotonic
-        self.first_seen: dict[int, tuple[int, int, float]] = {}  # id -> attempt, beat, when
-        self.lock = threading.Lock()  # several threads may claim in one lane (tests do)
-
-    def expired(self, read: Callable[[], list[Sighting]]) -> list[Sighting]:
-        """Read the lane's running jobs; those that stopped renewing. A pair is dated after
-        the read that found it, and compared with the time before the read that finds it
-        again: the gap measured is never longer than the real one."""
-        before = self.monotonic()
-        running = read()
-        after = self.monotonic()
-        expired, notes = [], {}
-        with self.lock:
-            for job in running:
-                attempt, heartbeat, when = self.first_seen.get(job.id, (0, 0, after))
-                if (attempt, heartbeat) != (job.attempt, job.heartbeat):
-                    when = after
-                elif before - when > job.lease:
-                    expired.append(job)
-                notes[job.id] = (job.attempt, job.heartbeat, when)
-            self.first_seen = notes
-        return expired
+    token: str
 
 
 def refusal(limit: str, limits: Limits) -> Refused:
@@ -175,26 +126,43 @@ class JobQueue:
     * A claim holds a lease: the worker renews it every third of `lease` seconds. A job
       whose renewals a claiming process has seen stop for longer than its lease, on that
       process's monotonic clock, is recovered: `queued` again, or `dead` if it had used
-      its last attempt. Never sooner, whatever the wall clocks do (`LeaseWatch`).
-    * The attempt number is the fencing token. Every write about a claimed job (renew,
-      finish, retry, dead, give back) happens only while the job runs that attempt, else
-      returns False, writing nothing: a stale worker's late result is discarded.
+      its last attempt. Never sooner, whatever the wall clocks do, nor while the store
+      was too busy to take a renewal (`LeaseWatch`).
+    * Each claim draws a fencing token, random (`secrets`), stored with the job. Every
+      write about a claimed job (renew, finish, retry, dead, give back) happens only while
+      the job runs under that token, else returns False, writing nothing: a stale worker's
+      late result is discarded. Not the id and attempt: a store that lost its data (Redis
+      restarted without persistence, a file put back from a backup) hands them out again,
+      to another job.
     * A failed attempt is retried at `run_at` (the worker's backoff); after `max_attempts`
       the job is dead, its last error kept.
     * A job given back at a stop deadline is queued at once, and that attempt does not
-      count: `max_attempts` grows by one. `attempts` never goes down, so the next owner
-      never holds a token an earlier one held.
+      count: `max_attempts` grows by one.
     * Each method is one atomic step of the store (a transaction, a script): any process
       can open a queue and see the same jobs; the object keeps only its notes of running
       jobs. A store that cannot answer raises one of `database.WAITS`: callers wait.
+      Every step in the store is `timed`: a slow one stops the lease watch's clocks.
       `clock` is the wall clock (`run_at`, retention), `monotonic` times the leases.
     """
     kind = "abstract"
 
     def __init__(self, limits: Limits, room: Room | None, clock: Callable[[], float],
                  monotonic: Callable[[], float]):
-        self.limits, self.room, self.clock = limits, room, clock
+        self.limits, self.room, self.clock, self.monotonic = limits, room, clock, monotonic
         self.watches = {lane: LeaseWatch(monotonic) for lane in LANES}
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Time a call to the store. One that took long, even one that failed, says the
+        store was busy for every process (SQLite's write lock held, Redis frozen), so no
+        owner could renew meanwhile: each watch counts silence again from its end."""
+        began = self.monotonic()
+        try:
+            yield
+        finally:
+            ended = self.monotonic()
+            for watch in self.watches.values():
+                watch.store_was_slow(ended - began, ended)
 
     def enqueue(self, task: str, args: dict, lane: str = "public", owner: str | None = None,
                 private: bool = False, key: str | None = None,
@@ -231,7 +199,7 @@ class JobQueue:
         """Recover the lane's jobs whose renewals stopped, then take its oldest ready job
         for `worker`, leased for `lease` seconds; None when none is ready."""
         expired = self.watches[lane].expired(lambda: self._running(lane))
-        return self._recover_and_claim(lane, expired, worker, lease)
+        return self._recover_and_claim(lane, expired, worker, lease, secrets.token_hex(16))
 
     def extend_lease(self, job: Job) -> bool:
         """Renew the lease (one more heartbeat); False when the job is no longer ours."""
@@ -273,7 +241,8 @@ class JobQueue:
         raise NotImplementedError
 
     # Each store's own steps: `_insert` (the id; None for a key already there; the name of
-    # a quota it would pass), `_running`, `_recover_and_claim`, `_end_attempt` (fenced).
+    # a quota it would pass), `_running`, `_recover_and_claim` (given the new claim's
+    # token), `_end_attempt` (fenced).
 
 
 # --- SQLite: one file, transactions that take the write lock first ------------------------
@@ -301,6 +270,7 @@ ADDED_COLUMNS = {
     "owner": "TEXT",
     "heartbeat": "INTEGER NOT NULL DEFAULT 0",
     "lease": "REAL NOT NULL DEFAULT 30",  # JOB_LEASE's default, for jobs running at upgrade
+    "token": "TEXT",  # the running claim's; NULL for jobs claimed before tokens
 }
 # Partial indexes hold only the rows a question is about: waiting jobs (claims in run_at
 # order, quotas), running ones (the lease watch), an owner's unfinished. By age: the purge.
@@ -341,7 +311,7 @@ class SQLiteJobQueue(JobQueue):
 
     def _insert(self, new, exempt):
         now = self.clock()
-        with self.db.write() as conn:
+        with self.timed(), self.db.write() as conn:
             if new.key is not None and conn.execute("SELECT 1 FROM jobs WHERE key = ?",
                                                     (new.key,)).fetchall():
                 return None
@@ -377,31 +347,35 @@ class SQLiteJobQueue(JobQueue):
 
     def claim_next_job(self, worker, lane, lease):
         # One transaction for the lease watch's read, the recovery and the claim: the
-        # write lock is taken once, and no other claim runs in between.
-        with self.db.write():
+        # write lock is taken once, and no other claim runs in between. The wait for the
+        # lock is timed alone, before the watch reads: the owners' renewals waited too.
+        with ExitStack() as transaction:
+            with self.timed():
+                transaction.enter_context(self.db.write())
             return super().claim_next_job(worker, lane, lease)
 
     def _running(self, lane):
-        rows = self.db.query("SELECT id, attempts, heartbeat, lease FROM jobs "
+        rows = self.db.query("SELECT id, coalesce(token, ''), heartbeat, lease FROM jobs "
                              "WHERE lane = ? AND state = 'running'", (lane,))
         return [Sighting(*row) for row in rows]
 
-    def _recover_and_claim(self, lane, expired, worker, lease):
+    def _recover_and_claim(self, lane, expired, worker, lease, token):
         now = self.clock()
         for job in expired:  # fenced on the pair seen: a renewal since then wins
             self.db.execute(
                 "UPDATE jobs SET state = CASE WHEN attempts >= max_attempts "
                 "THEN 'dead' ELSE 'queued' END, "
                 "error = 'lease expired: worker ' || worker || ' stopped heartbeating', "
-                "updated_at = ? WHERE id = ? AND state = 'running' AND attempts = ? "
-                "AND heartbeat = ?", (now, job.id, job.attempt, job.heartbeat))
+                "updated_at = ? WHERE id = ? AND state = 'running' "
+                "AND coalesce(token, '') = ? AND heartbeat = ?",
+                (now, job.id, job.token, job.heartbeat))
         rows = self.db.execute(
-            "UPDATE jobs SET state = 'running', worker = ?, lease = ?, heartbeat = 0, "
-            "attempts = attempts + 1, updated_at = ? "
+            "UPDATE jobs SET state = 'running', worker = ?, lease = ?, token = ?, "
+            "heartbeat = 0, attempts = attempts + 1, updated_at = ? "
             "WHERE id = (SELECT id FROM jobs WHERE lane = ? AND state IN ('queued', 'failed') "
             "AND run_at <= ? ORDER BY run_at, id LIMIT 1) "
-            "RETURNING id, task, args, attempts, max_attempts, lane",
-            (worker, lease, now, lane, now))
+            "RETURNING id, task, args, attempts, max_attempts, lane, token",
+            (worker, lease, token, now, lane, now))
         return Job(*rows[0]) if rows else None
 
     def extend_lease(self, job):
@@ -415,15 +389,16 @@ class SQLiteJobQueue(JobQueue):
             (state, result, storable(error), run_at, more_attempts, self.clock()))
 
     def _update_if_still_ours(self, job: Job, assignments: str, params: tuple) -> bool:
-        """The fence: write only while the job is running *this* attempt."""
-        rows = self.db.execute(
-            f"UPDATE jobs SET {assignments} WHERE id = ? AND attempts = ? "
-            f"AND state = 'running' RETURNING id", (*params, job.id, job.attempt))
+        """The fence: write only while the job is running under *this* claim's token."""
+        with self.timed():
+            rows = self.db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND token = ? "
+                f"AND state = 'running' RETURNING id", (*params, job.id, job.token))
         return bool(rows)
 
     def purge_batch(self, state, batch):
         cutoff = self.clock() - self.limits.job_retention
-        with self.db.write() as conn:
+        with self.timed(), self.db.write() as conn:
             count, old = conn.execute("SELECT count(*), total(updated_at < ?) FROM jobs "
                                       "WHERE state = ?", (cutoff, state)).fetchone()
             # Both rules pick the oldest: those past retention, those beyond the newest
@@ -472,7 +447,7 @@ class RedisJobQueue(JobQueue):
         self.redis = redis
 
     def _script(self, script: str, *args: str | int | float):
-        with redis_waits_recognised():
+        with self.timed(), redis_waits_recognised():
             return self.redis.eval(script, (), args)
 
     def _insert(self, new, exempt):
@@ -499,26 +474,26 @@ class RedisJobQueue(JobQueue):
         return [job for job in jobs if job]  # a job purged meanwhile is left out
 
     def _running(self, lane):
-        return [Sighting(int(job_id), int(attempt), int(heartbeat), float(lease))
-                for job_id, attempt, heartbeat, lease in self._script(SIGHTINGS, lane)]
+        return [Sighting(int(job_id), token.decode(), int(heartbeat), float(lease))
+                for job_id, token, heartbeat, lease in self._script(SIGHTINGS, lane)]
 
-    def _recover_and_claim(self, lane, expired, worker, lease):
-        pairs = [value for job in expired for value in (job.id, job.attempt, job.heartbeat)]
+    def _recover_and_claim(self, lane, expired, worker, lease, token):
+        pairs = [value for job in expired for value in (job.id, job.token, job.heartbeat)]
         reply = self._script(CLAIM, lane, worker, repr(float(lease)), repr(self.clock()),
-                             *pairs)
+                             token, *pairs)
         if reply is None:
             return None
         job_id, task, args_json, attempt, max_attempts = reply
         return Job(int(job_id), task.decode(), args_json.decode(), attempt, int(max_attempts),
-                   lane)
+                   lane, token)
 
     def extend_lease(self, job):
-        return self._script(EXTEND, job.id, job.attempt) == 1
+        return self._script(EXTEND, job.id, job.token) == 1
 
     def _end_attempt(self, job, state, result=None, error=None, run_at=None,
                      more_attempts=0):
         now = self.clock()
-        return self._script(END_ATTEMPT, job.id, job.attempt, state, repr(now),
+        return self._script(END_ATTEMPT, job.id, job.token, state, repr(now),
                             repr(now if run_at is None else run_at), more_attempts,
                             result or "", storable(error) or "") == 1
 

@@ -13,8 +13,10 @@ holds them, as `job_queue.JOB_TABLE` holds SQLite's layout. The keys, all prefix
 or `jobs:` (sessions use `session:` and `upload:`):
 
     job:<id>             hash: task, args, state, attempts, max_attempts, worker, result,
-                         error, key, private, lane, owner, heartbeat, lease, run_at, times
-    jobs:next_id         the last id given out (INCR: ids count up, and never come back)
+                         error, key, private, lane, owner, token (the running claim's),
+                         heartbeat, lease, run_at, times
+    jobs:next_id         the last id given out (INCR: ids count up; a Redis that lost its
+                         data starts them over, so the fence is the claim's token)
     jobs:ready:<lane>    sorted set: the lane's waiting jobs (queued, failed) by run_at
     jobs:running:<lane>  set: the lane's running jobs (what the lease watch reads)
     jobs:done, jobs:dead sorted sets: finished jobs by when they finished (the purge)
@@ -40,9 +42,9 @@ MOVES = "#!lua flags=allow-oom\n"
 READS = "#!lua flags=no-writes\n"
 
 LUA_HELPERS = """
-local function running_lane(id, attempt)  -- the fence: the job's lane, if it runs `attempt`
-  local job = redis.call('HMGET', 'job:' .. id, 'state', 'attempts', 'lane')
-  return job[1] == 'running' and job[2] == attempt and job[3]
+local function running_lane(id, token)  -- the fence: the job's lane, if `token`'s claim runs it
+  local job = redis.call('HMGET', 'job:' .. id, 'state', 'token', 'lane')
+  return job[1] == 'running' and job[2] == token and job[3]
 end
 local function leave_running(id, lane, state, now, run_at)
   redis.call('SREM', 'jobs:running:' .. lane, id)
@@ -88,28 +90,30 @@ redis.call('ZADD', 'jobs:all', id, id)
 redis.call('ZADD', 'jobs:task:' .. task, id, id)
 return id
 """
-# ARGV: lane. Returns {id, attempts, heartbeat, lease} for each running job of the lane.
+# ARGV: lane. Returns {id, token, heartbeat, lease} for each running job of the lane
+# (token '' for a job claimed before tokens were stored).
 SIGHTINGS = READS + """
 local seen = {}
 for _, id in ipairs(redis.call('SMEMBERS', 'jobs:running:' .. ARGV[1])) do
-  local job = redis.call('HMGET', 'job:' .. id, 'attempts', 'heartbeat', 'lease')
-  seen[#seen + 1] = {id, job[1], job[2], job[3]}
+  local job = redis.call('HMGET', 'job:' .. id, 'token', 'heartbeat', 'lease')
+  seen[#seen + 1] = {id, job[1] or '', job[2], job[3]}
 end
 return seen
 """
-# ARGV: lane, worker, lease, now, then (id, attempt, heartbeat) of each expired job.
-# Recovers those still showing that pair, then claims; returns the job claimed, or nil.
+# ARGV: lane, worker, lease, now, the new claim's token, then (id, token, heartbeat) of
+# each expired job. Recovers those still showing that pair, then claims; returns the job
+# claimed, or nil.
 CLAIM = MOVES + LUA_HELPERS + """
-local lane, worker, lease, now = unpack(ARGV, 1, 4)
-for i = 5, #ARGV, 3 do
+local lane, worker, lease, now, token = unpack(ARGV, 1, 5)
+for i = 6, #ARGV, 3 do
   local id = ARGV[i]
-  local job = redis.call('HMGET', 'job:' .. id, 'state', 'attempts', 'heartbeat',
-                         'max_attempts', 'worker', 'run_at')
-  if job[1] == 'running' and job[2] == ARGV[i + 1] and job[3] == ARGV[i + 2] then
-    local spent = tonumber(job[2]) >= tonumber(job[4])
-    leave_running(id, lane, spent and 'dead' or 'queued', now, job[6])
+  local job = redis.call('HMGET', 'job:' .. id, 'state', 'token', 'heartbeat',
+                         'attempts', 'max_attempts', 'worker', 'run_at')
+  if job[1] == 'running' and (job[2] or '') == ARGV[i + 1] and job[3] == ARGV[i + 2] then
+    local spent = tonumber(job[4]) >= tonumber(job[5])
+    leave_running(id, lane, spent and 'dead' or 'queued', now, job[7])
     redis.call('HSET', 'job:' .. id, 'error',
-               'lease expired: worker ' .. job[5] .. ' stopped heartbeating')
+               'lease expired: worker ' .. job[6] .. ' stopped heartbeating')
   end
 end
 local ready = redis.call('ZRANGE', 'jobs:ready:' .. lane, '-inf', now, 'BYSCORE', 'LIMIT', 0, 1)
@@ -119,21 +123,21 @@ redis.call('ZREM', 'jobs:ready:' .. lane, id)
 redis.call('SADD', 'jobs:running:' .. lane, id)
 local attempt = redis.call('HINCRBY', 'job:' .. id, 'attempts', 1)
 redis.call('HSET', 'job:' .. id, 'state', 'running', 'worker', worker, 'lease', lease,
-           'heartbeat', 0, 'updated_at', now)
+           'token', token, 'heartbeat', 0, 'updated_at', now)
 local job = redis.call('HMGET', 'job:' .. id, 'task', 'args', 'max_attempts')
 return {id, job[1], job[2], attempt, job[3]}
 """
-# ARGV: id, attempt. 1 if renewed, 0 if the job is no longer running this attempt.
+# ARGV: id, token. 1 if renewed, 0 if the job is no longer running under that claim.
 EXTEND = MOVES + LUA_HELPERS + """
 if not running_lane(ARGV[1], ARGV[2]) then return 0 end
 redis.call('HINCRBY', 'job:' .. ARGV[1], 'heartbeat', 1)
 return 1
 """
-# ARGV: id, attempt, new state, now, run_at, attempts to add to max_attempts, result,
-# error ('' for none). 1 if written, 0 if the job is no longer running this attempt.
+# ARGV: id, token, new state, now, run_at, attempts to add to max_attempts, result, error
+# ('' for none). 1 if written, 0 if the job is no longer running under that claim.
 END_ATTEMPT = MOVES + LUA_HELPERS + """
-local id, attempt, state, now, run_at, more = unpack(ARGV, 1, 6)
-local lane = running_lane(id, attempt)
+local id, token, state, now, run_at, more = unpack(ARGV, 1, 6)
+local lane = running_lane(id, token)
 if not lane then return 0 end
 leave_running(id, lane, state, now, run_at)
 redis.call('HINCRBY', 'job:' .. id, 'max_attempts', more)

@@ -24,9 +24,11 @@ never overwrites the new owner's result.
 A store that cannot answer is a wait, not a crash: SQLite locked past the busy timeout or
 its disk full, Redis down, frozen or out of memory. Every claim, renewal and record waits
 it out (`keep_trying`): the copy logs one line for the whole wait, however many of its
-threads wait, and carries on by itself once the store answers. Meanwhile a job's lease
-may be seen to run out and another worker may run the job again; the fence then discards
-this worker's late result.
+threads wait, and carries on by itself once the store answers. A store busy for everyone
+costs no one a job: its slow answers stop the lease watch's clocks (`leases.py`). But a
+store that only this copy cannot reach (its host cut off) lets the others see its leases
+run out: another worker may run the job again, and the fence then discards this worker's
+late result.
 
 Stopping has a deadline of its own. SIGTERM or SIGINT: take no new job, wait for the jobs
 in hand up to STOP_TIMEOUT seconds, and give back to the queue any not finished by then
@@ -44,9 +46,10 @@ empty dict, never the web copy's, so a `wordcount` cannot find the upload and en
 that is Factor VI's lesson again), the queue's limits (`job_queue.limits_from_env`), the
 copy's name (DYNO, HONCHO_PROCESS_NAME or PS; default `worker.1`), WORKER_LANES (default
 `housekeeping,users,public`), JOB_LEASE (seconds, default 30, from 0.2 to 3600),
-POLL_INTERVAL (idle sleep, default 0.5, from 0.01 to 60), RETRY_BACKOFF (base seconds,
-default 2, at most 300), STOP_TIMEOUT (default 25, under Heroku's 30 s before SIGKILL; at
-most 3600), WORKER_BURST=1 (exit 0 when no lane has a job ready, like rq's burst mode).
+POLL_INTERVAL (idle sleep, default 0.5, from 0.01 to 60; never more than a quarter of
+JOB_LEASE), RETRY_BACKOFF (base seconds, default 2, at most 300), STOP_TIMEOUT (default
+25, under Heroku's 30 s before SIGKILL; at most 3600), WORKER_BURST=1 (exit 0 when no
+lane has a job ready, like rq's burst mode).
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ from typing import Callable, Iterator, Mapping
 from database import (ConfigError, Outage, StillLocked, database_from_env, keep_trying, log,
                       positive_number, process_name, stop_timeout)
 from job_queue import LANES, Job, JobQueue, decoded, queue_from_env
+from leases import SLOW_CALL_SHARE
 from session_store import SessionStore, store_from_env
 from tasks import TASKS, TaskContext
 
@@ -284,6 +288,14 @@ def run_job(worker: Worker, job: Job) -> None:
                     f"job {job.id} {job.task} done in {time.monotonic() - started:.2f}s")
 
 
+def idle_pause(config: WorkerConfig) -> float:
+    """How long a claim loop with nothing to do sleeps: POLL_INTERVAL, but at most a
+    quarter of the lease. A claim that waits that long for a busy store stops the lease
+    watch's clocks (`leases.py`); a loop asleep through the whole busy spell would find,
+    when it wakes, only the silence of owners that waited behind it."""
+    return min(config.poll_interval, config.lease * SLOW_CALL_SHARE)
+
+
 def work(worker: Worker, lane: str) -> None:
     """One job at a time from `lane` until asked to stop (or, in burst mode, until none is
     ready). The claim waits out a store that cannot answer, until a stop signal."""
@@ -302,7 +314,7 @@ def work(worker: Worker, lane: str) -> None:
             log(f"{config.dyno} found no job ready in lane {lane} (burst mode)")
             return
         else:
-            worker.stop.sleep(config.poll_interval)  # idle: poll again soon, not busily
+            worker.stop.sleep(idle_pause(config))  # idle: poll again soon, not busily
 
 
 def claim_loop(worker: Worker, lane: str) -> None:

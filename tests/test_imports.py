@@ -2,12 +2,12 @@
 
 The rule makes the architecture visible in the file list. The app's process types
 (`webapp`, `worker`, `clock`) never import each other: they meet only in the backing
-services (`session_store`, `job_queue` with its Redis scripts in `job_scripts`) and the
-plumbing beside them (`database`, `tasks`, the web process's HTTP in `web_input`,
-`web_receiver` and `web_server`, and `redis_client`, a leaf that imports nothing of the
-project). The platform (`launcher`,
-`formation`, `health`, `router`, `logs`) and the app never import each other: the
-platform runs the app's commands from the Procfile, as Heroku runs anyone's.
+services (`session_store`, `job_queue` with its Redis scripts in `job_scripts` and its
+lease watch in `leases`) and the plumbing beside them (`database`, `tasks`, the web
+process's HTTP in `web_input`, `web_receiver` and `web_server`, and `redis_client`, a
+leaf that imports nothing of the project). The platform (`launcher`, `formation`,
+`health`, `router`, `logs`) and the app never import each other: the platform runs the
+app's commands from the Procfile, as Heroku runs anyone's.
 """
 import ast
 import sys
@@ -16,7 +16,7 @@ from conftest import REPO
 
 PROCESSES = {"webapp", "worker", "clock"}
 SHARED = {  # the backing services and the plumbing the processes share
-    "session_store", "job_queue", "job_scripts", "database", "tasks", "web_input",
+    "session_store", "job_queue", "job_scripts", "leases", "database", "tasks", "web_input",
     "web_receiver", "web_server", "redis_client", "page"}
 PLATFORM = {"launcher", "router", "formation", "logs", "health"}
 

@@ -9,15 +9,19 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_lock_held
 from database import Database, Refused, Room, StoreFull
 from job_queue import Limits, open_queue
+from leases import LeaseWatch, Sighting
 from redis_client import Redis
 
 LEASE = 30
+BUSY_LEASE = 0.3  # real seconds, where a store is kept busy for longer than a lease
 
 
 class FakeClock:
@@ -143,6 +147,47 @@ def test_a_stale_workers_renewal_and_records_are_discarded(open_one):
     assert (job["state"], job["worker"], job["result"]) == ("done", "worker.2", "from worker.2")
 
 
+def lose_every_job(queue) -> None:
+    """What a Redis restarted without persistence does, or a SQLite file put back from an
+    empty backup: every job gone, and ids (and attempts) that start over."""
+    if queue.kind == "redis":
+        queue.redis.execute("FLUSHALL")
+    else:
+        queue.db.execute("DELETE FROM jobs")
+
+
+def test_a_stale_worker_never_writes_into_a_new_job_that_got_its_id_after_data_loss(open_one):
+    first, second = open_one(), open_one()
+    job_id = first.enqueue("sleep", {"who": "A"}, private=True)
+    stale = first.claim_next_job("worker.1", "public", LEASE)
+    lose_every_job(first)
+    assert second.enqueue("sleep", {"who": "B"}, private=True) == job_id  # the same id again
+    fresh = second.claim_next_job("worker.2", "public", LEASE)
+    assert (fresh.id, fresh.attempt) == (stale.id, stale.attempt)  # and the same attempt
+    assert not first.extend_lease(stale)
+    assert not first.finish(stale, '{"slept": 8}')  # A's result, into B's job
+    assert not first.retry_later(stale, "worker.1 failed", delay=0)
+    assert not first.mark_dead(stale, "worker.1 gave up")
+    assert not first.give_back(stale)
+    assert second.finish(fresh, '{"slept": 20}')
+    job = second.get(job_id)
+    assert (job["args"], job["result"]) == ({"who": "B"}, {"slept": 20})
+
+
+def test_a_watchers_note_from_before_data_loss_does_not_expire_the_new_job(open_one):
+    first, watched = open_one(), FakeClock(0)
+    second = open_one(monotonic=watched)
+    first.enqueue("sleep", {})
+    first.claim_next_job("worker.1", "public", LEASE)
+    assert second.claim_next_job("worker.2", "public", LEASE) is None  # notes job 1 running
+    lose_every_job(first)
+    first.enqueue("sleep", {})
+    fresh = first.claim_next_job("worker.3", "public", LEASE)  # job 1, attempt 1, no renewal
+    watched.now = LEASE + 1  # worker.2 was busy elsewhere for longer than a lease
+    assert second.claim_next_job("worker.2", "public", LEASE) is None  # a new claim: no silence
+    assert first.finish(fresh, "null")
+
+
 def test_on_redis_a_renewal_between_the_watchers_read_and_its_recovery_wins(fresh_redis):
     # On SQLite the read and the recovery are one transaction; on Redis two scripts, and
     # the recovery is fenced on the pair that was read.
@@ -162,6 +207,70 @@ def test_on_redis_a_renewal_between_the_watchers_read_and_its_recovery_wins(fres
     second._running = read_then_renew
     assert second.claim_next_job("worker.2", "public", LEASE) is None
     assert first.finish(job, "null")
+
+
+def test_a_slow_call_to_the_store_restarts_the_silence_of_the_leases_it_is_a_share_of():
+    clock = FakeClock(0)
+    watch = LeaseWatch(clock)
+    short, long = Sighting(1, "a", 0, lease=4), Sighting(2, "b", 0, lease=40)
+    assert watch.expired(lambda: [short, long]) == []  # both first seen at 0
+    watch.store_was_slow(took=2, ended=50)  # half of one lease, a twentieth of the other
+    clock.now = 50.5
+    assert watch.expired(lambda: [short, long]) == [long]
+    clock.now = 54.1  # the busy store stopped the short lease's clock, not for ever
+    assert watch.expired(lambda: [short]) == [short]
+
+
+def test_on_sqlite_a_claim_that_waited_for_the_write_lock_spares_an_owner_that_waited_too(
+        tmp_path):
+    path = tmp_path / "app.db"
+    owner, watcher = open_queue(Database(path)), open_queue(Database(path))
+    owner.enqueue("sleep", {})
+    job = owner.claim_next_job("worker.1", "public", BUSY_LEASE)
+    assert watcher.claim_next_job("worker.2", "public", BUSY_LEASE) is None  # notes the job
+    claimed = []
+    with write_lock_held(path):  # another process writes for longer than the lease
+        claim = threading.Thread(target=lambda: claimed.append(
+            watcher.claim_next_job("worker.2", "public", BUSY_LEASE)))
+        claim.start()  # waits for the lock, as the owner's renewal would
+        time.sleep(1.5 * BUSY_LEASE)  # how long the store stays busy
+    claim.join()
+    assert claimed == [None]  # the watcher got the lock first: still worker.1's job
+    assert owner.extend_lease(job) and owner.finish(job, "null")
+    owner.db.close()
+    watcher.db.close()
+
+
+@contextmanager
+def store_busy(queue, request):
+    """Another process holds the store: SQLite's write lock taken, or Redis frozen."""
+    if queue.kind == "sqlite":
+        with write_lock_held(queue.db.path):
+            yield
+        return
+    server = request.getfixturevalue("shared_redis")
+    server.freeze()
+    try:
+        yield
+    finally:
+        server.thaw()
+
+
+def test_a_store_busy_while_the_watcher_renewed_its_own_job_is_no_owners_silence(
+        open_one, request):
+    owner, watcher = open_one(), open_one(monotonic=time.monotonic)
+    owner.enqueue("sleep", {})
+    watcher.enqueue("sleep", {})
+    job = owner.claim_next_job("worker.1", "public", BUSY_LEASE)
+    own = watcher.claim_next_job("worker.2", "public", BUSY_LEASE)  # and notes worker.1's
+    with store_busy(watcher, request):
+        renewal = threading.Thread(target=watcher.extend_lease, args=(own,))
+        renewal.start()  # waits for the store, as worker.1's renewal would
+        time.sleep(1.5 * BUSY_LEASE)  # how long the store stays busy
+    renewal.join()
+    assert watcher.finish(own, "null")
+    assert watcher.claim_next_job("worker.2", "public", BUSY_LEASE) is None
+    assert owner.extend_lease(job) and owner.finish(job, "null")
 
 
 def test_a_lease_that_runs_out_on_the_last_attempt_makes_the_job_dead(open_one):

@@ -16,7 +16,7 @@ from conftest import (Proc, Spawner, app_env, get, post_form, start_webapps, upl
 from database import ConfigError, Refused, database_from_env
 from job_queue import JobQueue, limits_from_env, open_queue
 from tasks import number_arg
-from worker import StopRequest, config_from_env
+from worker import StopRequest, config_from_env, idle_pause
 
 FAST = {"JOB_LEASE": 1, "POLL_INTERVAL": 0.01, "RETRY_BACKOFF": 0.01}
 SHORT_LEASE = 0.3  # where a lease must run out (not be kept alive): the sooner the better
@@ -303,6 +303,13 @@ def test_every_setting_the_worker_reads_is_checked_and_named(tmp_path, variable,
         config_from_env(environ)
         limits_from_env(environ)
         database_from_env(environ)
+
+
+def test_an_idle_worker_looks_at_the_queue_at_least_four_times_a_lease():
+    # A claim that waits for a busy store tells the lease watch so (leases.py): a worker
+    # asleep through the whole busy spell would see only the silence it left behind.
+    assert idle_pause(config_from_env({"JOB_LEASE": "0.2", "POLL_INTERVAL": "0.5"})) == 0.05
+    assert idle_pause(config_from_env({})) == 0.5  # JOB_LEASE=30: POLL_INTERVAL as set
 
 
 def test_an_upload_made_on_one_web_copy_is_counted_by_a_worker_and_seen_on_another(
