@@ -51,11 +51,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
-from database import (BackingService, ConfigError, Database, Refused, Room, StoreFull,
-                      room_from_env, whole_number, whole_seconds)
+from database import (BackingService, ConfigError, Database, Refused, Room, room_from_env,
+                      waits_recognised, whole_number, whole_seconds)
 from job_scripts import CLAIM, END_ATTEMPT, ENQUEUE, EXTEND, PURGE, SIGHTINGS
 from leases import LeaseWatch, Sighting
-from redis_client import Redis, RedisError, RedisUnavailable
+from redis_client import Redis
 
 LANES = ("housekeeping", "users", "public")  # a worker's claim loops, in this order
 MAX_ATTEMPTS = 3
@@ -447,7 +447,7 @@ class RedisJobQueue(JobQueue):
         self.redis = redis
 
     def _script(self, script: str, *args: str | int | float):
-        with self.timed(), redis_waits_recognised():
+        with self.timed(), waits_recognised():
             return self.redis.eval(script, (), args)
 
     def _insert(self, new, exempt):
@@ -459,14 +459,14 @@ class RedisJobQueue(JobQueue):
         return outcome.decode() if isinstance(outcome, bytes) else outcome
 
     def get(self, job_id):
-        with redis_waits_recognised():
+        with waits_recognised():
             values = self.redis.execute("HMGET", f"job:{int(job_id)}", *SHOWN)
         return job_from_hash(int(job_id), values)
 
     def recent(self, task=None, before=None, limit=100):
         index = "jobs:all" if task is None else f"jobs:task:{task}"
         newest = "+inf" if before is None else f"({int(before)}"
-        with redis_waits_recognised(), self.redis.connection() as conn:
+        with waits_recognised(), self.redis.connection() as conn:
             ids = conn.execute("ZRANGE", index, newest, "-inf", "BYSCORE", "REV", "LIMIT", 0,
                                limit)
             replies = conn.pipeline([("HMGET", b"job:" + job_id, *SHOWN) for job_id in ids])
@@ -500,21 +500,6 @@ class RedisJobQueue(JobQueue):
     def purge_batch(self, state, batch):
         return self._script(PURGE, state, repr(self.clock() - self.limits.job_retention),
                             self.limits.max_finished, batch)
-
-
-@contextmanager
-def redis_waits_recognised() -> Iterator[None]:
-    """What Redis refuses for now is a wait, as SQLite's lock and full disk are: out of
-    memory (maxmemory) is a full store; loading its data after a restart, or busy with
-    a script, it cannot answer yet."""
-    try:
-        yield
-    except RedisError as error:
-        if error.code == "OOM":
-            raise StoreFull(f"redis is out of memory ({error}); make room") from None
-        if error.code in ("LOADING", "BUSY"):
-            raise RedisUnavailable(f"redis cannot answer yet ({error})") from None
-        raise
 
 
 # What a job shows of its hash: HMGET of these, not HGETALL of all 16 (a page lists 100).
