@@ -13,7 +13,7 @@ WORKDIR /app
 # same Python twice and be built twice, to save four small files.
 COPY webapp.py page.py page.html web_server.py web_receiver.py web_input.py worker.py \
      clock.py session_store.py job_queue.py job_scripts.py tasks.py database.py \
-     redis_client.py Procfile entrypoint.sh router.py health.py formation.py logs.py ./
+     redis_client.py leases.py Procfile entrypoint.sh router.py health.py formation.py logs.py ./
 
 # Inside a container, loopback is unreachable from outside: bind every interface.
 # State goes to a volume, never to the container's own disk (Factor VI). A SQLite file
