@@ -10,12 +10,12 @@ What a platform (Heroku, foreman, Kubernetes) does for a stateless app, and so w
 by `DYNO` (web.1, worker.2; a.web.1 with `--name a`), each web copy on a `PORT` of its
 own, behind one front port (`router.py`); prints all their output as one stream; restarts
 a copy that dies, with backoff, and replaces a web copy that stops answering
-`GET /healthz`; takes commands at its prompt (`web=6`, `ps`, `restart`, `kill web.2`,
-`freeze web.2`, `chaos 2`, `quit`); and on SIGINT or SIGTERM, or once nobody reads its
-output (`launcher.py | head`), stops them: SIGTERM, grace, SIGKILL. It never imports the
-app, never daemonizes, and runs on one machine. The app in turn binds $PORT, answers
-`/healthz`, logs to stdout, keeps its state in a backing service, and exits on SIGTERM,
-within STOP_TIMEOUT.
+`GET /healthz` (or has not begun to by `--start-timeout`); takes commands at its prompt
+(`web=6`, `ps`, `restart`, `kill web.2`, `freeze web.2`, `chaos 2`, `quit`); and on
+SIGINT or SIGTERM, or once nobody reads its output (`launcher.py | head`), stops them:
+SIGTERM, grace, SIGKILL. It never imports the app, never daemonizes, and runs on one
+machine. The app in turn binds $PORT, answers `/healthz`, logs to stdout, keeps its state
+in a backing service, and exits on SIGTERM, within STOP_TIMEOUT.
 
 The rules (what a crash, a missed health check, `web=2` or `restart` lead to) are not
 here: they are a table of states and events in `formation.py`, tested without a process.
@@ -46,7 +46,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from formation import (SERVING, Action, Answered, Copy, Event, Exited,
+from formation import (SERVING, START_TIMEOUT, Action, Answered, Copy, Event, Exited,
                        Formation, Missed, Say, Signal, Spawn, Spawned, SpawnFailed, State)
 from logs import LogPrinter, split_lines
 from health import HealthCheck
@@ -82,7 +82,8 @@ class Supervisor:
         self.config = config
         self.router = router
         self.printer = printer
-        self.formation = Formation(list(config.commands), config.grace, config.prefix)
+        self.formation = Formation(list(config.commands), config.grace, config.prefix,
+                                   config.start_timeout)
         self.events: deque[tuple[int, Event]] = deque()  # (a copy's serial, what happened)
         self.processes: dict[int, subprocess.Popen] = {}  # serial -> its running process
         self.checks: dict[int, tuple[int, HealthCheck]] = {}  # serial -> (pid, its check)
@@ -432,6 +433,7 @@ class LauncherConfig:
     host: str
     port: int
     grace: float
+    start_timeout: float       # a web copy not answering /healthz by then is replaced
     idle_timeout: float
     upstream_timeout: float
     check_every: float
@@ -448,6 +450,9 @@ def read_config(argv: list[str]) -> LauncherConfig:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds a stopping copy gets before SIGKILL (default: 30, as "
                              "Heroku; the copies get 5/6 of it as STOP_TIMEOUT, unless set)")
+    parser.add_argument("--start-timeout", type=float, default=START_TIMEOUT,
+                        help="seconds a web copy has to answer GET /healthz after it starts, "
+                             "else SIGKILL and a restart (default: 60, as Heroku)")
     add_routing_options(parser)
     parser.add_argument("--name", default="",
                         help="this host's name, before each copy's (a.web.1): for several "
@@ -456,7 +461,7 @@ def read_config(argv: list[str]) -> LauncherConfig:
     if args.name and not HOST_NAME.fullmatch(args.name):
         raise UsageError(f"--name must be 1 to 20 letters, digits, '_' or '-', "
                          f"got {args.name!r}")
-    check_seconds(args, {"grace": 0, **ROUTING_MINIMUMS})
+    check_seconds(args, {"grace": 0, "start_timeout": 0.1, **ROUTING_MINIMUMS})
     commands = read_procfile(args.procfile)
     formation = dict.fromkeys(commands, 1)
     formation.update(parse_scale(args.scale, commands))
@@ -465,7 +470,8 @@ def read_config(argv: list[str]) -> LauncherConfig:
     return LauncherConfig(
         commands, formation, dotenv=read_dotenv(args.procfile.parent / ".env"),
         workdir=args.procfile.resolve().parent, host=os.environ.get("HOST", "127.0.0.1"),
-        port=port, grace=args.grace, idle_timeout=args.idle_timeout,
+        port=port, grace=args.grace, start_timeout=args.start_timeout,
+        idle_timeout=args.idle_timeout,
         upstream_timeout=args.upstream_timeout, check_every=args.check_every,
         sticky=args.sticky, prefix=f"{args.name}." if args.name else "")
 

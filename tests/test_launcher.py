@@ -159,6 +159,7 @@ def assert_refused(launcher: Launcher, problem: str) -> None:
     (WEB, ["--grace", "inf"], "--grace must be from 0 to 3600 seconds, got inf"),
     (WEB, ["--grace", "nan"], "--grace must be"),
     (WEB, ["--grace", "3000000"], "--grace must be from 0 to 3600 seconds"),  # select() overflows
+    (WEB, ["--start-timeout", "0"], "--start-timeout must be from 0.1 to 3600 seconds"),
     (WEB, ["--idle-timeout", "0"], "--idle-timeout must be from 0.1 to 3600 seconds"),
     (WEB, ["--idle-timeout", "1e300"], "--idle-timeout must be"),
     (WEB, ["--upstream-timeout", "-1"], "--upstream-timeout must be"),
@@ -296,6 +297,21 @@ def test_kill_and_freeze_at_the_prompt_fail_a_copy_and_the_platform_replaces_it(
     assert [http("GET", launcher.url, timeout=2).status for _ in range(10)] == [200] * 10
     assert time.monotonic() - began < 5
     assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
+
+
+def test_a_web_copy_that_never_answers_is_killed_at_its_start_deadline_and_restarted(launch):
+    # A copy that hangs before it listens (a deadlock at import, or frozen at once by
+    # `freeze`) would otherwise stay `starting` forever, and a rolling restart wait for it.
+    launcher = launch(f"web: {SLEEPER}\n", "--start-timeout", "0.5")
+    launcher.wait_for("web.1 started")
+    first = launcher.pids("web.1")[0]
+    launcher.wait_for("web.1 did not answer GET /healthz within 0.5s of its start: "
+                      "replacing it (SIGKILL)")
+    launcher.wait_for("web.1 killed by SIGKILL")
+    launcher.wait_for("restarting web.1 now")
+    wait_until(lambda: len(launcher.pids("web.1")) == 2, what="web.1 started again")
+    launcher.wait_for("restarting web.1 in 1s")  # it never came up: the backoff grows
+    assert not alive(first)
 
 
 def test_chaos_kills_a_copy_of_the_chosen_type_every_few_seconds_one_line_each(launch):
