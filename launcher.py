@@ -365,24 +365,32 @@ def chaos_every(text: str) -> float:
 
 # When the launcher dies, even by SIGKILL, its copies must not live on holding their ports
 # (foreman's oldest complaint). On Linux a child can ask for SIGTERM when its parent dies
-# (prctl PR_SET_PDEATHSIG), between fork and exec. preexec_fn is unsafe in a program with
-# threads (the router is one), so the hook makes that one system call and nothing that
-# could wait on a lock. The signal fires when the *thread* that forked the child exits, so
-# only the main thread starts copies; a launcher that died before prctl ran already gave
-# the child a new parent, so it exits at once. macOS has no equivalent: there a copy
-# outlives a SIGKILLed launcher until its output pipe breaks.
+# (prctl PR_SET_PDEATHSIG), between fork and exec. The signal fires when the *thread* that
+# forked the child exits, so only the main thread starts copies; a launcher that died
+# before prctl ran already gave the child a new parent, so it exits at once. macOS has no
+# equivalent: there a copy outlives a SIGKILLed launcher until its output pipe breaks.
+#
+# A frozen copy cannot act on that SIGTERM: it stays pending while the process is stopped.
+# POSIX has a rule for it. Each copy leads a process group of its own, so that Ctrl-C on the
+# terminal reaches only the launcher (which then stops each copy in order) and os.killpg
+# reaches whatever the copy forked too; that group stays in the launcher's session (no
+# setsid). When the launcher dies, the group is orphaned, and the kernel sends an orphaned
+# group that holds a stopped process SIGHUP, then SIGCONT: the frozen copy ends. In a
+# session of its own, a copy's group would be orphaned from the start, and never be sent it.
+#
+# preexec_fn is unsafe in a program with threads (the router is one), so the hook makes
+# those few system calls and nothing that could wait on a lock.
 PR_SET_PDEATHSIG = 1
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def die_with(launcher_pid: int) -> Callable[[], None] | None:
-    if LIBC is None:
-        return None
-
+def in_own_group_dying_with(launcher_pid: int) -> Callable[[], None]:
     def in_child() -> None:
-        LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != launcher_pid:
-            os._exit(1)
+        os.setpgid(0, 0)
+        if LIBC is not None:
+            LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+            if os.getppid() != launcher_pid:
+                os._exit(1)
 
     return in_child
 
@@ -409,9 +417,8 @@ def start_child(command: str, env: dict[str, str], cwd: Path) -> subprocess.Pope
         # a container's CMD: for `cd app && ...`, use a script.
         ["/bin/sh", "-c", "exec env " + command], cwd=cwd, env=env,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        # A group of its own: Ctrl-C on the terminal reaches only the launcher, which then
-        # stops each copy in order, and os.killpg reaches whatever the copy forked too.
-        start_new_session=True, preexec_fn=die_with(os.getpid()))
+        # A process group of its own, in the launcher's session: see above.
+        preexec_fn=in_own_group_dying_with(os.getpid()))
 
 
 # --- Command line, Procfile and .env ------------------------------------------------------

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import (REPO, SLEEPER, WEB, Launcher, alive, app_env, free_port, get, http,
-                      post_form, served_by, session_cookie, wait_until)
+                      post_form, served_by, session_cookie, stopped, wait_until)
 from formation import Formation
 from launcher import Supervisor, UsageError, read_config
 
@@ -125,14 +125,18 @@ def test_sigterm_stops_every_copy_and_exits_0(launch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
-def test_copies_do_not_outlive_a_sigkilled_launcher(launch):
-    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=1")
+def test_copies_do_not_outlive_a_sigkilled_launcher_not_even_a_frozen_one(launch):
+    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=1", "worker=2", stdin=subprocess.PIPE)
     launcher.wait_for("web.1 is up on port")
+    launcher.wait_for("worker.2 started")
     pids = [pid for _, pid, _ in launcher.started()]
+    launcher.send("freeze worker.2")  # deaf to the SIGTERM its launcher's death sends
+    wait_until(lambda: stopped(launcher.pids("worker.2")[-1]), what="worker.2 to stop")
     launcher.proc.popen.kill()  # the launcher alone, not its copies
     wait_until(lambda: not any(alive(pid) for pid in pids),
                what="the orphaned copies to exit (each gets SIGTERM with its stdout already "
-                    "broken: its shutdown must survive a failed log line)")
+                    "broken: its shutdown must survive a failed log line; the frozen one, "
+                    "SIGHUP and SIGCONT from the kernel)")
 
 
 def assert_refused(launcher: Launcher, problem: str) -> None:
