@@ -56,7 +56,7 @@ from router import (COPY_HOST, MAX_SECONDS, ROUTING_MINIMUMS, OneLineParser, Rou
 
 OUTPUT_PAUSE = 0.01        # after printing the copies' output, let more gather: see run
 COPY_SHARE_OF_GRACE = 5 / 6  # a copy's own STOP_TIMEOUT: Heroku gives 25 s of its 30
-MAX_COMMAND = 4096         # bytes: a longer line at the prompt is cut, memory stays bounded
+MAX_COMMAND = 4096         # bytes: a longer line at the prompt is refused, memory bounded
 MIN_CHAOS_EVERY = 0.1      # seconds between chaos's kills, at the least
 HELP = ("commands: TYPE=N (scale, e.g. web=3), ps, restart [TYPE], kill NAME, freeze NAME, "
         "chaos [TYPE] SECONDS, chaos off, quit")
@@ -303,8 +303,16 @@ class Prompt:
             self.supervisor.selector.unregister(stdin)  # end of input: run on, without
             return
         lines, unfinished = split_lines(self.unfinished + chunk)
-        self.unfinished = unfinished[:MAX_COMMAND]  # no command is longer: memory stays bounded
+        # Memory stays bounded: of a line still arriving, keep one byte more than a command
+        # may have, so that once its end comes it is refused whole, not cut to its head and
+        # tail: those could make a command nobody typed (`quit`, then 9,000 spaces).
+        self.unfinished = unfinished[:MAX_COMMAND + 1]
         for line in lines:
+            if len(line) > MAX_COMMAND:
+                self.supervisor.printer.system(
+                    f"refused a line of over {MAX_COMMAND} bytes, as no command is that long: "
+                    f"{line[:40].decode(errors='replace')!r}...")
+                continue
             words = line.decode(errors="replace").split()
             if words and not self.formation.shutting_down:
                 try:

@@ -303,6 +303,16 @@ def test_kill_and_freeze_at_the_prompt_fail_a_copy_and_the_platform_replaces_it(
     assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
 
 
+def test_a_command_line_too_long_is_refused_whole_and_nothing_happens(launch):
+    launcher = launch(f"nap: {SLEEPER}\n", stdin=subprocess.PIPE)
+    launcher.wait_for("nap.1 started")
+    launcher.send("quit" + " " * 9000)  # its head and tail alone would read `quit`
+    launcher.wait_for("refused a line of over 4096 bytes, as no command is that long: "
+                      "'quit     ")
+    assert list(launcher.ps()) == ["nap.1"]
+    assert "stopping every copy" not in launcher.output()
+
+
 def test_a_web_copy_that_never_answers_is_killed_at_its_start_deadline_and_restarted(launch):
     # A copy that hangs before it listens (a deadlock at import, or frozen at once by
     # `freeze`) would otherwise stay `starting` forever, and a rolling restart wait for it.
