@@ -17,6 +17,7 @@ import pytest
 
 from conftest import (REPO, SLEEPER, WEB, Proc, Web, app_env, free_port, frozen, get, http,
                       responds, served_by, wait_until)
+from health import RESOLVE_EVERY, Address, Upstreams, find_addresses
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc; sets limits with bash's ulimit")
@@ -293,6 +294,61 @@ def test_the_router_alone_refuses_bad_arguments_in_one_line(args, problem):
     assert done.returncode == 2
     assert problem in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert done.stdout == ""
+
+
+@contextmanager
+def upstreams_running(names: list[Address], find, resolve_every: float = RESOLVE_EVERY):
+    """The router's Upstreams, run in this process on a thread of its own, with `find` for
+    its lookups: (the rotations it published, the lines it logged). Stopped at the end."""
+    published: list[tuple[Address, ...]] = []
+    lines: list[str] = []
+    upstreams = Upstreams(names, 0.1, published.append, lines.append, find, resolve_every)
+    loop = threading.Thread(target=upstreams.run)
+    loop.start()
+    try:
+        yield published, lines
+    finally:
+        upstreams.stop(signal.SIGTERM)
+        loop.join(5)
+
+
+def test_a_name_slow_to_look_up_keeps_no_other_upstream_out(web):
+    dns_answers = threading.Event()
+    slow_lookups = []
+
+    def find(host: str, port: int) -> list[Address]:
+        if host != "slow.example":
+            return find_addresses(host, port)
+        slow_lookups.append(host)
+        dns_answers.wait(10)  # glibc, its DNS server out of reach, gives up after seconds
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    fine = ("127.0.0.1", web.port)
+    try:
+        with upstreams_running([fine, ("slow.example", 80)], find, 0.05) as (published, _):
+            wait_until(lambda: published and published[-1] == (fine,), timeout=3,
+                       what="the upstream that is found at once to join the rotation")
+            assert slow_lookups == ["slow.example"]  # one lookup of a name at a time
+    finally:
+        dns_answers.set()
+
+
+def test_a_name_that_cannot_be_found_for_a_while_keeps_its_last_addresses(web):
+    lookups = []
+
+    def find(host: str, port: int) -> list[Address]:
+        lookups.append(host)
+        if len(lookups) > 1:  # a DNS hiccup, after the first answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [("127.0.0.1", port)]
+
+    address = ("127.0.0.1", web.port)
+    with upstreams_running([("flaky.example", web.port)], find, 0.02) as (published, lines):
+        wait_until(lambda: len(lookups) >= 5 and published and published[-1] == (address,),
+                   what="several lookups failed, with flaky.example's address in the rotation")
+    assert [line for line in lines if "flaky" in line or "upstream" in line] == [
+        "router: cannot find flaky.example: Temporary failure in name resolution; "
+        "keeping its last addresses"]  # once, and the address was never dropped
 
 
 @linux_only  # the whole of 127.0.0.0/8 is loopback on Linux, only 127.0.0.1 on macOS
