@@ -430,10 +430,15 @@ def port_number(text: str, what: str, last: int = 65535) -> int:
 
 
 def upstream(text: str) -> Address:
-    """`HOST:PORT`, the address of one host's front port (or of a single copy)."""
+    """`HOST:PORT`, the address of one host's front port (or of a single copy). IPv4 only:
+    the router's sockets and lookups are, so an IPv6 address is refused here, not looked
+    up in vain forever."""
     host, colon, port = text.rpartition(":")
     if not colon or not host:
         raise UsageError(f"an upstream is HOST:PORT, like 10.0.0.2:5000, got {text!r}")
+    if ":" in host or "[" in host:
+        raise UsageError(f"upstream {text!r} is IPv6, which the router does not speak: give an "
+                         f"IPv4 address or a name")
     return host, port_number(port, f"the port of upstream {text!r}")
 
 

@@ -287,6 +287,8 @@ def test_the_router_alone_answers_503_when_no_upstream_answers(spawn, tmp_path):
     (["localhost:99999"], "must be a number from 1 to 65535"),
     (["--check-every", "0", "localhost:5000"], "--check-every must be from 0.1"),
     (["--port", "x", "localhost:5000"], "the front port must be a number"),
+    (["[::1]:5000"], "upstream '[::1]:5000' is IPv6, which the router does not speak"),
+    (["::1:5000"], "is IPv6"),
 ])
 def test_the_router_alone_refuses_bad_arguments_in_one_line(args, problem):
     done = subprocess.run([sys.executable, str(ROUTER), *args], capture_output=True,
