@@ -450,6 +450,7 @@ class LauncherConfig:
     grace: float
     start_timeout: float       # a web copy not answering /healthz by then is replaced
     idle_timeout: float
+    request_timeout: float
     upstream_timeout: float
     check_every: float
     sticky: bool               # each client to one copy, by its address: the trap, shown
@@ -486,7 +487,7 @@ def read_config(argv: list[str]) -> LauncherConfig:
         commands, formation, dotenv=read_dotenv(args.procfile.parent / ".env"),
         workdir=args.procfile.resolve().parent, host=os.environ.get("HOST", "127.0.0.1"),
         port=port, grace=args.grace, start_timeout=args.start_timeout,
-        idle_timeout=args.idle_timeout,
+        idle_timeout=args.idle_timeout, request_timeout=args.request_timeout,
         upstream_timeout=args.upstream_timeout, check_every=args.check_every,
         sticky=args.sticky, prefix=f"{args.name}." if args.name else "")
 
@@ -563,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     printer = LogPrinter()
     router = Router(listener, printer.system, config.idle_timeout, config.upstream_timeout,
-                    connection_limit(), config.sticky)
+                    connection_limit(), config.sticky, config.request_timeout)
     router.start()
     return Supervisor(config, router, printer).run()
 
