@@ -13,6 +13,7 @@ one value, and the rules are one table, read top to bottom:
     starting       spawned                starting (web), up  (web: up once /healthz answers)
     starting       spawn failed           backoff             restart later
     starting       answered               up                  (joins the router's rotation)
+    starting       timer: start deadline  unresponsive        SIGKILL (web: no answer in time)
     up, outgoing   answered               (same)              misses = 0
     up             missed, 3rd in a row   unresponsive        SIGKILL (frozen: deaf to SIGTERM)
     outgoing       missed, 3rd in a row   stopping            SIGKILL
@@ -49,6 +50,7 @@ from typing import Callable, Union
 
 MAX_BACKOFF = 30.0    # seconds: a crash loop restarts at most this often
 STABLE_AFTER = 10.0   # a copy up this long that crashes starts its backoff again
+START_TIMEOUT = 60.0  # a web copy not answering /healthz by then is killed (Heroku's R10)
 DRAIN_PAUSE = 0.1     # out of the rotation this long before SIGTERM: see `stop`
 CHECKS_FAILED = 3     # health checks missed in a row that make a web copy dead
 
@@ -56,7 +58,7 @@ CHECKS_FAILED = 3     # health checks missed in a row that make a web copy dead
 class State(Enum):
     STARTING = "starting"          # its process runs; a web copy has not answered yet
     UP = "up"                      # running; a web copy is in the router's rotation
-    UNRESPONSIVE = "unresponsive"  # missed its health checks: SIGKILLed, its exit awaited
+    UNRESPONSIVE = "unresponsive"  # missed its checks or start deadline: SIGKILLed, awaited
     BACKOFF = "backoff"            # crashed; no process until its restart is due
     OUTGOING = "outgoing"          # up, serving until the copy replacing it is up
     DRAINING = "draining"          # out of the formation and the rotation; SIGTERM is due
@@ -77,10 +79,12 @@ class Copy:
     number: int
     name: str           # web.3, or a.web.3 for a launcher started with --name a
     is_web: bool        # a web copy gets a port and health checks
+    start_timeout: float = START_TIMEOUT  # a web copy must answer within this of its start
     state: State = State.STARTING
     pid: int | None = None
     port: int | None = None         # a web copy's; kept when it is restarted
     started_at: float = 0.0
+    up_since: float | None = None   # when it was last seen up (a web copy: its first answer)
     restarts: int = 0
     backoff: float = 0.0            # the wait before the next restart after a crash
     misses: int = 0                 # health checks missed in a row
@@ -166,19 +170,37 @@ def decide(copy: Copy, event: Event, now: float) -> Decision:
 
 
 def spawned(copy: Copy, event: Spawned, now: float) -> Decision:
-    state = State.STARTING if copy.is_web else State.UP
-    copy = replace(copy, state=state, pid=event.pid, port=event.port, started_at=now, misses=0)
+    """Another process type is up once it runs: nothing asks it anything. A web copy is up
+    once it answers, and has until its start deadline to do so (the timer)."""
+    copy = replace(copy, pid=event.pid, port=event.port, started_at=now, misses=0)
+    if copy.is_web:
+        copy = replace(copy, timer=now + copy.start_timeout)
+    else:
+        copy = replace(copy, state=State.UP, up_since=now)
     where = f", port={event.port}" if event.port is not None else ""
     return copy, [Say(f"{copy.name} started (pid={event.pid}{where})")]
 
 
 def spawn_failed(copy: Copy, event: SpawnFailed, now: float) -> Decision:
-    copy, actions = restart_later(replace(copy, started_at=now), now)
+    copy, actions = restart_later(copy, now)
     return copy, [Say(f"cannot start {copy.name}: {event.reason}"), *actions]
 
 
 def became_ready(copy: Copy, event: Answered, now: float) -> Decision:
-    return replace(copy, state=State.UP, misses=0), [Say(f"{copy.name} is up on port {copy.port}")]
+    copy = replace(copy, state=State.UP, misses=0, timer=None, up_since=now)
+    return copy, [Say(f"{copy.name} is up on port {copy.port}")]
+
+
+def start_deadline_passed(copy: Copy, event: Timer, now: float) -> Decision:
+    """A web copy that has not answered by its deadline never will: it hangs at start-up
+    (a deadlock at import, a stopped process), and a rolling restart would wait for it
+    forever. Heroku calls this R10, Boot timeout. SIGKILL, as for a frozen copy; its exit
+    restarts it, with a backoff that grows, since it never was up."""
+    copy = replace(copy, state=State.UNRESPONSIVE, timer=None)
+    return copy, [
+        Say(f"{copy.name} did not answer GET /healthz within {copy.start_timeout:g}s of its "
+            f"start: replacing it (SIGKILL)"),
+        Signal(copy, signal.SIGKILL)]
 
 
 def answered(copy: Copy, event: Answered, now: float) -> Decision:
@@ -214,9 +236,11 @@ def ended(copy: Copy, event: Exited, now: float) -> Decision:
 
 def restart_later(copy: Copy, now: float) -> Decision:
     """The first crash restarts at once, then after 1, 2, 4 ... 30 s: a crash loop cannot
-    spin the CPU. A copy that stayed up a while starts again from 'at once'."""
-    backoff = 0.0 if now - copy.started_at >= STABLE_AFTER else copy.backoff
-    copy = replace(copy, restarts=copy.restarts + 1, misses=0,
+    spin the CPU. A copy that stayed up a while starts again from 'at once'; one that never
+    came up (it could not start, or never answered) keeps backing off."""
+    stable = copy.up_since is not None and now - copy.up_since >= STABLE_AFTER
+    backoff = 0.0 if stable else copy.backoff
+    copy = replace(copy, restarts=copy.restarts + 1, misses=0, up_since=None,
                    backoff=1.0 if backoff == 0 else min(MAX_BACKOFF, backoff * 2))
     if backoff == 0:
         copy = replace(copy, state=State.STARTING, timer=None)
@@ -270,6 +294,7 @@ TABLE: dict[tuple[State, type], Callable[..., Decision]] = {
     (State.STARTING, Spawned): spawned,
     (State.STARTING, SpawnFailed): spawn_failed,
     (State.STARTING, Answered): became_ready,
+    (State.STARTING, Timer): start_deadline_passed,
     (State.UP, Answered): answered,
     (State.OUTGOING, Answered): answered,
     (State.UP, Missed): missed,
@@ -309,14 +334,17 @@ class Formation:
     Each method takes `now` and returns the actions to carry out. The copies in the
     formation are those not leaving; the ones leaving stay until their process has exited.
     `prefix` names the copies of one host apart from another's (`a.` makes `a.web.1`).
-    `pick` chooses chaos's victim (random; a test passes its own).
+    `start_timeout` is each web copy's start deadline. `pick` chooses chaos's victim
+    (random; a test passes its own).
     """
 
     def __init__(self, types: list[str], grace: float, prefix: str = "",
+                 start_timeout: float = START_TIMEOUT,
                  pick: Callable[[list[Copy]], Copy] = random.choice):
         self.types = types  # in Procfile order: the order of the table and the rotation
         self.grace = grace
         self.prefix = prefix
+        self.start_timeout = start_timeout
         self.pick = pick
         self.copies: dict[int, Copy] = {}
         self.serials = itertools.count(1)
@@ -369,7 +397,7 @@ class Formation:
     def add(self, process_type: str, number: int) -> Copy:
         serial = next(self.serials)
         copy = Copy(serial, process_type, number, f"{self.prefix}{process_type}.{number}",
-                    is_web=process_type == "web")
+                    is_web=process_type == "web", start_timeout=self.start_timeout)
         self.copies[serial] = copy
         return copy
 
@@ -467,9 +495,13 @@ class Formation:
     def freeze(self, name: str) -> list[Action]:
         """`freeze web.2`: SIGSTOP. Alive, its port accepting, answering nothing."""
         copy = self.member_named(name)
-        why = ("its port still accepts; the health check will find it and replace it"
-               if copy is not None and copy.is_web else
-               "nothing checks its health, so it stays frozen until you kill it")
+        if copy is None or not copy.is_web:
+            why = "nothing checks its health, so it stays frozen until you kill it"
+        elif copy.state is State.STARTING:
+            why = (f"it has not answered yet; at its start deadline ({self.start_timeout:g}s) "
+                   f"it is replaced")
+        else:
+            why = "its port still accepts; the health check will find it and replace it"
         return self.strike(name, signal.SIGSTOP, why)
 
     def strike(self, name: str, signum: int, why: str) -> list[Action]:

@@ -16,18 +16,21 @@ answer.
 """
 from __future__ import annotations
 
+import queue
 import re
 import selectors
 import signal
 import socket
+import threading
 import time
+from contextlib import suppress
 from functools import partial
 from typing import Callable
 
 from formation import CHECKS_FAILED
 
 Address = tuple[str, int]  # (host, port) of a copy, or of an upstream host's front port
-RESOLVE_EVERY = 5.0        # seconds between two lookups of the upstreams' names
+RESOLVE_EVERY = 5.0        # seconds from the end of a lookup of a name to the next
 
 
 def at(address: Address) -> str:
@@ -118,6 +121,13 @@ class HealthCheck:
             self.sock = None
 
 
+def find_addresses(host: str, port: int) -> list[Address]:
+    """The IPv4 addresses a name stands for. It blocks as long as DNS takes: with its server
+    out of reach, glibc tries for seconds before it gives up."""
+    found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    return sorted({info[4][:2] for info in found})
+
+
 class Upstreams:
     """The router's own small supervisor, when it runs alone in front of several hosts:
     which addresses the upstream names stand for (one name may stand for several, as a
@@ -125,50 +135,101 @@ class Upstreams:
     which of them answer `GET /healthz`, and so the rotation. An address joins on its
     first answer; CHECKS_FAILED misses in a row take it out; its next answer brings it
     back. It starts and stops nothing: each host's launcher looks after its own copies.
+
+    DNS is never waited for. Each name is looked up on a thread of its own, one lookup of
+    it at a time, whose answer comes back to this loop through a queue (and a byte that
+    wakes it): a name slow to look up delays nobody's health check. A name that cannot be
+    found keeps the addresses of its last answer, which a health check still judges: a
+    DNS hiccup must not empty the rotation. It is looked up again `resolve_every` seconds
+    after its last lookup ended. `find` does the lookup (a test passes its own).
     """
 
     def __init__(self, names: list[Address], every: float,
-                 publish: Callable[[tuple[Address, ...]], None], log: Callable[[str], None]):
+                 publish: Callable[[tuple[Address, ...]], None], log: Callable[[str], None],
+                 find: Callable[[str, int], list[Address]] = find_addresses,
+                 resolve_every: float = RESOLVE_EVERY):
         self.names, self.every, self.publish_rotation, self.log = names, every, publish, log
+        self.find, self.resolve_every = find, resolve_every
         self.selector = selectors.DefaultSelector()
         self.checks: dict[Address, HealthCheck] = {}
         self.misses: dict[Address, int] = {}
         self.order: list[Address] = []       # every address, in the order the names came
         self.in_rotation: set[Address] = set()
+        self.found: dict[Address, list[Address]] = {name: [] for name in names}  # last answer
+        self.lookup_due: dict[Address, float | None] = dict.fromkeys(names, 0.0)  # None: now
+        self.answers: queue.SimpleQueue = queue.SimpleQueue()  # (name, addresses or error)
+        self.woken, self.wake = socket.socketpair()
+        self.woken.setblocking(False)
+        self.selector.register(self.woken, selectors.EVENT_READ, self.take_answers)
         self.unresolved: set[str] = set()    # names that did not resolve: said once
-        self.resolve_at = 0.0
         self.stopping = False
 
     def run(self) -> None:
         """Until `stop` (the caller wires it to SIGTERM and SIGINT through `selector`)."""
-        while not self.stopping:
-            now = time.monotonic()
-            if now >= self.resolve_at:
-                self.resolve()
-                self.resolve_at = now + RESOLVE_EVERY
-            for check in list(self.checks.values()):
-                check.run_timer(now)
-            due = [check.due for check in self.checks.values() if check.due is not None]
-            timeout = min([*due, self.resolve_at]) - time.monotonic()
-            for key, _ in self.selector.select(max(0.0, timeout)):
-                key.data()
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                self.start_lookups(now)
+                for check in list(self.checks.values()):
+                    check.run_timer(now)
+                for key, _ in self.selector.select(self.seconds_to_wait()):
+                    key.data()
+        finally:
+            for check in self.checks.values():
+                check.stop()
+            self.selector.close()
+            self.woken.close()
+            self.wake.close()  # a lookup still running finds it closed, and ends
 
     def stop(self, signum: int) -> None:
         self.log(f"router got {signal.Signals(signum).name}: stopping")
         self.stopping = True
 
-    def resolve(self) -> None:
-        addresses: list[Address] = []
-        for host, port in self.names:
-            try:
-                found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
-            except OSError as error:  # not (yet) in the DNS: a service still starting
-                if host not in self.unresolved:
-                    self.log(f"router: cannot find {host}: {error.strerror or error}")
+    def seconds_to_wait(self) -> float | None:
+        times = [check.due for check in self.checks.values() if check.due is not None]
+        times += [due for due in self.lookup_due.values() if due is not None]
+        return max(0.0, min(times) - time.monotonic()) if times else None
+
+    def start_lookups(self, now: float) -> None:
+        for name, due in self.lookup_due.items():
+            if due is not None and now >= due:
+                self.lookup_due[name] = None
+                threading.Thread(target=self.look_up, args=(name,), daemon=True,
+                                 name=f"lookup {name[0]}").start()
+
+    def look_up(self, name: Address) -> None:
+        """On the lookup's own thread: ask, and hand the answer to the loop."""
+        try:
+            answer: list[Address] | Exception = self.find(*name)
+        except (OSError, UnicodeError) as error:  # UnicodeError: a label over 63 letters
+            answer = error
+        self.answers.put((name, answer))
+        with suppress(OSError):  # the loop has ended meanwhile
+            self.wake.send(b"\0")
+
+    def take_answers(self) -> None:
+        with suppress(BlockingIOError):
+            self.woken.recv(4096)
+        while not self.answers.empty():
+            name, answer = self.answers.get()
+            self.lookup_due[name] = time.monotonic() + self.resolve_every  # from its end
+            host = name[0]
+            if isinstance(answer, Exception):
+                if host not in self.unresolved:  # not (yet) in the DNS, or DNS in trouble
+                    kept = "; keeping its last addresses" if self.found[name] else ""
+                    reason = getattr(answer, "strerror", None) or answer
+                    self.log(f"router: cannot find {host}: {reason}{kept}")
                 self.unresolved.add(host)
-                continue
-            self.unresolved.discard(host)
-            addresses += sorted({info[4][:2] for info in found} - set(addresses))
+            else:
+                self.unresolved.discard(host)
+                self.found[name] = answer
+        self.update_checks()
+
+    def update_checks(self) -> None:
+        """A health check for each address the names stand for, and none for the others."""
+        addresses: list[Address] = []
+        for name in self.names:
+            addresses += [address for address in self.found[name] if address not in addresses]
         for address in addresses:
             if address not in self.checks:
                 self.checks[address] = HealthCheck(address, self.every, self.selector,

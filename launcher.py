@@ -10,12 +10,12 @@ What a platform (Heroku, foreman, Kubernetes) does for a stateless app, and so w
 by `DYNO` (web.1, worker.2; a.web.1 with `--name a`), each web copy on a `PORT` of its
 own, behind one front port (`router.py`); prints all their output as one stream; restarts
 a copy that dies, with backoff, and replaces a web copy that stops answering
-`GET /healthz`; takes commands at its prompt (`web=6`, `ps`, `restart`, `kill web.2`,
-`freeze web.2`, `chaos 2`, `quit`); and on SIGINT or SIGTERM, or once nobody reads its
-output (`launcher.py | head`), stops them: SIGTERM, grace, SIGKILL. It never imports the
-app, never daemonizes, and runs on one machine. The app in turn binds $PORT, answers
-`/healthz`, logs to stdout, keeps its state in a backing service, and exits on SIGTERM,
-within STOP_TIMEOUT.
+`GET /healthz` (or has not begun to by `--start-timeout`); takes commands at its prompt
+(`web=6`, `ps`, `restart`, `kill web.2`, `freeze web.2`, `chaos 2`, `quit`); and on
+SIGINT or SIGTERM, or once nobody reads its output (`launcher.py | head`), stops them:
+SIGTERM, grace, SIGKILL. It never imports the app, never daemonizes, and runs on one
+machine. The app in turn binds $PORT, answers `/healthz`, logs to stdout, keeps its state
+in a backing service, and exits on SIGTERM, within STOP_TIMEOUT.
 
 The rules (what a crash, a missed health check, `web=2` or `restart` lead to) are not
 here: they are a table of states and events in `formation.py`, tested without a process.
@@ -46,7 +46,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from formation import (SERVING, Action, Answered, Copy, Event, Exited,
+from formation import (SERVING, START_TIMEOUT, Action, Answered, Copy, Event, Exited,
                        Formation, Missed, Say, Signal, Spawn, Spawned, SpawnFailed, State)
 from logs import LogPrinter, split_lines
 from health import HealthCheck
@@ -56,7 +56,7 @@ from router import (COPY_HOST, MAX_SECONDS, ROUTING_MINIMUMS, OneLineParser, Rou
 
 OUTPUT_PAUSE = 0.01        # after printing the copies' output, let more gather: see run
 COPY_SHARE_OF_GRACE = 5 / 6  # a copy's own STOP_TIMEOUT: Heroku gives 25 s of its 30
-MAX_COMMAND = 4096         # bytes: a longer line at the prompt is cut, memory stays bounded
+MAX_COMMAND = 4096         # bytes: a longer line at the prompt is refused, memory bounded
 MIN_CHAOS_EVERY = 0.1      # seconds between chaos's kills, at the least
 HELP = ("commands: TYPE=N (scale, e.g. web=3), ps, restart [TYPE], kill NAME, freeze NAME, "
         "chaos [TYPE] SECONDS, chaos off, quit")
@@ -82,7 +82,8 @@ class Supervisor:
         self.config = config
         self.router = router
         self.printer = printer
-        self.formation = Formation(list(config.commands), config.grace, config.prefix)
+        self.formation = Formation(list(config.commands), config.grace, config.prefix,
+                                   config.start_timeout)
         self.events: deque[tuple[int, Event]] = deque()  # (a copy's serial, what happened)
         self.processes: dict[int, subprocess.Popen] = {}  # serial -> its running process
         self.checks: dict[int, tuple[int, HealthCheck]] = {}  # serial -> (pid, its check)
@@ -302,8 +303,16 @@ class Prompt:
             self.supervisor.selector.unregister(stdin)  # end of input: run on, without
             return
         lines, unfinished = split_lines(self.unfinished + chunk)
-        self.unfinished = unfinished[:MAX_COMMAND]  # no command is longer: memory stays bounded
+        # Memory stays bounded: of a line still arriving, keep one byte more than a command
+        # may have, so that once its end comes it is refused whole, not cut to its head and
+        # tail: those could make a command nobody typed (`quit`, then 9,000 spaces).
+        self.unfinished = unfinished[:MAX_COMMAND + 1]
         for line in lines:
+            if len(line) > MAX_COMMAND:
+                self.supervisor.printer.system(
+                    f"refused a line of over {MAX_COMMAND} bytes, as no command is that long: "
+                    f"{line[:40].decode(errors='replace')!r}...")
+                continue
             words = line.decode(errors="replace").split()
             if words and not self.formation.shutting_down:
                 try:
@@ -364,24 +373,32 @@ def chaos_every(text: str) -> float:
 
 # When the launcher dies, even by SIGKILL, its copies must not live on holding their ports
 # (foreman's oldest complaint). On Linux a child can ask for SIGTERM when its parent dies
-# (prctl PR_SET_PDEATHSIG), between fork and exec. preexec_fn is unsafe in a program with
-# threads (the router is one), so the hook makes that one system call and nothing that
-# could wait on a lock. The signal fires when the *thread* that forked the child exits, so
-# only the main thread starts copies; a launcher that died before prctl ran already gave
-# the child a new parent, so it exits at once. macOS has no equivalent: there a copy
-# outlives a SIGKILLed launcher until its output pipe breaks.
+# (prctl PR_SET_PDEATHSIG), between fork and exec. The signal fires when the *thread* that
+# forked the child exits, so only the main thread starts copies; a launcher that died
+# before prctl ran already gave the child a new parent, so it exits at once. macOS has no
+# equivalent: there a copy outlives a SIGKILLed launcher until its output pipe breaks.
+#
+# A frozen copy cannot act on that SIGTERM: it stays pending while the process is stopped.
+# POSIX has a rule for it. Each copy leads a process group of its own, so that Ctrl-C on the
+# terminal reaches only the launcher (which then stops each copy in order) and os.killpg
+# reaches whatever the copy forked too; that group stays in the launcher's session (no
+# setsid). When the launcher dies, the group is orphaned, and the kernel sends an orphaned
+# group that holds a stopped process SIGHUP, then SIGCONT: the frozen copy ends. In a
+# session of its own, a copy's group would be orphaned from the start, and never be sent it.
+#
+# preexec_fn is unsafe in a program with threads (the router is one), so the hook makes
+# those few system calls and nothing that could wait on a lock.
 PR_SET_PDEATHSIG = 1
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def die_with(launcher_pid: int) -> Callable[[], None] | None:
-    if LIBC is None:
-        return None
-
+def in_own_group_dying_with(launcher_pid: int) -> Callable[[], None]:
     def in_child() -> None:
-        LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != launcher_pid:
-            os._exit(1)
+        os.setpgid(0, 0)
+        if LIBC is not None:
+            LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+            if os.getppid() != launcher_pid:
+                os._exit(1)
 
     return in_child
 
@@ -408,9 +425,8 @@ def start_child(command: str, env: dict[str, str], cwd: Path) -> subprocess.Pope
         # a container's CMD: for `cd app && ...`, use a script.
         ["/bin/sh", "-c", "exec env " + command], cwd=cwd, env=env,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        # A group of its own: Ctrl-C on the terminal reaches only the launcher, which then
-        # stops each copy in order, and os.killpg reaches whatever the copy forked too.
-        start_new_session=True, preexec_fn=die_with(os.getpid()))
+        # A process group of its own, in the launcher's session: see above.
+        preexec_fn=in_own_group_dying_with(os.getpid()))
 
 
 # --- Command line, Procfile and .env ------------------------------------------------------
@@ -432,7 +448,9 @@ class LauncherConfig:
     host: str
     port: int
     grace: float
+    start_timeout: float       # a web copy not answering /healthz by then is replaced
     idle_timeout: float
+    request_timeout: float
     upstream_timeout: float
     check_every: float
     sticky: bool               # each client to one copy, by its address: the trap, shown
@@ -448,6 +466,9 @@ def read_config(argv: list[str]) -> LauncherConfig:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds a stopping copy gets before SIGKILL (default: 30, as "
                              "Heroku; the copies get 5/6 of it as STOP_TIMEOUT, unless set)")
+    parser.add_argument("--start-timeout", type=float, default=START_TIMEOUT,
+                        help="seconds a web copy has to answer GET /healthz after it starts, "
+                             "else SIGKILL and a restart (default: 60, as Heroku)")
     add_routing_options(parser)
     parser.add_argument("--name", default="",
                         help="this host's name, before each copy's (a.web.1): for several "
@@ -456,7 +477,7 @@ def read_config(argv: list[str]) -> LauncherConfig:
     if args.name and not HOST_NAME.fullmatch(args.name):
         raise UsageError(f"--name must be 1 to 20 letters, digits, '_' or '-', "
                          f"got {args.name!r}")
-    check_seconds(args, {"grace": 0, **ROUTING_MINIMUMS})
+    check_seconds(args, {"grace": 0, "start_timeout": 0.1, **ROUTING_MINIMUMS})
     commands = read_procfile(args.procfile)
     formation = dict.fromkeys(commands, 1)
     formation.update(parse_scale(args.scale, commands))
@@ -465,7 +486,8 @@ def read_config(argv: list[str]) -> LauncherConfig:
     return LauncherConfig(
         commands, formation, dotenv=read_dotenv(args.procfile.parent / ".env"),
         workdir=args.procfile.resolve().parent, host=os.environ.get("HOST", "127.0.0.1"),
-        port=port, grace=args.grace, idle_timeout=args.idle_timeout,
+        port=port, grace=args.grace, start_timeout=args.start_timeout,
+        idle_timeout=args.idle_timeout, request_timeout=args.request_timeout,
         upstream_timeout=args.upstream_timeout, check_every=args.check_every,
         sticky=args.sticky, prefix=f"{args.name}." if args.name else "")
 
@@ -542,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     printer = LogPrinter()
     router = Router(listener, printer.system, config.idle_timeout, config.upstream_timeout,
-                    connection_limit(), config.sticky)
+                    connection_limit(), config.sticky, config.request_timeout)
     router.start()
     return Supervisor(config, router, printer).run()
 

@@ -7,10 +7,11 @@ error. Here one front port takes every connection and hands it to the next live 
 `rotation`, round-robin, as Heroku's router or kube-proxy does: one copy dies, the
 others take the traffic; with none live, the client gets a 503 at once, not a hang.
 
-It moves bytes and reads no HTTP: each TCP connection is relayed to one copy, both ways,
-until both sides have finished. The supervisor in `launcher.py` decides which copies are
-live, by asking each for `GET /healthz` (`HealthCheck`, below), and hands the router their
-ports; the router never starts or stops anything.
+It moves bytes and reads no HTTP, but for the blank line that ends a request's head: each
+TCP connection is relayed to one copy, both ways, until both sides have finished. The
+supervisor in `launcher.py` decides which copies are live, by asking each for
+`GET /healthz` (`HealthCheck`, in health.py), and hands the router their ports; the router
+never starts or stops anything.
 
 The other way out of the copies is their output, which `logs.py` routes. Neither imports
 anything of the app, and the app nothing of them.
@@ -41,11 +42,13 @@ COPY_HOST = "127.0.0.1"  # copies are reached only through the router, on loopba
 BACKLOG = 128            # a backlog of 5 overflows under a burst of clients: slow SYN retries
 CHUNK = 65536            # bytes read at once, and held per direction (backpressure)
 IDLE_TIMEOUT = 60.0      # a connection with no byte either way this long is closed (nginx: 60)
+REQUEST_TIMEOUT = 10.0   # to send a whole request head, and to hang up after the answer
 UPSTREAM_TIMEOUT = 30.0  # a request its copy has not begun to answer by then gets a 504
 CONNECT_TIMEOUT = 1.0    # a copy that has not taken the connection by then is skipped
 SWEEP_EVERY = 0.25       # how often the router looks for connections past a deadline
 MAX_CONNECTIONS = 4096   # clients held at once; the next ones wait in the listen backlog
 RESERVED_DESCRIPTORS = 256  # left to the supervisor: copies' pipes, health checks, stdio
+HEAD_END = re.compile(rb"\n\r?\n")  # the blank line after a request's head (a bare \n too)
 
 
 def plain_answer(status: str, body: str) -> bytes:
@@ -86,15 +89,49 @@ class Connection:
         self.address: Address = ("", 0)    # the copy's, once one is chosen (for the log)
         self.flows: tuple[Flow, ...] = ()  # empty while connecting to a copy
         self.last_active = time.monotonic()
+        self.head_sent = False  # the client has sent its request's head whole
+        self.head_end = b""     # its last two bytes so far: the blank line may straddle reads
 
     def sockets(self) -> list[socket.socket]:
         return [sock for sock in (self.client, self.upstream) if sock is not None]
+
+    def head_ends_with(self, data: bytes) -> bool:
+        """Do these bytes from the client end its request's head (b"": its input ended)?"""
+        seen = self.head_end + data
+        self.head_end = seen[-2:]
+        self.head_sent = not data or HEAD_END.search(seen) is not None
+        return self.head_sent
 
     def awaits_answer(self) -> bool:
         """The client has sent something to its copy, and the copy nothing back yet: the
         one moment the router may still answer in its place (502, 504)."""
         request, reply = self.flows
         return self.upstream is not None and request.received and not reply.received
+
+
+class Watches:
+    """A selector, and our own record of the events it watches each socket for: asking the
+    selector (`get_map()`) about a socket it does not watch costs two system calls, and the
+    relay would ask on every step."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.events: dict[socket.socket, int] = {}
+
+    def watch(self, sock: socket.socket, events: int, data=None) -> None:
+        """Watch `sock` for `events` from now on (0: not at all), with `data` to tell."""
+        registered = self.events.get(sock, 0)
+        if events == registered:
+            return
+        if events and registered:
+            self.selector.modify(sock, events, data)
+        elif events:
+            self.selector.register(sock, events, data)
+        else:
+            self.selector.unregister(sock)
+            del self.events[sock]
+            return
+        self.events[sock] = events
 
 
 class Router:
@@ -111,29 +148,34 @@ class Router:
     Deadlines, checked four times a second by `sweep`, so that the relay never looks at a
     clock: a copy that has not begun to answer `upstream_timeout` after the client's last
     byte gets its client a 504 (as Heroku's router does at 30 s); a connection with no byte
-    either way for `idle_timeout` is closed, and that includes a client that never sends
-    its request. At most `max_connections` clients are held at once (HAProxy's maxconn):
-    the next ones wait in the listen backlog, and the descriptors the supervisor needs are
-    never taken. A copy that hangs up without answering gets its client a 502.
+    either way for `idle_timeout` is closed, and so is one that has waited on its client for
+    `request_timeout` (HAProxy's `timeout http-request`): for the rest of its request's
+    head, or, its answer out, for its hang-up. At most `max_connections` clients are held at
+    once (HAProxy's maxconn), so that the supervisor's descriptors are never taken; then a
+    newcomer takes the place of the one that has waited longest on its client (a copy's
+    receiver does the same), so that an idle crowd delays a real client by a moment, never
+    shuts it out; with none waiting, newcomers wait in the listen backlog. A copy that hangs
+    up without answering gets its client a 502.
 
     The supervisor replaces `rotation` whole (storing a tuple is atomic), so no lock.
     """
 
     def __init__(self, listener: socket.socket, log: Callable[[str], None],
                  idle_timeout: float = IDLE_TIMEOUT, upstream_timeout: float = UPSTREAM_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS, sticky: bool = False):
+                 max_connections: int = MAX_CONNECTIONS, sticky: bool = False,
+                 request_timeout: float = REQUEST_TIMEOUT):
         self.listener = listener
         self.log = log  # one line in the platform's output, for the router's rare events
         self.idle_timeout = idle_timeout
         self.upstream_timeout = upstream_timeout
+        self.request_timeout = request_timeout
         self.max_connections = max_connections
         self.sticky = sticky
         self.rotation: tuple[Address, ...] = ()
         self.turn = 0
-        self.selector = selectors.DefaultSelector()
-        self.watching: dict[socket.socket, int] = {}  # socket -> the events it waits for
+        self.watches = Watches()
         self.connections: set[Connection] = set()
-        self.listening = False
+        self.waiting_on_client: dict[Connection, float] = {}  # -> its deadline; oldest first
         self.next_sweep = 0.0
 
     def start(self) -> None:
@@ -143,7 +185,7 @@ class Router:
         self.listener.setblocking(False)
         self.listen(True)
         while True:
-            for key, events in self.selector.select(SWEEP_EVERY):
+            for key, events in self.watches.selector.select(SWEEP_EVERY):
                 if key.fileobj is self.listener:
                     self.accept()
                 else:
@@ -153,27 +195,29 @@ class Router:
     def listen(self, on: bool) -> None:
         """Watch the listener, or stop: clients then wait in the backlog, and the loop does
         not spin on a listener that stays readable while it cannot take anyone."""
-        if on != self.listening:
-            if on:
-                self.selector.register(self.listener, selectors.EVENT_READ)
-            else:
-                self.selector.unregister(self.listener)
-            self.listening = on
+        self.watches.watch(self.listener, selectors.EVENT_READ if on else 0)
 
     def accept(self) -> None:
-        """Take every client waiting in the backlog: under load, one wake-up brings many."""
-        while len(self.connections) < self.max_connections:
+        """Take the clients in the backlog: under load, one wake-up brings many (a backlog's
+        worth at most: a flood of them must not stop the relay). See the class's docstring
+        for what happens when every place is taken."""
+        for _ in range(BACKLOG):
+            full = len(self.connections) >= self.max_connections
+            if full and not self.waiting_on_client:
+                self.listen(False)  # every place busy: until a connection closes
+                return
             try:
                 client, (client_host, _) = self.listener.accept()
             except OSError as error:  # none left (EAGAIN), or one gave up already
                 if error.errno in (errno.EMFILE, errno.ENFILE):
                     self.listen(False)  # out of descriptors: until the next sweep
                 return
+            if full:
+                self.close(next(iter(self.waiting_on_client)))
             try:
                 self.forward(client, client_host)
             except OSError:  # no descriptor left for its copy's side: this client only
                 client.close()
-        self.listen(False)  # full: until a connection closes
 
     def forward(self, client: socket.socket, client_host: str) -> None:
         client.setblocking(False)
@@ -181,6 +225,7 @@ class Router:
         rotation = self.rotation
         first = self.first_choice(client_host, len(rotation)) if rotation else 0
         conn = Connection(client, list(rotation[first:] + rotation[:first]))
+        self.waiting_on_client[conn] = conn.last_active + self.request_timeout
         self.connect_next(conn)
         self.connections.add(conn)
 
@@ -202,7 +247,7 @@ class Router:
             code = upstream.connect_ex(conn.address)
             if code in (0, errno.EINPROGRESS):
                 conn.upstream = upstream
-                self.watch(upstream, selectors.EVENT_WRITE, conn)  # writable: connect ended
+                self.watches.watch(upstream, selectors.EVENT_WRITE, conn)  # connect ended
                 return
             upstream.close()  # refused at once: a copy that is gone or restarting
         self.answer(conn, NO_COPY)
@@ -218,7 +263,7 @@ class Router:
         self.update(conn)
 
     def drop_upstream(self, conn: Connection) -> None:
-        self.watch(conn.upstream, 0, conn)
+        self.watches.watch(conn.upstream, 0)
         conn.upstream.close()
         conn.upstream = None
 
@@ -253,6 +298,8 @@ class Router:
             data = flow.source.recv(CHUNK)
         except ConnectionResetError:  # an end too, abrupt: what came before it is passed on
             data = b""
+        if not conn.head_sent and flow.source is conn.client and conn.head_ends_with(data):
+            self.waiting_on_client.pop(conn, None)  # it waits on its copy now
         if data:
             flow.received = True
             if flow.target is not None:
@@ -288,6 +335,9 @@ class Router:
         if all(flow.done for flow in conn.flows):
             self.close(conn)
             return
+        if conn.flows[1].done and conn not in self.waiting_on_client:
+            # Its whole answer is out: what is left is its client's to end, and soon.
+            self.waiting_on_client[conn] = conn.last_active + self.request_timeout
         for sock in conn.sockets():
             events = 0
             for flow in conn.flows:
@@ -295,30 +345,14 @@ class Router:
                     events |= selectors.EVENT_READ
                 if flow.target is sock and flow.pending:
                     events |= selectors.EVENT_WRITE
-            self.watch(sock, events, conn)
-
-    def watch(self, sock: socket.socket, events: int, conn: Connection) -> None:
-        # Our own record of each socket's events: asking the selector (`get_map()`) about
-        # an unregistered socket costs two system calls, on every relay step.
-        registered = self.watching.get(sock, 0)
-        if events == registered:
-            return
-        if events and registered:
-            self.selector.modify(sock, events, conn)
-        elif events:
-            self.selector.register(sock, events, conn)
-        else:
-            self.selector.unregister(sock)
-            del self.watching[sock]
-            return
-        self.watching[sock] = events
+            self.watches.watch(sock, events, conn)
 
     def close(self, conn: Connection) -> None:
         for sock in conn.sockets():
-            if self.watching.pop(sock, 0):
-                self.selector.unregister(sock)
+            self.watches.watch(sock, 0)
             sock.close()
         self.connections.discard(conn)
+        self.waiting_on_client.pop(conn, None)
         self.listen(True)  # a place is free (and descriptors): take the next client
 
     def sweep(self) -> None:
@@ -330,13 +364,16 @@ class Router:
         self.next_sweep = now + SWEEP_EVERY
         for conn in list(self.connections):
             try:
-                self.enforce_deadlines(conn, now - conn.last_active)
+                self.enforce_deadlines(conn, now)
             except OSError:  # no descriptor left to try the next copy: this client only
                 self.close(conn)
         self.listen(True)
 
-    def enforce_deadlines(self, conn: Connection, idle: float) -> None:
-        if not conn.flows:
+    def enforce_deadlines(self, conn: Connection, now: float) -> None:
+        idle, waiting_until = now - conn.last_active, self.waiting_on_client.get(conn)
+        if waiting_until is not None and now > waiting_until:
+            self.close(conn)  # silent, slow, or answered and not hanging up: no more waiting
+        elif not conn.flows:
             if idle > CONNECT_TIMEOUT:  # a frozen copy's full backlog: try the next one
                 conn.last_active = time.monotonic()
                 self.drop_upstream(conn)
@@ -386,7 +423,8 @@ def connection_limit() -> int:
 # --- The command line: the routing options, and the router on its own ---------------------
 
 MAX_SECONDS = 3600     # for every duration: more is a typo (and select() overflows at 24 days)
-ROUTING_MINIMUMS = {"idle_timeout": 0.1, "upstream_timeout": 0.1, "check_every": 0.1}
+ROUTING_MINIMUMS = {"idle_timeout": 0.1, "request_timeout": 0.1, "upstream_timeout": 0.1,
+                    "check_every": 0.1}
 
 
 class UsageError(Exception):
@@ -408,6 +446,9 @@ def add_routing_options(parser: argparse.ArgumentParser) -> None:
                              "unchanged, by its address (the trap of sticky sessions)")
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
                         help="seconds the router keeps a silent connection (default: 60)")
+    parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                        help="seconds a client has to send its request's head whole, and to "
+                             "hang up once answered (default: 10, as the copies' own)")
     parser.add_argument("--upstream-timeout", type=float, default=UPSTREAM_TIMEOUT,
                         help="seconds a copy has to begin its answer, else 504 (default: 30)")
     parser.add_argument("--check-every", type=float, default=CHECK_EVERY,
@@ -430,10 +471,15 @@ def port_number(text: str, what: str, last: int = 65535) -> int:
 
 
 def upstream(text: str) -> Address:
-    """`HOST:PORT`, the address of one host's front port (or of a single copy)."""
+    """`HOST:PORT`, the address of one host's front port (or of a single copy). IPv4 only:
+    the router's sockets and lookups are, so an IPv6 address is refused here, not looked
+    up in vain forever."""
     host, colon, port = text.rpartition(":")
     if not colon or not host:
         raise UsageError(f"an upstream is HOST:PORT, like 10.0.0.2:5000, got {text!r}")
+    if ":" in host or "[" in host:
+        raise UsageError(f"upstream {text!r} is IPv6, which the router does not speak: give an "
+                         f"IPv4 address or a name")
     return host, port_number(port, f"the port of upstream {text!r}")
 
 
@@ -476,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     printer = LogPrinter()
     log = partial(printer.lines, "system")  # the platform speaks as it does in a launcher
     router = Router(listener, lambda text: log([text]), args.idle_timeout,
-                    args.upstream_timeout, connection_limit(), args.sticky)
+                    args.upstream_timeout, connection_limit(), args.sticky,
+                    args.request_timeout)
     router.start()
     log([f"front port http://{host}:{listener.getsockname()[1]}, upstreams "
          f"{' '.join(args.upstreams)}{', sticky' if args.sticky else ''}"])

@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from formation import (CHECKS_FAILED, DRAIN_PAUSE, MAX_BACKOFF, STABLE_AFTER, Answered, Copy,
-                       Exited, Formation, Missed, Say, Signal, Spawn, Spawned, SpawnFailed,
-                       State, Stop, Timer, decide, signal_name)
+from formation import (CHECKS_FAILED, DRAIN_PAUSE, MAX_BACKOFF, STABLE_AFTER, START_TIMEOUT,
+                       Answered, Copy, Exited, Formation, Missed, Say, Signal, Spawn, Spawned,
+                       SpawnFailed, State, Stop, Timer, decide, signal_name)
 
 GRACE = 5.0
 
@@ -158,6 +158,50 @@ def test_three_missed_health_checks_in_a_row_kill_a_web_copy_and_it_is_replaced(
     assert platform.copy("web.1").port == 5001  # a restarted copy keeps its port
 
 
+def test_a_web_copy_that_does_not_answer_by_its_start_deadline_is_killed_and_restarted():
+    platform = Platform()
+    platform.scale("web", 1)
+    platform.wait(START_TIMEOUT - 0.01)
+    platform.event("web.1", Missed())  # refused: it does not listen, as when hung at import
+    assert platform.copy("web.1").state is State.STARTING and platform.signals == []
+    platform.wait(0.01)
+    assert platform.copy("web.1").state is State.UNRESPONSIVE
+    assert platform.signals == [("web.1", signal.SIGKILL)]  # a stopped process hears no other
+    assert platform.said[-1] == (f"web.1 did not answer GET /healthz within {START_TIMEOUT:g}s "
+                                 f"of its start: replacing it (SIGKILL)")
+    platform.event("web.1", Exited(-signal.SIGKILL))
+    assert platform.said[-2:] == ["restarting web.1 now", "web.1 started (pid=101, port=5001)"]
+    platform.wait(START_TIMEOUT)  # longer than STABLE_AFTER, but it never was up: backoff
+    platform.event("web.1", Exited(-signal.SIGKILL))
+    assert platform.said[-1] == "restarting web.1 in 1s"
+
+
+def test_only_a_web_copy_that_has_not_answered_has_a_start_deadline():
+    platform = Platform()
+    platform.scale("web", 1)
+    platform.scale("worker", 1)
+    platform.up("web.1")
+    platform.wait(2 * START_TIMEOUT)
+    assert platform.states() == {"web.1": "up", "worker.1": "up"} and platform.signals == []
+
+
+def test_a_rolling_restart_replaces_a_successor_that_hangs_at_start_and_goes_on():
+    platform = Platform(types=["web"])
+    platform.scale("web", 1)
+    platform.up("web.1")
+    rolling(platform)
+    platform.run(platform.formation.freeze("web.1"))  # the successor: it has not answered
+    assert platform.said[-1] == (f"web.1 (pid 101): SIGSTOP, it has not answered yet; at its "
+                                 f"start deadline ({START_TIMEOUT:g}s) it is replaced")
+    platform.wait(START_TIMEOUT)
+    assert platform.signals == [("web.1", signal.SIGSTOP), ("web.1", signal.SIGKILL)]
+    assert platform.formation.rotation() == (5001,)  # the old copy serves meanwhile
+    platform.event("web.1", Exited(-signal.SIGKILL))
+    platform.up("web.1")
+    assert platform.said[-1] == "rolling restart done: the old copies are stopping"
+    assert platform.formation.rotation() == (5002,)
+
+
 def test_a_stopped_copy_leaves_the_rotation_then_gets_sigterm_then_sigkill_at_its_deadline():
     platform = Platform()
     platform.scale("web", 2)
@@ -295,6 +339,7 @@ def test_names_carry_the_hosts_prefix_and_commands_take_either_name():
     platform = Platform(prefix="a.")
     platform.scale("web", 2)
     assert sorted(platform.states()) == ["a.web.1", "a.web.2"]
+    platform.up("a.web.1")
     platform.run(platform.formation.kill("web.2"))
     platform.run(platform.formation.freeze("a.web.1"))
     assert platform.signals == [("a.web.2", signal.SIGKILL), ("a.web.1", signal.SIGSTOP)]

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import (REPO, SLEEPER, WEB, Launcher, alive, app_env, free_port, get, http,
-                      post_form, served_by, session_cookie, wait_until)
+                      post_form, served_by, session_cookie, stopped, wait_until)
 from formation import Formation
 from launcher import Supervisor, UsageError, read_config
 
@@ -125,14 +125,18 @@ def test_sigterm_stops_every_copy_and_exits_0(launch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
-def test_copies_do_not_outlive_a_sigkilled_launcher(launch):
-    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=1")
+def test_copies_do_not_outlive_a_sigkilled_launcher_not_even_a_frozen_one(launch):
+    launcher = launch(WEB + f"worker: {SLEEPER}\n", "web=1", "worker=2", stdin=subprocess.PIPE)
     launcher.wait_for("web.1 is up on port")
+    launcher.wait_for("worker.2 started")
     pids = [pid for _, pid, _ in launcher.started()]
+    launcher.send("freeze worker.2")  # deaf to the SIGTERM its launcher's death sends
+    wait_until(lambda: stopped(launcher.pids("worker.2")[-1]), what="worker.2 to stop")
     launcher.proc.popen.kill()  # the launcher alone, not its copies
     wait_until(lambda: not any(alive(pid) for pid in pids),
                what="the orphaned copies to exit (each gets SIGTERM with its stdout already "
-                    "broken: its shutdown must survive a failed log line)")
+                    "broken: its shutdown must survive a failed log line; the frozen one, "
+                    "SIGHUP and SIGCONT from the kernel)")
 
 
 def assert_refused(launcher: Launcher, problem: str) -> None:
@@ -159,6 +163,7 @@ def assert_refused(launcher: Launcher, problem: str) -> None:
     (WEB, ["--grace", "inf"], "--grace must be from 0 to 3600 seconds, got inf"),
     (WEB, ["--grace", "nan"], "--grace must be"),
     (WEB, ["--grace", "3000000"], "--grace must be from 0 to 3600 seconds"),  # select() overflows
+    (WEB, ["--start-timeout", "0"], "--start-timeout must be from 0.1 to 3600 seconds"),
     (WEB, ["--idle-timeout", "0"], "--idle-timeout must be from 0.1 to 3600 seconds"),
     (WEB, ["--idle-timeout", "1e300"], "--idle-timeout must be"),
     (WEB, ["--upstream-timeout", "-1"], "--upstream-timeout must be"),
@@ -296,6 +301,31 @@ def test_kill_and_freeze_at_the_prompt_fail_a_copy_and_the_platform_replaces_it(
     assert [http("GET", launcher.url, timeout=2).status for _ in range(10)] == [200] * 10
     assert time.monotonic() - began < 5
     assert set(served_by(launcher, 4)) == {"web.1", "web.2"}
+
+
+def test_a_command_line_too_long_is_refused_whole_and_nothing_happens(launch):
+    launcher = launch(f"nap: {SLEEPER}\n", stdin=subprocess.PIPE)
+    launcher.wait_for("nap.1 started")
+    launcher.send("quit" + " " * 9000)  # its head and tail alone would read `quit`
+    launcher.wait_for("refused a line of over 4096 bytes, as no command is that long: "
+                      "'quit     ")
+    assert list(launcher.ps()) == ["nap.1"]
+    assert "stopping every copy" not in launcher.output()
+
+
+def test_a_web_copy_that_never_answers_is_killed_at_its_start_deadline_and_restarted(launch):
+    # A copy that hangs before it listens (a deadlock at import, or frozen at once by
+    # `freeze`) would otherwise stay `starting` forever, and a rolling restart wait for it.
+    launcher = launch(f"web: {SLEEPER}\n", "--start-timeout", "0.5")
+    launcher.wait_for("web.1 started")
+    first = launcher.pids("web.1")[0]
+    launcher.wait_for("web.1 did not answer GET /healthz within 0.5s of its start: "
+                      "replacing it (SIGKILL)")
+    launcher.wait_for("web.1 killed by SIGKILL")
+    launcher.wait_for("restarting web.1 now")
+    wait_until(lambda: len(launcher.pids("web.1")) == 2, what="web.1 started again")
+    launcher.wait_for("restarting web.1 in 1s")  # it never came up: the backoff grows
+    assert not alive(first)
 
 
 def test_chaos_kills_a_copy_of_the_chosen_type_every_few_seconds_one_line_each(launch):

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import (REPO, SLEEPER, WEB, Proc, Web, app_env, free_port, frozen, get, http,
                       responds, served_by, wait_until)
+from health import RESOLVE_EVERY, Address, Upstreams, find_addresses
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc; sets limits with bash's ulimit")
@@ -181,6 +182,10 @@ def clients(port: int, count: int, first_bytes: bytes = b""):
 # The start of a request head, and then nothing, as a slowloris client that sends a byte
 # now and then: each holds a connection of the router and a thread of a copy.
 SLOW_START = b"GET /healthz HTTP/1.1\r\nX-Slow: a"
+# A whole head, then a body that does not come: its copy waits for it, and so do we. The
+# copy's `100 Continue` says the head went through the router.
+SLOW_BODY = (b"POST /cart HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+             b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -201,21 +206,49 @@ def test_300_slow_clients_do_not_stop_healthz_through_the_router(launch):
         assert len(slow) == 300
 
 
+def hung_up(sock: socket.socket) -> bool:
+    """Has the other side closed this connection (after what it sent, which is read)?"""
+    try:
+        while data := sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return data == b""
+
+
 @linux_only
-def test_past_its_limit_the_router_lets_clients_wait_and_does_not_spin(launch):
+def test_past_its_limit_a_newcomer_takes_the_place_of_the_longest_silent(launch):
     # 64 descriptors: room for 16 clients (two descriptors each, half kept for the
-    # supervisor). The 17th waits in the listen backlog, as past HAProxy's maxconn, and
-    # is served as soon as one of the 16 leaves.
+    # supervisor), here 16 that send nothing, as 4,096 would by default.
     launcher = launch(WEB, "web=1", ulimit="-n 64")
     launcher.wait_for("web.1 is up on port")
-    with clients(launcher.port, 16, SLOW_START) as slow, \
-            socket.create_connection(("127.0.0.1", launcher.port), timeout=0.5) as waiting:
+    with clients(launcher.port, 16) as silent:
+        status, took = status_line(launcher.port, timeout=5)
+        assert status.split()[1:2] == [b"200"] and took < 2
+        silent[0].settimeout(2)
+        assert hung_up(silent[0])  # the oldest: its place went to the newcomer
+        silent[-1].settimeout(0.1)
+        assert not hung_up(silent[-1])
+
+
+@linux_only
+def test_past_its_limit_the_router_lets_clients_wait_and_does_not_spin(launch):
+    # As above, but the 16 have sent their heads and wait for their copy: the 17th waits in
+    # the listen backlog, as past HAProxy's maxconn, and is served as soon as one leaves.
+    launcher = launch(WEB, "web=1", ulimit="-n 64")
+    launcher.wait_for("web.1 is up on port")
+    with clients(launcher.port, 16, SLOW_BODY) as slow:
+        assert all(sock.recv(64).startswith(b"HTTP/1.0 100 Continue") for sock in slow)
+        waiting = socket.create_connection(("127.0.0.1", launcher.port), timeout=0.5)
+        slow.append(waiting)  # closed with them
         waiting.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
         cpu_before = cpu_seconds(launcher.proc.pid)
         with pytest.raises(TimeoutError):
             waiting.recv(1)  # not taken: the router holds its 16 clients
         assert cpu_seconds(launcher.proc.pid) - cpu_before < 0.3  # it waited, it did not spin
-        slow.pop().close()
+        slow.pop(0).close()
         waiting.settimeout(5)
         assert waiting.makefile("rb").readline().split()[1:2] == [b"200"]
 
@@ -233,6 +266,29 @@ def test_running_out_of_descriptors_pauses_the_router_but_does_not_stop_it(launc
                    what="the launcher to run out of descriptors")
     wait_until(lambda: responds(launcher.url), what="the router answering again")
     assert launcher.proc.popen.poll() is None
+
+
+def test_a_client_gets_the_request_timeout_to_send_its_head_and_to_hang_up_after(launch):
+    launcher = launch(WEB, "web=1", "--request-timeout", "0.5")
+    launcher.wait_for("web.1 is up on port")
+    with socket.create_connection(("127.0.0.1", launcher.port), timeout=5) as slow, \
+            socket.create_connection(("127.0.0.1", launcher.port), timeout=5) as lingering:
+        slow.sendall(SLOW_START)  # and never the rest
+        lingering.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        began = time.monotonic()
+        assert hung_up(slow) and time.monotonic() - began < 3  # the copy's own is 10 s
+        assert hung_up(lingering)  # its whole answer, then the end of it
+        began = time.monotonic()
+
+        def router_hung_up() -> bool:
+            try:
+                lingering.sendall(b"x")  # a byte now and then: not idle, and not leaving
+            except OSError:
+                return True
+            return False
+
+        wait_until(router_hung_up, timeout=5, what="the router to hang up on a lingering client")
+        assert time.monotonic() - began < 3
 
 
 # --- The router on its own, in front of several hosts ----------------------------------------
@@ -286,6 +342,8 @@ def test_the_router_alone_answers_503_when_no_upstream_answers(spawn, tmp_path):
     (["localhost:99999"], "must be a number from 1 to 65535"),
     (["--check-every", "0", "localhost:5000"], "--check-every must be from 0.1"),
     (["--port", "x", "localhost:5000"], "the front port must be a number"),
+    (["[::1]:5000"], "upstream '[::1]:5000' is IPv6, which the router does not speak"),
+    (["::1:5000"], "is IPv6"),
 ])
 def test_the_router_alone_refuses_bad_arguments_in_one_line(args, problem):
     done = subprocess.run([sys.executable, str(ROUTER), *args], capture_output=True,
@@ -293,6 +351,61 @@ def test_the_router_alone_refuses_bad_arguments_in_one_line(args, problem):
     assert done.returncode == 2
     assert problem in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert done.stdout == ""
+
+
+@contextmanager
+def upstreams_running(names: list[Address], find, resolve_every: float = RESOLVE_EVERY):
+    """The router's Upstreams, run in this process on a thread of its own, with `find` for
+    its lookups: (the rotations it published, the lines it logged). Stopped at the end."""
+    published: list[tuple[Address, ...]] = []
+    lines: list[str] = []
+    upstreams = Upstreams(names, 0.1, published.append, lines.append, find, resolve_every)
+    loop = threading.Thread(target=upstreams.run)
+    loop.start()
+    try:
+        yield published, lines
+    finally:
+        upstreams.stop(signal.SIGTERM)
+        loop.join(5)
+
+
+def test_a_name_slow_to_look_up_keeps_no_other_upstream_out(web):
+    dns_answers = threading.Event()
+    slow_lookups = []
+
+    def find(host: str, port: int) -> list[Address]:
+        if host != "slow.example":
+            return find_addresses(host, port)
+        slow_lookups.append(host)
+        dns_answers.wait(10)  # glibc, its DNS server out of reach, gives up after seconds
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    fine = ("127.0.0.1", web.port)
+    try:
+        with upstreams_running([fine, ("slow.example", 80)], find, 0.05) as (published, _):
+            wait_until(lambda: published and published[-1] == (fine,), timeout=3,
+                       what="the upstream that is found at once to join the rotation")
+            assert slow_lookups == ["slow.example"]  # one lookup of a name at a time
+    finally:
+        dns_answers.set()
+
+
+def test_a_name_that_cannot_be_found_for_a_while_keeps_its_last_addresses(web):
+    lookups = []
+
+    def find(host: str, port: int) -> list[Address]:
+        lookups.append(host)
+        if len(lookups) > 1:  # a DNS hiccup, after the first answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [("127.0.0.1", port)]
+
+    address = ("127.0.0.1", web.port)
+    with upstreams_running([("flaky.example", web.port)], find, 0.02) as (published, lines):
+        wait_until(lambda: len(lookups) >= 5 and published and published[-1] == (address,),
+                   what="several lookups failed, with flaky.example's address in the rotation")
+    assert [line for line in lines if "flaky" in line or "upstream" in line] == [
+        "router: cannot find flaky.example: Temporary failure in name resolution; "
+        "keeping its last addresses"]  # once, and the address was never dropped
 
 
 @linux_only  # the whole of 127.0.0.0/8 is loopback on Linux, only 127.0.0.1 on macOS
