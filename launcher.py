@@ -137,10 +137,16 @@ class Supervisor:
                 pending.extendleft(reversed(self.formation.handle(serial, event,
                                                                   time.monotonic())))
         self.update_health_checks()
+        self.update_rotation()
+
+    def update_rotation(self) -> None:
         # The router's thread reads it: a tuple stored whole is atomic, so no lock.
         self.router.rotation = tuple((COPY_HOST, port) for port in self.formation.rotation())
 
     def act(self, action: Action) -> None:
+        # The rotation first: a copy the log says is up takes requests by then, and one
+        # about to get its SIGTERM takes no more.
+        self.update_rotation()
         if isinstance(action, Spawn):
             self.spawn(action.copy)
         elif isinstance(action, Signal):

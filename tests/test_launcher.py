@@ -19,7 +19,7 @@ import pytest
 
 from conftest import (REPO, SLEEPER, WEB, Launcher, alive, app_env, free_port, get, http,
                       post_form, served_by, session_cookie, stopped, wait_until)
-from formation import Formation
+from formation import Answered, Formation, Spawned
 from launcher import Supervisor, UsageError, read_config
 
 
@@ -367,3 +367,20 @@ def test_a_front_port_near_the_top_runs_out_of_copy_ports_with_one_line_not_a_cr
         copy = shell.formation.add("web", 1)
         with pytest.raises(OSError, match="no free port left after the front port 65534"):
             Supervisor.port_for(shell, copy)
+
+
+def test_the_log_says_a_copy_is_up_once_it_is_in_the_rotation():
+    """A reader who sends a request the moment `is up` is printed must reach that copy: the
+    rotation changes before each line and each signal, not after the whole batch."""
+    router = SimpleNamespace(rotation=())
+    said = []
+    printer = SimpleNamespace(system=lambda text: said.append((text, router.rotation)))
+    config = SimpleNamespace(commands={"web": "python webapp.py"}, grace=1, prefix="",
+                             start_timeout=60)
+    supervisor = Supervisor(config, router, printer)
+    supervisor.update_health_checks = lambda: None  # no real copy to ask
+    copy = supervisor.formation.add("web", 1)
+    for event in (Spawned(pid=4321, port=5001), Answered()):
+        supervisor.events.append((copy.serial, event))
+        supervisor.carry_out([])
+    assert said[-1] == ("web.1 is up on port 5001", (("127.0.0.1", 5001),))
