@@ -1,12 +1,13 @@
-"""The suite in four runs side by side: a whole-suite run starts three more pytests.
+"""The suite in five runs side by side: a whole-suite run starts four more pytests.
 
-Most of this suite's time is not CPU but processes starting and timers running out (a
-lease, a health check, a tick), while the machine's cores idle. A project would reach for
+A run alone leaves the cores idle much of its time, while timers run out (a lease, a
+health check, a tick); side by side, the runs keep them busy, and the suite takes about
+its CPU time over two cores, most of it Python start-ups. A project would reach for
 pytest-xdist; here pytest is the only test dependency, so this plugin does the one thing
 needed. When the run is the whole suite (`python -m pytest`, no file or test named), it
 starts a pytest for each group of modules in OTHER_RUNS, with the same options, a folder
 of its own and ports of its own (`port_range`), and leaves those modules out here. At the
-end it prints each run's report and fails this run if one of them failed. Four runs keep
+end it prints each run's report and fails this run if one of them failed. Five runs keep
 two cores busy; with fewer cores, or a module or a test named (`python -m pytest
 tests/test_router.py -k frozen`), everything runs here, as usual. Ctrl-C reaches every run:
 they share the terminal's process group, and each cleans up what it started.
@@ -26,15 +27,17 @@ from pathlib import Path
 import pytest
 
 RUN = "TWELVE_FACTOR_TESTS_RUN"  # each run's number, in its environment: 0 is this one
-# Groups of about equal time (measured alone: 25-30 s each); the rest runs here.
+# Groups of about equal time (measured side by side: 46-52 s each); the rest (Chromium's
+# tests, the heaviest on the CPU) runs here.
 OTHER_RUNS = (
-    ("test_launcher.py", "test_router.py", "test_formation.py", "test_engines.py",
-     "test_job_queue.py", "test_web_input.py"),
-    ("test_scenarios.py", "test_drill.py", "test_clock.py", "test_session_store.py"),
-    ("test_worker.py", "test_bench.py", "test_on_redis.py", "test_redis_client.py",
-     "test_database.py"),
+    ("test_launcher.py", "test_job_queue.py", "test_engines.py", "test_web_server.py"),
+    ("test_scenarios.py", "test_session_store.py", "test_clock.py", "test_formation.py",
+     "test_web_input.py", "test_imports.py"),
+    ("test_worker.py", "test_router.py", "test_webapp.py"),
+    ("test_drill.py", "test_bench.py", "test_on_redis.py", "test_database.py",
+     "test_redis_client.py"),
 )
-PORTS_EACH = 2900  # then a gap of 100: a launcher's copies take the ports after its front port
+PORTS_EACH = 2280  # then a gap of 100: a launcher's copies take the ports after its front port
 STARTED = pytest.StashKey[list]()
 
 
