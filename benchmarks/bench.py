@@ -57,7 +57,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -253,6 +253,14 @@ class Target:
     copies: list[int] = field(default_factory=list)  # the ports of the copies behind it
 
 
+# A port is checked free here and bound later, by a process still starting: two threads
+# asking at once (a test runs its drills side by side) must not get the same one, nor one
+# among the ports after it, which a launcher gives its copies.
+HANDED_OUT: deque[int] = deque(maxlen=32)  # lately, with the lock held
+HANDING_OUT = threading.Lock()
+SPACING = 10
+
+
 def free_port() -> int:
     """A free port below the outgoing-connection range (Linux 32768+), where no client can
     take a copy's P+1: 20000-31999, or the range BENCH_PORTS names ("first-last"), as the
@@ -260,11 +268,14 @@ def free_port() -> int:
     first, last = map(int, os.environ.get("BENCH_PORTS", "20000-31999").split("-"))
     while True:
         port = random.randint(first, last)
-        with socket.socket() as sock:
+        with HANDING_OUT, socket.socket() as sock:
+            if any(abs(port - given) < SPACING for given in HANDED_OUT):
+                continue
             try:
                 sock.bind((HOST, port))
             except OSError:
                 continue
+            HANDED_OUT.append(port)
         return port
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 from http.client import HTTPConnection
 import json
 import os
-import random
 import re
 import secrets
 import shutil
@@ -38,13 +37,20 @@ from typing import Callable
 
 import pytest
 
-from side_by_side import port_range
 from browser import Browser
 from database import database_from_env
 from job_queue import JobQueue, open_queue
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["side_by_side"]
+sys.path.insert(0, str(REPO / "benchmarks"))  # not a package; tests run its scripts too
+# A port nobody listens on now, in a range outgoing connections never take: below the
+# ranges the OS hands out for them (Linux 32768-60999, macOS 49152-65535). A port the OS
+# picks with bind(0) lies inside them, and so do the ports after it that the launcher
+# gives its web copies: any client connection could take one between the launcher's
+# check and the copy's bind, and the copy would die on start. This run's share of that
+# range, when runs of the suite go side by side, is in BENCH_PORTS (`port_range`).
+from bench import free_port  # noqa: E402
 
 # The suite starts some 400 Python processes, and most of the CPU it takes goes to their
 # start-ups. Where PYTHONDONTWRITEBYTECODE is set (in many containers), each one compiled
@@ -53,23 +59,6 @@ pytest_plugins = ["side_by_side"]
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 os.environ.setdefault("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) /
                                                  "twelve-factor-processes-bytecode"))
-
-
-def free_port() -> int:
-    """A port nobody listens on now, in a range outgoing connections never take: below the
-    ranges the OS hands out for them (Linux 32768-60999, macOS 49152-65535). A port the OS
-    picks with bind(0) lies inside them, and so do the ports after it that the launcher
-    gives its web copies: any client connection could take one between the launcher's
-    check and the copy's bind, and the copy would die on start. `port_range` is this run's
-    share of that range, when runs of the suite go side by side (side_by_side)."""
-    while True:
-        port = random.choice(port_range())
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
 
 
 POLL_EVERY = 0.01  # seconds: what wait_until polls is cheap (a file, a row, a refused connect)

@@ -11,9 +11,6 @@ end it prints each run's report and fails this run if one of them failed. Five r
 two cores busy; with fewer cores, or a module or a test named (`python -m pytest
 tests/test_router.py -k frozen`), everything runs here, as usual. Ctrl-C reaches every run:
 they share the terminal's process group, and each cleans up what it started.
-
-(PYTEST_DONT_REWRITE: conftest imports `port_range` before pytest loads this as a plugin;
-it has no assert to rewrite.)
 """
 from __future__ import annotations
 

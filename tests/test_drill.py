@@ -28,11 +28,10 @@ import pytest
 from conftest import (REDIS_SERVER, REPO, SLEEPER, Spawner, alive, app_env, emptied,
                       free_port, selected, stopped, wait_until)
 
-sys.path.insert(0, str(REPO / "benchmarks"))  # not a package: drill.py imports bench.py
-import bench  # noqa: E402
-import drill  # noqa: E402
-import hosts  # noqa: E402
-from shoppers import Failure, User, cart_intact  # noqa: E402
+import bench  # the benchmarks' scripts (on sys.path by conftest)
+import drill
+import hosts
+from shoppers import Failure, User, cart_intact
 
 DRILL = [sys.executable, str(REPO / "benchmarks" / "drill.py")]
 # Near the shortest two-host run a lease of 3 s allows (drill.shortest_run): a 0.75 s cut.
