@@ -44,6 +44,7 @@ append; don't send "one more" email blindly). Tasks are in `tasks.py`, run by `w
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import sqlite3
 import time
@@ -153,16 +154,19 @@ class JobQueue:
 
     @contextmanager
     def timed(self) -> Iterator[None]:
-        """Time a call to the store. One that took long, even one that failed, says the
-        store was busy for every process (SQLite's write lock held, Redis frozen), so no
-        owner could renew meanwhile: each watch counts silence again from its end."""
+        """Time a call to the store. One that took long says the store was busy for every
+        process (SQLite's write lock held, Redis frozen), and one that failed that it was
+        out of reach (Redis restarting) however soon it failed: no owner could renew
+        meanwhile either, so each watch counts silence again from its end."""
         began = self.monotonic()
+        took = math.inf  # until the call returns
         try:
             yield
+            took = self.monotonic() - began
         finally:
             ended = self.monotonic()
             for watch in self.watches.values():
-                watch.store_was_slow(ended - began, ended)
+                watch.store_was_slow(took, ended)
 
     def enqueue(self, task: str, args: dict, lane: str = "public", owner: str | None = None,
                 private: bool = False, key: str | None = None,
@@ -198,7 +202,8 @@ class JobQueue:
     def claim_next_job(self, worker: str, lane: str, lease: float) -> Job | None:
         """Recover the lane's jobs whose renewals stopped, then take its oldest ready job
         for `worker`, leased for `lease` seconds; None when none is ready."""
-        expired = self.watches[lane].expired(lambda: self._running(lane))
+        with self.timed():
+            expired = self.watches[lane].expired(lambda: self._running(lane))
         return self._recover_and_claim(lane, expired, worker, lease, secrets.token_hex(16))
 
     def extend_lease(self, job: Job) -> bool:

@@ -25,7 +25,8 @@ until it thaws. Whoever holds the store meanwhile, no owner can renew: that sile
 store's, not the owner's. A watcher cannot see the owners wait, only its own process's
 calls, which queue for the same lock; so when one of them took a noticeable share of a
 job's lease (SLOW_CALL_SHARE), the store was busy for everyone, and the watcher counts
-that job's silence again from the moment the call ended. The owner's renewal, queued
+that job's silence again from the moment the call ended; so it does after a call that
+failed (a Redis restarting refuses at once, and no renewal got through either). The owner's renewal, queued
 behind the same lock, lands soon after. The price: while every call waits, nothing is
 recovered. What a watcher cannot see is a store busy only between two of its calls, so an
 idle worker looks at least four times a lease (`worker.idle_pause`); a job whose lease is
@@ -94,9 +95,9 @@ class LeaseWatch:
         return expired
 
     def store_was_slow(self, took: float, ended: float) -> None:
-        """A call of this process to the store took `took` seconds, until `ended`. Each job
-        whose lease that is a noticeable share of counts its silence again from `ended`:
-        its owner's renewal could not get through either."""
+        """A call of this process to the store took `took` seconds (infinite: it failed),
+        until `ended`. Each job whose lease that is a noticeable share of counts its
+        silence again from `ended`: its owner's renewal could not get through either."""
         with self.lock:
             for job_id, (job, since) in self.first_seen.items():
                 if took > job.lease * SLOW_CALL_SHARE:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 
 from conftest import REPO, write_lock_held
-from database import Database, Refused, Room, StoreFull
+from database import Database, Refused, Room, StoreFull, StoreUnavailable
 from job_queue import Limits, open_queue
 from leases import LeaseWatch, Sighting
 from redis_client import Redis
@@ -271,6 +271,29 @@ def test_a_store_busy_while_the_watcher_renewed_its_own_job_is_no_owners_silence
     assert watcher.finish(own, "null")
     assert watcher.claim_next_job("worker.2", "public", BUSY_LEASE) is None
     assert owner.extend_lease(job) and owner.finish(job, "null")
+
+
+def test_a_store_out_of_reach_is_no_owners_silence_however_soon_it_refused(
+        open_one, monkeypatch):
+    """A restarting Redis refuses at once: the watcher's failed claim took no time, but
+    no owner's renewal got through meanwhile either."""
+    first, watched = open_one(), FakeClock(0)
+    second = open_one(monotonic=watched)
+    first.enqueue("sleep", {})
+    job = first.claim_next_job("worker.1", "public", LEASE)
+    assert second.claim_next_job("worker.2", "public", LEASE) is None  # first sight
+
+    def out_of_reach(lane):
+        raise StoreUnavailable("connection refused")
+
+    watched.now = LEASE  # the store goes away for a while
+    monkeypatch.setattr(second, "_running", out_of_reach)
+    with pytest.raises(StoreUnavailable):
+        second.claim_next_job("worker.2", "public", LEASE)
+    monkeypatch.undo()
+    watched.now = LEASE + 1  # back, before the owner's next renewal got through
+    assert second.claim_next_job("worker.2", "public", LEASE) is None
+    assert first.extend_lease(job)
 
 
 def test_a_lease_that_runs_out_on_the_last_attempt_makes_the_job_dead(open_one):
