@@ -45,14 +45,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, TypeVar, Union
 
-from redis_client import Redis, RedisError, RedisUnavailable
+from redis_client import CONNECT_TIMEOUT, REPLY_TIMEOUT, Redis, RedisError, RedisUnavailable
 
 T = TypeVar("T")
 
 DEFAULT_STOP_TIMEOUT = 25  # seconds from SIGTERM to exit: under Heroku's 30 before SIGKILL
 BUSY_TIMEOUT = 10.0        # seconds a statement waits for another process's write lock
-REDIS_REPLY_TIMEOUT = 5.0  # seconds a Redis command waits for its reply,
-REDIS_CONNECT_TIMEOUT = 2.0  # ... and a new connection for TCP, TLS and AUTH: 7 s in all
 # A statement already waiting for the lock when SIGTERM comes returns (done, or
 # StoreUnavailable) before the default stop deadline, with a fifth of it to spare: a web
 # copy still answers that request, a clock still exits in time.
@@ -545,7 +543,7 @@ def database_from_env(environ: Mapping[str, str]) -> BackingService:
     url = environ.get("DATABASE_URL") or environ.get("REDIS_URL") or "sqlite:///var/app.db"
     if url.startswith(("redis://", "rediss://")):
         return redis_from_url(url, positive_number(environ, "DATABASE_BUSY_TIMEOUT",
-                                                   REDIS_REPLY_TIMEOUT, MAX_BUSY_TIMEOUT))
+                                                   REPLY_TIMEOUT, MAX_BUSY_TIMEOUT))
     path = database_path(url)
     db = Database(path, positive_number(environ, "DATABASE_BUSY_TIMEOUT", BUSY_TIMEOUT,
                                         MAX_BUSY_TIMEOUT))
@@ -563,7 +561,7 @@ def redis_from_url(url: str, reply_timeout: float) -> Redis:
     answer yet (down, or loading its data after a restart) is a wait, as later: the
     process starts, and its first request finds out."""
     try:
-        redis = Redis(url, min(REDIS_CONNECT_TIMEOUT, reply_timeout), reply_timeout)
+        redis = Redis(url, min(CONNECT_TIMEOUT, reply_timeout), reply_timeout)
     except ValueError as error:  # the message never quotes the URL: it may hold a password
         raise ConfigError(f"DATABASE_URL: {error}") from None
     try:

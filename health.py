@@ -44,6 +44,11 @@ PROBE_EVERY = 0.05  # a copy that does not listen yet is asked this often, until
 CHECK_EVERY = 1.0   # then this often, with as long to answer
 
 
+def seconds_until(times: list[float]) -> float | None:
+    """How long a loop may wait for the soonest of these monotonic times (None: none)."""
+    return max(0.0, min(times) - time.monotonic()) if times else None
+
+
 class HealthCheck:
     """Asks one web copy `GET /healthz` again and again, as Kubernetes probes a pod, and
     reports each outcome: `report(True)` for a 2xx or 3xx, `report(False)` for a wrong
@@ -188,7 +193,7 @@ class Upstreams:
     def seconds_to_wait(self) -> float | None:
         times = [check.due for check in self.checks.values() if check.due is not None]
         times += [due for due in self.lookup_due.values() if due is not None]
-        return max(0.0, min(times) - time.monotonic()) if times else None
+        return seconds_until(times)
 
     def start_lookups(self, now: float) -> None:
         for name, due in self.lookup_due.items():

@@ -34,7 +34,8 @@ runs a job twice at once. The clock's ticks are the clock's business (`clock.py`
 
 **Retention.** Done and dead jobs are kept JOB_RETENTION seconds, at most MAX_FINISHED
 of each; `purge_finished_jobs` (a clock's schedule) deletes the rest in small batches. The
-heartbeat alone finishes 8,640 jobs a day: kept to 10,000, plus those since the last purge.
+clock alone finishes 5,760 jobs a day (a heartbeat every 30 s, two purges a minute): kept
+to 10,000 of each state, plus those since the last purge.
 
 Delivery is **at-least-once**, never exactly-once: a worker may finish the work and be
 killed before it records `done`, and the job runs again elsewhere. So a task must be
@@ -507,7 +508,7 @@ class RedisJobQueue(JobQueue):
                             self.limits.max_finished, batch)
 
 
-# What a job shows of its hash: HMGET of these, not HGETALL of all 16 (a page lists 100).
+# What a job shows of its hash: HMGET of these, not HGETALL of all 18 (a page lists 100).
 SHOWN = ("task", "args", "state", "attempts", "max_attempts", "worker", "result", "error",
          "key", "private")
 

@@ -49,7 +49,7 @@ from typing import Callable
 from formation import (SERVING, START_TIMEOUT, Action, Answered, Copy, Event, Exited,
                        Formation, Missed, Say, Signal, Spawn, Spawned, SpawnFailed, State)
 from logs import LogPrinter, split_lines
-from health import HealthCheck
+from health import HealthCheck, seconds_until
 from router import (COPY_HOST, MAX_SECONDS, ROUTING_MINIMUMS, OneLineParser, Router,
                     UsageError, add_routing_options, bind_front_port, check_seconds,
                     connection_limit, port_number, wake_on_signals)
@@ -230,7 +230,7 @@ class Supervisor:
         formation_timer = self.formation.next_timer()
         if formation_timer is not None:
             times.append(formation_timer)
-        return max(0.0, min(times) - time.monotonic()) if times else None
+        return seconds_until(times)
 
     # Events: signals, exits, output, commands.
 

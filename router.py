@@ -46,7 +46,7 @@ REQUEST_TIMEOUT = 10.0   # to send a whole request head, and to hang up after th
 UPSTREAM_TIMEOUT = 30.0  # a request its copy has not begun to answer by then gets a 504
 CONNECT_TIMEOUT = 1.0    # a copy that has not taken the connection by then is skipped
 SWEEP_EVERY = 0.25       # how often the router looks for connections past a deadline
-MAX_CONNECTIONS = 4096   # clients held at once; the next ones wait in the listen backlog
+MAX_CONNECTIONS = 4096   # clients held at once (and past that: see `accept`)
 RESERVED_DESCRIPTORS = 256  # left to the supervisor: copies' pipes, health checks, stdio
 HEAD_END = re.compile(rb"\n\r?\n")  # the blank line after a request's head (a bare \n too)
 
@@ -519,16 +519,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, OSError) as error:
         print(f"router.py: error: {error}", file=sys.stderr)
         return 2
-    printer = LogPrinter()
-    log = partial(printer.lines, "system")  # the platform speaks as it does in a launcher
-    router = Router(listener, lambda text: log([text]), args.idle_timeout,
-                    args.upstream_timeout, connection_limit(), args.sticky,
-                    args.request_timeout)
+    printer = LogPrinter()  # the platform speaks as it does in a launcher: as `system`
+    router = Router(listener, printer.system, args.idle_timeout, args.upstream_timeout,
+                    connection_limit(), args.sticky, args.request_timeout)
     router.start()
-    log([f"front port http://{host}:{listener.getsockname()[1]}, upstreams "
-         f"{' '.join(args.upstreams)}{', sticky' if args.sticky else ''}"])
+    printer.system(f"front port http://{host}:{listener.getsockname()[1]}, upstreams "
+                   f"{' '.join(args.upstreams)}{', sticky' if args.sticky else ''}")
     upstreams = Upstreams(names, args.check_every, partial(setattr, router, "rotation"),
-                          lambda text: log([text]))
+                          printer.system)
     wake_on_signals(upstreams.selector, (signal.SIGINT, signal.SIGTERM), upstreams.stop)
     upstreams.run()
     return 0

@@ -15,16 +15,16 @@ they made. Your uploads are served only to your session, and a job enqueued with
 session shows its args and result only to that session. What it leaves to others: running
 several copies and spreading traffic over them (`launcher.py`, the platform), running jobs
 (`worker.py`: this process only puts them in `job_queue.py`), where state lives
-(`session_store.py`), and HTTP itself (`web_server.py`: requests, responses, and a server
-bounded against slow and hostile clients). It reads top-down: the routes (`App`) and what
-they use, what a job may carry, binding the port and `main()`, then the page (its template
-is `page.html`).
+(`session_store.py`), and HTTP itself (`web_server.py`, `web_receiver.py`, `web_input.py`:
+requests, responses, and a server bounded against slow and hostile clients). It reads
+top-down: the routes (`App`) and what they use, what a job may carry, binding the port and
+`main()`. The page is `page.py` (its template is `page.html`).
 
 Configuration is the environment (Factor III), read once in `main()`: PORT, HOST,
 SESSION_STORE, DATABASE_URL, DATABASE_BUSY_TIMEOUT, SESSION_TTL, DYNO (or honcho's
 HONCHO_PROCESS_NAME, or foreman's PS), COOKIE_SECURE, STOP_TIMEOUT (25 s), CLIENT_TIMEOUT
 (10 s). SIGTERM stops accepting and lets the requests in flight finish for at most
-STOP_TIMEOUT seconds, then exits 0. Input is bounded where it comes in (`web_server.py`)
+STOP_TIMEOUT seconds, then exits 0. Input is bounded where it comes in (`web_receiver.py`)
 and where it is stored (`job_args`, `required_field`, the upload limit, and what one
 session may hold: `MAX_CART_ITEMS`, `MAX_UPLOADS`, `MAX_OWN_JOBS`).
 """
