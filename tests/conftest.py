@@ -52,14 +52,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # not a package; tests run its scr
 # range, when runs of the suite go side by side, is in BENCH_PORTS (`port_range`).
 from bench import free_port  # noqa: E402
 
-# The suite starts some 400 Python processes, and most of the CPU it takes goes to their
-# start-ups. Where PYTHONDONTWRITEBYTECODE is set (in many containers), each one compiled
-# the app's modules afresh, a sixth of its start-up: the processes this run starts keep
-# their bytecode instead, in a cache of their own, outside the repository.
-os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-os.environ.setdefault("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) /
-                                                 "twelve-factor-processes-bytecode"))
-
 
 POLL_EVERY = 0.01  # seconds: what wait_until polls is cheap (a file, a row, a refused connect)
 
@@ -420,6 +412,16 @@ def write_lock_held(path: Path, at_most: float = 5.0):
     finally:
         release.set()
         holder.join()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bytecode_kept(tmp_path_factory):
+    """The suite starts some 400 Python processes, and most of its CPU goes to their
+    start-ups. Where PYTHONDONTWRITEBYTECODE is set (in many containers), each compiled
+    the app's modules afresh, a sixth of its start-up: the processes this run starts keep
+    their bytecode instead, in this run's temp folder (pytest removes old ones)."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.getbasetemp() / "bytecode")
 
 
 @pytest.fixture(scope="session")

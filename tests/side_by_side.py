@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 
 RUN = "TWELVE_FACTOR_TESTS_RUN"  # each run's number, in its environment: 0 is this one
-# Groups of about equal time (measured side by side: 46-52 s each); the rest (Chromium's
+# Groups of about equal time (measured side by side: 45-55 s each); the rest (Chromium's
 # tests, the heaviest on the CPU) runs here.
 OTHER_RUNS = (
     ("test_launcher.py", "test_job_queue.py", "test_engines.py", "test_web_server.py"),
     ("test_scenarios.py", "test_session_store.py", "test_clock.py", "test_formation.py",
-     "test_web_input.py", "test_imports.py"),
-    ("test_worker.py", "test_router.py", "test_webapp.py"),
+     "test_web_input.py", "test_imports.py", "test_webapp.py"),
+    ("test_worker.py", "test_router.py"),
     ("test_drill.py", "test_bench.py", "test_on_redis.py", "test_database.py",
      "test_redis_client.py"),
 )
