@@ -333,7 +333,9 @@ class Launcher:
     def pids(self, name: str) -> list[int]:
         return [pid for started, pid, _ in self.started() if started == name]
 
-    def wait_for(self, text: str, count: int = 1, timeout: float = 10) -> None:
+    def wait_for(self, text: str, count: int = 1, timeout: float = 20) -> None:
+        # A launcher starts several Python processes at once: on two cores, as the
+        # suite's runs start side by side, its first lines have taken over 10 s.
         wait_until(lambda: self.output().count(text) >= count, timeout,
                    what=f"{count} x {text!r} in the launcher's log:\n{self.output()}")
 

@@ -31,8 +31,9 @@ OTHER_RUNS = (
     ("test_scenarios.py", "test_session_store.py", "test_clock.py", "test_formation.py",
      "test_web_input.py", "test_imports.py", "test_webapp.py"),
     ("test_worker.py", "test_router.py"),
-    ("test_drill.py", "test_bench.py", "test_on_redis.py", "test_database.py",
-     "test_redis_client.py"),
+    # The drills' processes start last here, after the scenarios' have started there.
+    ("test_redis_client.py", "test_database.py", "test_on_redis.py", "test_bench.py",
+     "test_drill.py"),
 )
 PORTS_EACH = 2280  # then a gap of 100: a launcher's copies take the ports after its front port
 STARTED = pytest.StashKey[list]()

@@ -38,9 +38,22 @@ DRILL = [sys.executable, str(REPO / "benchmarks" / "drill.py")]
 HOSTS = ["--hosts", "2", "--seconds", "3", "--lease", "3"]
 
 
+def port_share(number: int) -> str:
+    """The drills run side by side, each a process that draws its ports from BENCH_PORTS
+    (and its launchers give their copies the ports after those). Two drawing at once from
+    one range could both find a port free, and one of them would serve the other's users:
+    so each drill draws from a share of this run's range of its own (0: the foreground's),
+    with a gap after it."""
+    first, last = map(int, os.environ["BENCH_PORTS"].split("-"))
+    size = (last - first + 1) // (1 + len(BACKGROUND))
+    start = first + number * size
+    return f"{start}-{start + size - 100}"
+
+
 def run_drill(spawn, tmp_path, *args: str, **env) -> tuple[int, str]:
     """Run the drill to its end. Stopped by SIGTERM, not the fixture's SIGKILL, if it
     hangs: then it stops its launchers and copies, and removes its namespaces, itself."""
+    env.setdefault("BENCH_PORTS", port_share(0))
     proc = spawn([*DRILL, *args], app_env(tmp_path, **env))
     try:
         code = proc.popen.wait(60)
@@ -68,8 +81,9 @@ def background(request, tmp_path_factory) -> Iterator[dict[Callable, Future]]:
     spawner = Spawner(tmp_path_factory.mktemp("drills"))
     try:
         with ThreadPoolExecutor(max(1, len(wanted))) as threads:  # waited for before the end
-            yield {test: threads.submit(drill_in, spawner, test.__name__, args, env)
-                   for test, (args, env) in wanted.items()}
+            yield {test: threads.submit(drill_in, spawner, test.__name__, args,
+                                        {**env, "BENCH_PORTS": port_share(number)})
+                   for number, (test, (args, env)) in enumerate(wanted.items(), 1)}
     finally:
         spawner.end()
 
