@@ -79,8 +79,9 @@ class Flow:
         self.done = False      # ... and it was passed on: the target is shut for writing
 
 
-class Connection:
-    """One client, the copies still to try for it, and once connected, its two flows."""
+class Relay:
+    """One client's connection relayed to a copy: the client, the copies still to try for
+    it, and once connected, its two flows."""
 
     def __init__(self, client: socket.socket, candidates: list[Address]):
         self.client = client
@@ -174,8 +175,8 @@ class Router:
         self.rotation: tuple[Address, ...] = ()
         self.turn = 0
         self.watches = Watches()
-        self.connections: set[Connection] = set()
-        self.waiting_on_client: dict[Connection, float] = {}  # -> its deadline; oldest first
+        self.connections: set[Relay] = set()
+        self.waiting_on_client: dict[Relay, float] = {}  # -> its deadline; oldest first
         self.next_sweep = 0.0
 
     def start(self) -> None:
@@ -224,7 +225,7 @@ class Router:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rotation = self.rotation
         first = self.first_choice(client_host, len(rotation)) if rotation else 0
-        conn = Connection(client, list(rotation[first:] + rotation[:first]))
+        conn = Relay(client, list(rotation[first:] + rotation[:first]))
         self.waiting_on_client[conn] = conn.last_active + self.request_timeout
         self.connect_next(conn)
         self.connections.add(conn)
@@ -238,7 +239,7 @@ class Router:
         self.turn += 1
         return (self.turn - 1) % copies
 
-    def connect_next(self, conn: Connection) -> None:
+    def connect_next(self, conn: Relay) -> None:
         """Start connecting to the next candidate copy; with none left, answer 503."""
         while conn.candidates:
             upstream = socket.socket()
@@ -252,7 +253,7 @@ class Router:
             upstream.close()  # refused at once: a copy that is gone or restarting
         self.answer(conn, NO_COPY)
 
-    def finish_connect(self, conn: Connection) -> None:
+    def finish_connect(self, conn: Relay) -> None:
         upstream = conn.upstream
         if upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             self.drop_upstream(conn)
@@ -262,19 +263,19 @@ class Router:
         conn.flows = (Flow(conn.client, upstream), Flow(upstream, conn.client))
         self.update(conn)
 
-    def drop_upstream(self, conn: Connection) -> None:
+    def drop_upstream(self, conn: Relay) -> None:
         self.watches.watch(conn.upstream, 0)
         conn.upstream.close()
         conn.upstream = None
 
-    def answer(self, conn: Connection, response: bytes) -> None:
+    def answer(self, conn: Relay, response: bytes) -> None:
         """Answer the client in the copy's place; what it sends from now on is dropped."""
         if conn.upstream is not None:
             self.drop_upstream(conn)
         conn.flows = (Flow(conn.client, None), Flow(None, conn.client, response, ended=True))
         self.update(conn)
 
-    def handle(self, conn: Connection, sock: socket.socket, events: int) -> None:
+    def handle(self, conn: Relay, sock: socket.socket, events: int) -> None:
         # An error on one connection must never stop the router: close that one and go on.
         conn.last_active = time.monotonic()
         try:
@@ -293,7 +294,7 @@ class Router:
                 self.log(f"router: {line}")
             self.close(conn)
 
-    def receive(self, conn: Connection, flow: Flow) -> None:
+    def receive(self, conn: Relay, flow: Flow) -> None:
         try:
             data = flow.source.recv(CHUNK)
         except ConnectionResetError:  # an end too, abrupt: what came before it is passed on
@@ -330,7 +331,7 @@ class Router:
                 flow.target.shutdown(socket.SHUT_WR)
             flow.done = True
 
-    def update(self, conn: Connection) -> None:
+    def update(self, conn: Relay) -> None:
         """Close a finished connection, or watch each socket for what its flows need next."""
         if all(flow.done for flow in conn.flows):
             self.close(conn)
@@ -347,7 +348,7 @@ class Router:
                     events |= selectors.EVENT_WRITE
             self.watches.watch(sock, events, conn)
 
-    def close(self, conn: Connection) -> None:
+    def close(self, conn: Relay) -> None:
         for sock in conn.sockets():
             self.watches.watch(sock, 0)
             sock.close()
@@ -369,7 +370,7 @@ class Router:
                 self.close(conn)
         self.listen(True)
 
-    def enforce_deadlines(self, conn: Connection, now: float) -> None:
+    def enforce_deadlines(self, conn: Relay, now: float) -> None:
         idle, waiting_until = now - conn.last_active, self.waiting_on_client.get(conn)
         if waiting_until is not None and now > waiting_until:
             self.close(conn)  # silent, slow, or answered and not hanging up: no more waiting
