@@ -28,9 +28,9 @@ RUN = "TWELVE_FACTOR_TESTS_RUN"  # each run's number, in its environment: 0 is t
 # tests, the heaviest on the CPU) runs here.
 OTHER_RUNS = (
     ("test_launcher.py", "test_job_queue.py", "test_engines.py", "test_web_server.py"),
-    ("test_scenarios.py", "test_session_store.py", "test_clock.py", "test_formation.py",
-     "test_web_input.py", "test_imports.py", "test_webapp.py"),
-    ("test_worker.py", "test_router.py"),
+    ("test_scenarios.py", "test_session_store.py", "test_formation.py", "test_web_input.py",
+     "test_imports.py", "test_webapp.py"),
+    ("test_worker.py", "test_router.py", "test_clock.py"),
     # The drills' processes start last here, after the scenarios' have started there.
     ("test_redis_client.py", "test_database.py", "test_on_redis.py", "test_bench.py",
      "test_drill.py"),
