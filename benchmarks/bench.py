@@ -254,8 +254,8 @@ class Target:
 
 
 # A port is checked free here and bound later, by a process still starting: two threads
-# asking at once (a test runs its drills side by side) must not get the same one, nor one
-# among the ports after it, which a launcher gives its copies.
+# asking at once (a test starts two configurations side by side) must not get the same
+# one, nor one among the ports after it, which a launcher gives its copies.
 HANDED_OUT: deque[int] = deque(maxlen=32)  # lately, with the lock held
 HANDING_OUT = threading.Lock()
 SPACING = 10

@@ -44,12 +44,9 @@ from job_queue import JobQueue, open_queue
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["side_by_side"]
 sys.path.insert(0, str(REPO / "benchmarks"))  # not a package; tests run its scripts too
-# A port nobody listens on now, in a range outgoing connections never take: below the
-# ranges the OS hands out for them (Linux 32768-60999, macOS 49152-65535). A port the OS
-# picks with bind(0) lies inside them, and so do the ports after it that the launcher
-# gives its web copies: any client connection could take one between the launcher's
-# check and the copy's bind, and the copy would die on start. This run's share of that
-# range, when runs of the suite go side by side, is in BENCH_PORTS (`port_range`).
+# One free_port for tests and benchmarks: below the ports the OS gives outgoing
+# connections (a port bind(0) picks, and those after it, could be taken by any client
+# before a copy binds it), within this run's share, BENCH_PORTS (`port_range`).
 from bench import free_port  # noqa: E402
 
 
